@@ -1,0 +1,13 @@
+"""A Llama causal LM in Keras 3 on JAX, with the public API of `keras_hub.models.LlamaCausalLM`."""
+
+import os
+
+# batchgen runs on JAX; set it before Keras is first imported so users need not export it themselves.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+if os.environ["KERAS_BACKEND"] != "jax":
+    raise ImportError(f"batchgen's model needs KERAS_BACKEND=jax, found {os.environ['KERAS_BACKEND']!r}")
+
+from model.config import LlamaConfig, RopeScaling  # noqa: E402
+from model.backbone import LlamaBackbone  # noqa: E402
+
+__all__ = ["LlamaConfig", "RopeScaling", "LlamaBackbone"]

@@ -1,0 +1,175 @@
+"""The Llama forward pass as pure functions of a parameter tree.
+
+`LlamaBackbone` owns the Keras variables; this module owns the math, so that one code path serves Keras
+`call()` (and therefore `fit()`), the generation engine's jitted prefill and decode steps, and scoring.
+
+Dimension letters: B batch rows, T new tokens, S cached tokens, L layers, H query heads, K KV heads,
+G = H / K query heads per KV head, D head dim, M hidden, F MLP hidden, V vocabulary.
+
+Parameters (`params`), every per-layer tensor stacked along a leading L axis so that the layers run as one
+`lax.scan` (one compiled layer body instead of L unrolled copies; compile time stays flat in depth):
+    token_embedding [V, M]; lm_head [M, V] (absent when tied); final_norm [M];
+    layers: attention_norm [L, M], query [L, M, H, D], key [L, M, K, D], value [L, M, K, D],
+            attention_output [L, H, D, M], mlp_norm [L, M], gate [L, M, F], up [L, M, F], down [L, F, M].
+A quantized kernel `name` is int8 with a float scale `name + "_scale"` broadcastable to its dequantized value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model import rope
+from model.config import LlamaConfig
+
+Params = dict[str, Any]
+
+# Large negative instead of -inf so a fully masked row (padding) gives a uniform softmax, not NaN.
+_MASKED = -1e30
+
+
+def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, epsilon: float) -> jnp.ndarray:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + epsilon)
+    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def kernel(weights: Params, name: str, dtype: Any) -> jnp.ndarray:
+    """A matmul kernel in the compute dtype, dequantized when it was quantized to int8."""
+    w = weights[name]
+    scale = weights.get(name + "_scale")
+    if scale is not None:
+        return (w.astype(jnp.float32) * scale).astype(dtype)
+    return w.astype(dtype)
+
+
+def _attention(
+    q: jnp.ndarray,
+    new_k: jnp.ndarray,
+    new_v: jnp.ndarray,
+    cache_k: jnp.ndarray | None,
+    cache_v: jnp.ndarray | None,
+    cache_lengths: jnp.ndarray | None,
+    token_mask: jnp.ndarray,
+) -> jnp.ndarray:
+    """Grouped-query attention of new tokens over (cached tokens, new tokens).
+
+    q [B, T, H, D]; new_k/new_v [B, T, K, D]; cache_k/cache_v [B, S, K, D] or None; cache_lengths [B]:
+    cached keys j < cache_lengths[b] are visible; token_mask [B, T]: which new tokens are real.
+    K/V are never repeated to H heads: queries are grouped as [B, T, K, G, D] instead.
+    Scores over the cache and over the new block are computed apart and joined after, so the (large)
+    cache is only read, never copied.
+    """
+    b, t, h, d = q.shape
+    k_heads = new_k.shape[2]
+    qg = q.reshape(b, t, k_heads, h // k_heads, d) * jnp.asarray(d**-0.5, q.dtype)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    new_visible = causal[None] & token_mask[:, None, :]  # [B, T(query), T(key)]
+    new_scores = jnp.einsum("btkgd,bskd->bkgts", qg, new_k, preferred_element_type=jnp.float32)
+    new_scores = jnp.where(new_visible[:, None, None], new_scores, _MASKED)
+    if cache_k is None:
+        probs = jax.nn.softmax(new_scores, axis=-1).astype(new_v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, new_v)
+        return out.reshape(b, t, h, d)
+    s = cache_k.shape[1]
+    cache_visible = jnp.arange(s)[None, :] < cache_lengths[:, None]  # [B, S]
+    cache_scores = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32)
+    cache_scores = jnp.where(cache_visible[:, None, None, None, :], cache_scores, _MASKED)
+    probs = jax.nn.softmax(jnp.concatenate([cache_scores, new_scores], axis=-1), axis=-1)
+    probs = probs.astype(new_v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs[..., :s], cache_v) + jnp.einsum(
+        "bkgts,bskd->btkgd", probs[..., s:], new_v
+    )
+    return out.reshape(b, t, h, d)
+
+
+def _decoder_layer(
+    config: LlamaConfig,
+    inv_freq: np.ndarray,
+    x: jnp.ndarray,
+    layer: Params,
+    positions: jnp.ndarray,
+    token_mask: jnp.ndarray,
+    cache_k: jnp.ndarray | None,
+    cache_v: jnp.ndarray | None,
+    cache_lengths: jnp.ndarray | None,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """One pre-norm block: x + attention(norm(x)), then + SwiGLU(norm(x)). Returns x and this block's new k, v."""
+    dtype = x.dtype
+    h = rms_norm(x, layer["attention_norm"], config.layer_norm_epsilon)
+    q = jnp.einsum("btm,mhd->bthd", h, kernel(layer, "query", dtype))
+    k = jnp.einsum("btm,mkd->btkd", h, kernel(layer, "key", dtype))
+    v = jnp.einsum("btm,mkd->btkd", h, kernel(layer, "value", dtype))
+    q = rope.rotate(q, positions, inv_freq)
+    k = rope.rotate(k, positions, inv_freq)
+    attended = _attention(q, k, v, cache_k, cache_v, cache_lengths, token_mask)
+    x = x + jnp.einsum("bthd,hdm->btm", attended, kernel(layer, "attention_output", dtype))
+    h = rms_norm(x, layer["mlp_norm"], config.layer_norm_epsilon)
+    gate = jnp.einsum("btm,mf->btf", h, kernel(layer, "gate", dtype))
+    up = jnp.einsum("btm,mf->btf", h, kernel(layer, "up", dtype))
+    x = x + jnp.einsum("btf,fm->btm", jax.nn.silu(gate) * up, kernel(layer, "down", dtype))
+    return x, k, v
+
+
+def forward(
+    params: Params,
+    config: LlamaConfig,
+    token_ids: jnp.ndarray,
+    positions: jnp.ndarray,
+    token_mask: jnp.ndarray | None = None,
+    cache_k: jnp.ndarray | None = None,
+    cache_v: jnp.ndarray | None = None,
+    cache_lengths: jnp.ndarray | None = None,
+    dtype: Any = None,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Runs the decoder over new tokens, optionally after cached ones.
+
+    token_ids, positions [B, T] int; token_mask [B, T] bool (default all real); cache_k/cache_v
+    [L, B, S, K, D] read-only, with cache_lengths [B] valid entries per row. Returns the final-normed hidden
+    states [B, T, M] and the new tokens' keys and values [L, B, T, K, D], which the caller writes into its
+    cache (see `model.kv_cache`).
+    """
+    b, t = token_ids.shape
+    assert positions.shape == (b, t), (positions.shape, token_ids.shape)
+    if token_mask is None:
+        token_mask = jnp.ones((b, t), bool)
+    dtype = dtype or params["token_embedding"].dtype
+    if dtype == jnp.int8:
+        dtype = jnp.float32
+    inv_freq = rope.inverse_frequencies(config)
+    x = embed(params, token_ids, dtype)
+
+    def body(x, xs):
+        layer, layer_cache_k, layer_cache_v = xs
+        x, k, v = _decoder_layer(
+            config, inv_freq, x, layer, positions, token_mask, layer_cache_k, layer_cache_v, cache_lengths
+        )
+        return x, (k, v)
+
+    x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], cache_k, cache_v))
+    x = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
+    return x, new_k, new_v
+
+
+def embed(params: Params, token_ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+    table = params["token_embedding"]
+    rows = jnp.take(table, token_ids, axis=0)
+    scale = params.get("token_embedding_scale")
+    if scale is not None:  # int8 rows with one scale per row
+        rows = rows.astype(jnp.float32) * jnp.take(scale, token_ids, axis=0)
+    return rows.astype(dtype)
+
+
+def logits(params: Params, hidden: jnp.ndarray) -> jnp.ndarray:
+    """LM head: hidden [..., M] -> float32 logits [..., V]; the tied head reuses the embedding table."""
+    if "lm_head" in params:
+        w = kernel(params, "lm_head", hidden.dtype)
+        return jnp.einsum("...m,mv->...v", hidden, w, preferred_element_type=jnp.float32)
+    table = params["token_embedding"]
+    scale = params.get("token_embedding_scale")
+    if scale is not None:
+        table = table.astype(jnp.float32) * scale
+    return jnp.einsum("...m,vm->...v", hidden, table.astype(hidden.dtype), preferred_element_type=jnp.float32)
