@@ -123,10 +123,10 @@ class Tokenizer(abc.ABC):
         return [self._with_start(ids) for ids in self._encode_batch(texts)]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render a conversation with the checkpoint's chat template, ready for `tokenize`.
+        """Render a conversation (a list of {"role": str, "content": str} dicts) with the chat template.
 
-        The rendered text already holds any start token the template writes, so tokenize it with a tokenizer
-        whose `add_start_token` is False, or drop a doubled start token, as the model expects.
+        The text already holds the start token where the template writes one (Llama 2 and 3 templates write
+        `bos_token`); `tokenize_chat` turns it into ids without adding a second one.
         """
         if self.chat_template is None:
             raise ValueError(f"{type(self).__name__} has no chat template; the checkpoint shipped none")
@@ -136,6 +136,13 @@ class Tokenizer(abc.ABC):
             bos_token=self._token_text(self.start_token_id),
             eos_token=self._token_text(self.end_token_id),
         )
+
+    def tokenize_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Ids of the rendered conversation, as transformers' `apply_chat_template(tokenize=True)` gives them.
+
+        The start token is not added on top of the text: the template decides where it goes.
+        """
+        return self._encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
 
     def _with_start(self, ids: list[int]) -> list[int]:
         if self.add_start_token:
