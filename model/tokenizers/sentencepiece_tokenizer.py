@@ -1,6 +1,6 @@
 """`LlamaTokenizer`: the SentencePiece tokenizer of Llama 2 checkpoints (`tokenizer.model`).
 
-Which reference it follows, measured on tests/fixtures/tokenizers/tiny_llama2.model:
+Which reference it follows, measured on tests/fixtures/tokenizers/tiny_llama2/:
 - Ordinary text gives exactly the ids of `sentencepiece` itself (`SentencePieceProcessor.encode`), which is also
   what keras-hub's `LlamaTokenizer` gives (it wraps the same library) and what Meta's Llama 2 code uses.
   transformers 5 converts the model to a `tokenizers` Metaspace pipeline that differs from SentencePiece on

@@ -11,8 +11,8 @@ environment or else in the project's .venv. It writes:
   corpus.txt (Llama 3's split regex, `ignore_merges`, its special tokens after the vocabulary, a
   post-processor adding <|begin_of_text|>), tokenizer_config.json with Llama 3 instruct's chat template, and
   keras_hub/vocabulary.json + merges.txt written by keras-hub's `Llama3Tokenizer.save_assets`.
-- tests/fixtures/tokenizers/tiny_llama2/tokenizer_config.json: Llama 2 chat's template for tiny_llama2.model
-  (made by tests/fixtures/tokenizers/make_sentencepiece_model.py).
+- tests/fixtures/tokenizers/tiny_llama2/tokenizer_config.json: Llama 2 chat's template for
+  tiny_llama2/tokenizer.model (made by tests/fixtures/tokenizers/make_sentencepiece_model.py).
 - tests/fixtures/tokenizers/smollm2/: the demo model's tokenizer as transformers saves it after reading the
   GGUF (tokenizer.json.gz, tokenizer_config.json, chat_template.jinja), and keras_hub/vocabulary.json.gz +
   merges.txt.gz written by keras-hub's `BytePairTokenizer.save_assets` (gzip keeps them small).
@@ -285,16 +285,13 @@ def main() -> None:
         "tokenizer_class": "LlamaTokenizer",
     }
     (llama2_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
-    with tempfile.TemporaryDirectory() as scratch:
-        shutil.copy(FIXTURES / "tiny_llama2.model", pathlib.Path(scratch) / "tokenizer.model")
-        shutil.copy(llama2_dir / "tokenizer_config.json", pathlib.Path(scratch) / "tokenizer_config.json")
-        reference = AutoTokenizer.from_pretrained(scratch)
-        write_golden(
-            "tokenizer_tiny_llama2.json",
-            "tests/fixtures/tokenizers/tiny_llama2.model + tiny_llama2/tokenizer_config.json read by "
-            "transformers.AutoTokenizer (legacy=True)",
-            transformers_cases(reference),
-        )
+    reference = AutoTokenizer.from_pretrained(str(llama2_dir))
+    write_golden(
+        "tokenizer_tiny_llama2.json",
+        "tests/fixtures/tokenizers/tiny_llama2 (tokenizer.model, tokenizer_config.json) read by "
+        "transformers.AutoTokenizer (legacy=True)",
+        transformers_cases(reference),
+    )
 
     # ---- the demo model (byte-level BPE from GGUF metadata) ----
     gguf_path = args.gguf or find_demo_gguf()
