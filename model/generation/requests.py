@@ -81,3 +81,4 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    stop_token_id: int | None = None  # the stop token that ended it, if one did

@@ -1,0 +1,125 @@
+"""The continuous-batching engine on a tiny random model."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import transformer
+from model.generation import compile_counter
+from model.generation.engine import GenerationEngine
+from model.generation.requests import Request, SamplingParams
+
+
+def reference_greedy(backbone, prompt: list[int], new_tokens: int, stop: tuple[int, ...] = ()) -> list[int]:
+    """Greedy decoding by recomputing the whole sequence every step: slow, simple, independent of the cache."""
+    ids = list(prompt)
+    out: list[int] = []
+    for _ in range(new_tokens):
+        hidden = backbone({"token_ids": np.asarray([ids], np.int32)})
+        token = int(np.argmax(transformer.logits(backbone.params(), hidden[:, -1])[0]))
+        if token in stop:
+            break
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+def prompts(n: int, seed: int = 0, low: int = 1, high: int = 40) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(1, 90, rng.integers(low, high))) for _ in range(n)]
+
+
+def test_greedy_matches_full_recompute(tiny_backbone):
+    engine = GenerationEngine(tiny_backbone, max_slots=4, max_length=64, steps_per_call=3)
+    batch = prompts(6)  # more prompts than slots: slots are refilled
+    requests = [Request(i, p, max_new_tokens=7) for i, p in enumerate(batch)]
+    for request, completion in zip(requests, engine.generate(requests)):
+        assert completion.finish_reason == "length"
+        assert completion.completion_tokens == 7
+        assert completion.prompt_tokens == len(request.prompt_ids)
+        assert list(completion.token_ids) == reference_greedy(tiny_backbone, request.prompt_ids, 7)
+
+
+def test_every_prompt_gets_the_same_tokens_alone_and_in_a_mixed_batch(tiny_backbone):
+    batch = prompts(12, seed=3, high=60)
+    requests = [Request(i, p, max_new_tokens=5 + i % 4) for i, p in enumerate(batch)]
+    together = GenerationEngine(tiny_backbone, max_slots=8, max_length=128).generate(requests)
+    alone_engine = GenerationEngine(tiny_backbone, max_slots=1, max_length=128)
+    for request, completion in zip(requests, together):
+        assert alone_engine.generate([request])[0].token_ids == completion.token_ids
+
+
+def test_stop_token_ends_a_sequence_and_is_not_returned(tiny_backbone):
+    prompt = prompts(1, seed=5)[0]
+    free_run = reference_greedy(tiny_backbone, prompt, 12)
+    stop = free_run[4]
+    first = free_run.index(stop)
+    engine = GenerationEngine(tiny_backbone, max_slots=2, max_length=64)
+    completion = engine.generate([Request("x", prompt, 12, stop_token_ids=(stop,))])[0]
+    assert completion.finish_reason == "stop"
+    assert list(completion.token_ids) == free_run[:first]
+    assert completion.completion_tokens == first + 1  # the stop token was generated, so it is counted
+    assert completion.stop_token_id == stop
+
+
+def test_bad_requests_are_rejected_one_by_one_and_the_rest_go_on(tiny_backbone):
+    engine = GenerationEngine(tiny_backbone, max_slots=2, max_length=32)
+    requests = [
+        Request("ok", [1, 2, 3], 4),
+        Request("too-long", list(range(1, 33)), 4),
+        Request("empty", [], 4),
+        Request("bad-id", [1, 500], 4),
+        Request("ok2", [4, 5], 4),
+    ]
+    by_id = {c.request_id: c for c in engine.generate_stream(requests)}
+    assert set(by_id) == {r.request_id for r in requests}
+    assert by_id["too-long"].finish_reason == "error" and "32 tokens" in by_id["too-long"].error
+    assert "no tokens" in by_id["empty"].error
+    assert "500" in by_id["bad-id"].error
+    assert by_id["ok"].finish_reason == by_id["ok2"].finish_reason == "length"
+
+
+def test_generation_stops_at_the_end_of_the_cache(tiny_backbone):
+    engine = GenerationEngine(tiny_backbone, max_slots=1, max_length=32)
+    completion = engine.generate([Request("x", list(range(1, 29)), 100)])[0]
+    assert completion.finish_reason == "length"
+    assert completion.prompt_tokens + completion.completion_tokens == 32
+
+
+def test_second_call_of_the_same_shapes_does_not_recompile(tiny_backbone):
+    engine = GenerationEngine(tiny_backbone, max_slots=4, max_length=64)
+    requests = [Request(i, p, 6) for i, p in enumerate(prompts(4, seed=7, high=20))]
+    engine.generate(requests)
+    before, _ = compile_counter.snapshot()
+    engine.generate([Request(i, p, 6) for i, p in enumerate(prompts(4, seed=8, high=20))])
+    after, _ = compile_counter.snapshot()
+    assert after == before
+
+
+def test_a_long_run_of_random_lengths_compiles_a_handful_of_programs(tiny_backbone):
+    engine = GenerationEngine(tiny_backbone, max_slots=16, max_length=256, steps_per_call=8)
+    rng = np.random.default_rng(11)
+    requests = [
+        Request(i, list(rng.integers(1, 90, rng.integers(1, 200))), int(rng.integers(1, 40)))
+        for i in range(500)
+    ]
+    completions = list(engine.generate_stream(requests))
+    assert sorted(c.request_id for c in completions) == list(range(500))
+    assert all(c.finish_reason == "length" for c in completions)
+    # Prefill: 2 row buckets x 4 length buckets (32..256), decode: 2 windows (128, 256).
+    assert engine.stats.programs_compiled <= 10, engine.stats.shapes
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny_backbone):
+    sampling = SamplingParams("random", temperature=1.5)
+    target = Request("target", [3, 4, 5], 10, sampling, seed=1234)
+    others = [Request(i, p, 10, sampling, seed=i) for i, p in enumerate(prompts(5, seed=9))]
+    alone = GenerationEngine(tiny_backbone, max_slots=1, max_length=64).generate([target])[0]
+    crowded = GenerationEngine(tiny_backbone, max_slots=8, max_length=64).generate([*others, target])[-1]
+    assert alone.token_ids == crowded.token_ids
+    other_seed = GenerationEngine(tiny_backbone, max_slots=1, max_length=64).generate(
+        [Request("target", [3, 4, 5], 10, sampling, seed=99)]
+    )[0]
+    assert other_seed.token_ids != alone.token_ids
