@@ -1,6 +1,6 @@
 """Tokenizers of Llama-family checkpoints: the common interface, chat templates, and one class per kind.
 
-- `LlamaTokenizer`: SentencePiece `tokenizer.model` (Llama 2).
+- `LlamaTokenizer`: SentencePiece `tokenizer.model` or GGUF `tokenizer.ggml.model = llama` (Llama 2).
 - `BytePairTokenizer`: byte-level BPE from tokenizer.json, keras-hub vocabulary.json + merges.txt, or GGUF
   metadata (Llama 3, SmolLM).
 - `tokenizer_from_huggingface(directory)` and `tokenizer_from_gguf_metadata(metadata)` pick the kind.

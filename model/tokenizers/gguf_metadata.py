@@ -36,8 +36,14 @@ def read_gguf_metadata(
 def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
     """The tokenizer that GGUF metadata describes; ValueError naming `tokenizer.ggml.model` when unsupported."""
     from model.tokenizers.byte_pair_tokenizer import BytePairTokenizer
+    from model.tokenizers.sentencepiece_tokenizer import LlamaTokenizer
 
     model = metadata.get("tokenizer.ggml.model")
     if model == "gpt2":
         return BytePairTokenizer.from_gguf_metadata(metadata)
-    raise ValueError(f"GGUF tokenizer.ggml.model {model!r} is not supported; batchgen reads 'gpt2' (byte-level BPE)")
+    if model == "llama":
+        return LlamaTokenizer.from_gguf_metadata(metadata)
+    raise ValueError(
+        f"GGUF tokenizer.ggml.model {model!r} is not supported; batchgen reads 'gpt2' (byte-level BPE) and "
+        "'llama' (SentencePiece)"
+    )

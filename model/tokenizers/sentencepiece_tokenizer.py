@@ -1,4 +1,4 @@
-"""`LlamaTokenizer`: the SentencePiece tokenizer of Llama 2 checkpoints (`tokenizer.model`).
+"""`LlamaTokenizer`: the SentencePiece tokenizer of Llama 2 checkpoints (`tokenizer.model`, or GGUF metadata).
 
 Which reference it follows, measured on tests/fixtures/tokenizers/tiny_llama2/:
 - Ordinary text gives exactly the ids of `sentencepiece` itself (`SentencePieceProcessor.encode`), which is also
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import sentencepiece
 
@@ -95,6 +96,59 @@ class LlamaTokenizer(Tokenizer):
             storage.join(directory, "tokenizer.model"),
             add_start_token=bool(config.get("add_bos_token", True)),
             chat_template=config_chat_template(config),
+        )
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> LlamaTokenizer:
+        """From a GGUF file's `tokenizer.*` metadata with `tokenizer.ggml.model = "llama"` (Llama 2 GGUFs).
+
+        GGUF keeps SentencePiece's pieces, scores and piece types (the same numbers) but not the model file, so
+        the model is rebuilt: a BPE model with Llama's normalizer (identity, whitespace kept), byte fallback
+        when there are byte pieces, and `tokenizer.ggml.add_space_prefix` as the dummy prefix.
+        """
+        from sentencepiece import sentencepiece_model_pb2
+
+        model = metadata.get("tokenizer.ggml.model")
+        if model != "llama":
+            raise ValueError(f"GGUF tokenizer.ggml.model is {model!r}; LlamaTokenizer reads only 'llama'")
+        tokens = list(metadata.get("tokenizer.ggml.tokens") or [])
+        if not tokens:
+            raise ValueError("GGUF metadata has no tokenizer.ggml.tokens")
+        scores = list(metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+        types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        if not len(scores) == len(types) == len(tokens):
+            raise ValueError(f"GGUF has {len(tokens)} tokens, {len(scores)} scores and {len(types)} token types")
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        for token, score, kind in zip(tokens, scores, types):
+            proto.pieces.add(piece=token, score=float(score), type=int(kind))
+        trainer = proto.trainer_spec
+        trainer.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
+        trainer.vocab_size = len(tokens)
+        trainer.byte_fallback = 6 in types  # 6: BYTE pieces <0x00>..<0xFF>
+        # Encoding keeps runs of spaces as one piece only with this flag; the file does not record it, but
+        # whitespace-only pieces exist only in models trained with it (Llama 2's has "▁▁" ... and the flag).
+        trainer.allow_whitespace_only_pieces = any(len(t) > 1 and set(t) == {"\u2581"} for t in tokens)
+
+        def token_id(key: str, default: int) -> int:
+            id = metadata.get(key)
+            return default if id is None else int(id)
+
+        trainer.unk_id = token_id("tokenizer.ggml.unknown_token_id", types.index(2) if 2 in types else 0)
+        trainer.bos_id = token_id("tokenizer.ggml.bos_token_id", -1)
+        trainer.eos_id = token_id("tokenizer.ggml.eos_token_id", -1)
+        trainer.pad_id = token_id("tokenizer.ggml.padding_token_id", -1)
+        normalizer = proto.normalizer_spec
+        normalizer.name = "identity"
+        normalizer.add_dummy_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+        normalizer.remove_extra_whitespaces = False
+        normalizer.escape_whitespaces = True
+        # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
+        add_start_token = metadata.get("tokenizer.ggml.add_bos_token", True)
+        return cls(
+            proto.SerializeToString(),
+            add_start_token=bool(add_start_token) and trainer.bos_id >= 0,
+            chat_template=metadata.get("tokenizer.chat_template"),
         )
 
     def _encode(self, text: str) -> list[int]:
