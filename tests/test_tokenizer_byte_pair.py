@@ -190,3 +190,13 @@ def test_bad_input_is_named(tokenizer: BytePairTokenizer, tmp_path: pathlib.Path
         tokenizer.token_to_id("no-such-token")
     with pytest.raises(FileNotFoundError, match="neither"):
         tokenizer_from_huggingface(tmp_path / "empty")
+
+
+def test_pickles_for_ray_workers(tokenizer: BytePairTokenizer) -> None:
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(tokenizer))
+    assert copy(TEXTS) == tokenizer(TEXTS)
+    assert (copy.stop_token_ids, copy.special_tokens) == (tokenizer.stop_token_ids, tokenizer.special_tokens)
+    chat = GOLDEN["chats"][0]
+    assert copy.apply_chat_template(chat["messages"]) == chat["text"]

@@ -12,7 +12,6 @@ import importlib.metadata
 import json
 import pathlib
 import shutil
-import time
 
 import pytest
 
@@ -35,12 +34,7 @@ def demo_gguf() -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def metadata() -> dict:
-    started = time.perf_counter()
-    metadata = read_gguf_metadata(demo_gguf())
-    # Opening the file parses its 49,152 tokens and 48,900 merges; a regression to per-token Python loops
-    # over the tensor data would show here.
-    assert time.perf_counter() - started < 15
-    return metadata
+    return read_gguf_metadata(demo_gguf())
 
 
 @pytest.fixture(scope="module")

@@ -186,3 +186,12 @@ def test_gguf_metadata_flags_are_followed(processor: sentencepiece.SentencePiece
         LlamaTokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.model": "gpt2"})
     with pytest.raises(ValueError, match="800 tokens, 3 scores"):
         LlamaTokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.scores": [0.0, 0.0, 0.0]})
+
+
+def test_pickles_for_ray_workers(tokenizer: LlamaTokenizer) -> None:
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(tokenizer))
+    assert copy(TEXTS) == tokenizer(TEXTS)
+    chat = GOLDEN["chats"][0]
+    assert copy.apply_chat_template(chat["messages"]) == chat["text"]

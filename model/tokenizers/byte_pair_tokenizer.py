@@ -5,6 +5,11 @@ Three ways in, one tokenizer: a Hugging Face `tokenizer.json` (+ `tokenizer_conf
 pipeline: the pre-tokenizer split, the merges, the byte-level decoder, and the special tokens added whole, so
 `<|im_start|>` or `<|eot_id|>` written in a text is one id and never split into pieces. The start token is added
 by `Tokenizer.tokenize` (not by the `tokenizers` post-processor), so it follows `add_start_token` alone.
+
+The ids are transformers' (the same `tokenizers` pipeline). keras-hub's own `Llama3Tokenizer` splits text with
+TensorFlow regexes that approximate Llama 3's and differs from transformers on runs of whitespace and long
+numbers (4 of the 30 test texts on tests/fixtures/tokenizers/tiny_llama3); batchgen follows transformers, so
+a keras-hub preset read here tokenizes as the Hugging Face checkpoint it came from.
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ class BytePairTokenizer(Tokenizer):
         except Exception as e:  # tokenizers raises plain Exception subclasses for malformed files
             raise ValueError(f"{where} is not a valid tokenizer.json: {e}") from e
         if tokenizer.model.__class__.__name__ != "BPE":
-            raise ValueError(f"{where} holds a {tokenizer.model.__class__.__name__} model, not byte-level BPE")
+            raise ValueError(f"{where} holds a {tokenizer.model.__class__.__name__} model, not BPE")
 
         config: Mapping[str, Any] = {}
         if tokenizer_config is not None:

@@ -64,6 +64,10 @@ class ChatTemplate:
             # raise_exception() in a template (e.g. "roles must alternate") lands here; it is bad input.
             raise ValueError(f"chat template rejected the conversation: {e}") from e
 
+    def __reduce__(self) -> tuple[type[ChatTemplate], tuple[str]]:
+        # A compiled Jinja template does not pickle; the source does, and Ray ships tokenizers to workers.
+        return (ChatTemplate, (self.source,))
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ChatTemplate) and other.source == self.source
 
