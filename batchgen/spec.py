@@ -1,0 +1,421 @@
+"""The job spec: one TOML file with sections model, input, sampling, output and execution.
+
+Everything is checked when the spec is loaded, before any input is read or any model loaded; an error names
+the spec file, the key and the value received. batchgen/JOB_SPEC.md is the reference for every key.
+
+Example:
+    >>> spec = load_spec("jobs/demo.toml", ["sampling.seed=7"])  # doctest: +SKIP
+    >>> spec.sampling[0].seed  # doctest: +SKIP
+    7
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import hashlib
+import json
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from batchgen.errors import SpecError
+from batchgen.overrides import apply_overrides
+
+# The samplers the streaming engine runs with per-request parameters (model.generation.requests
+# STREAMING_SAMPLERS; a test keeps the two equal). Kept here so that checking a spec does not import Keras.
+SAMPLERS = ("greedy", "top_k", "top_p", "random", "min_p")
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8")
+COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "brotli", "none")
+DEFAULT_CONFIG_NAME = "default"
+# Placeholders filled in input.url and output.url.
+DATE_PLACEHOLDER = "{date}"
+DATA_PLACEHOLDER = "{batchgen_data}"
+DATA_DIR = Path(__file__).parent / "data"
+_CONFIG_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """[model]: which checkpoint each worker loads, and how."""
+
+    preset: str
+    dtype: str = "float32"
+    quantization: str = "none"
+    max_length: int = 1024
+    devices_per_replica: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """[input]: the prompt table; exactly one of `prompt_column` and `messages_column` is set."""
+
+    url: str
+    prompt_column: str | None = None
+    messages_column: str | None = None
+    apply_chat_template: bool = False
+    id_column: str | None = None
+    date: str = "today"
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """One named sampling configuration: [sampling], or [sampling] merged with one [sampling.configs.NAME]."""
+
+    name: str = DEFAULT_CONFIG_NAME
+    sampler: str = "greedy"
+    temperature: float = 1.0
+    top_k: int = 5
+    top_p: float = 0.9
+    min_p: float = 0.05
+    max_new_tokens: int = 128
+    stop_token_ids: str | tuple[int, ...] = "auto"
+    stop_strings: tuple[str, ...] = ()
+    n: int = 1
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    """[output]: where the part files go and which input columns ride along."""
+
+    url: str
+    carry_columns: tuple[str, ...] = ()
+    compression: str = "zstd"
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionSpec:
+    """[execution]: workers, shard size and fault handling; none of it changes the output."""
+
+    replicas: int = 1
+    rows_per_shard: int = 256
+    max_attempts: int = 3
+    shard_timeout: float = 3600.0
+    max_error_rate: float = 0.0
+    max_slots: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """A whole, validated job. `sampling` holds one entry per named configuration, in spec order."""
+
+    model: ModelSpec
+    input: InputSpec
+    sampling: tuple[SamplingConfig, ...]
+    output: OutputSpec
+    execution: ExecutionSpec
+    source: str = "<spec>"
+
+    @property
+    def outputs_per_row(self) -> int:
+        """Output rows per input row: the samples of every configuration."""
+        return sum(config.n for config in self.sampling)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the output rows, so a rerun knows it is the same job.
+
+        Replicas, attempts, timeouts, the error budget, engine slots and storage options are left out: they
+        change how the job runs, not what it writes. rows_per_shard is in, since it decides the shards.
+        """
+        affecting = {
+            "model": {k: v for k, v in dataclasses.asdict(self.model).items() if k != "devices_per_replica"},
+            # The date is left out: where it matters, it is part of the URL already.
+            "input": {k: v for k, v in dataclasses.asdict(self.input).items() if k not in ("storage_options", "date")},
+            "sampling": [dataclasses.asdict(config) for config in self.sampling],
+            "output": {"carry_columns": list(self.output.carry_columns)},
+            "rows_per_shard": self.execution.rows_per_shard,
+        }
+        encoded = json.dumps(affecting, sort_keys=True, default=list).encode()
+        return hashlib.sha256(encoded).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data, without storage options (they may hold credentials)."""
+        data = {
+            "model": dataclasses.asdict(self.model),
+            "input": dataclasses.asdict(self.input),
+            "sampling": [dataclasses.asdict(config) for config in self.sampling],
+            "output": dataclasses.asdict(self.output),
+            "execution": dataclasses.asdict(self.execution),
+        }
+        del data["input"]["storage_options"], data["output"]["storage_options"]
+        return json.loads(json.dumps(data, default=list))
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelSpec,
+    "input": InputSpec,
+    "sampling": SamplingConfig,
+    "output": OutputSpec,
+    "execution": ExecutionSpec,
+}
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = (), *, today: datetime.date | None = None) -> JobSpec:
+    """Read the TOML job spec at `path`, apply `section.key=value` overrides and validate it all."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise SpecError(f"job spec {path} does not exist") from error
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(f"{path}: not valid TOML: {error}") from error
+    return parse_spec(apply_overrides(raw, overrides, field_type), source=str(path), today=today)
+
+
+def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>", today: datetime.date | None = None) -> JobSpec:
+    """Validate a spec given as nested tables (what `tomllib` returns) and build the JobSpec."""
+    _check_keys(raw, _SECTIONS, "", source)
+    for name in ("model", "input", "output"):
+        if name not in raw:
+            raise SpecError(f"{source}: the [{name}] section is required")
+    tables = {name: _table(raw.get(name, {}), name, source) for name in _SECTIONS}
+    model = _build(ModelSpec, tables["model"], "model", source)
+    input = _build(InputSpec, tables["input"], "input", source)
+    output = _build(OutputSpec, tables["output"], "output", source)
+    execution = _build(ExecutionSpec, tables["execution"], "execution", source)
+    sampling = _build_sampling(tables["sampling"], source)
+    if not input.prompt_column and not input.messages_column:
+        input = dataclasses.replace(input, prompt_column="prompt")
+    input, output = _fill_placeholders(input, output, source, today)
+    spec = JobSpec(model, input, sampling, output, execution, source)
+    _check_values(spec)
+    return spec
+
+
+def field_type(path: Sequence[str]) -> Any:
+    """The type the spec expects at a key path like ("sampling", "seed"), or None when it is no known key."""
+    if not path or path[0] not in _SECTIONS:
+        return None
+    cls = _SECTIONS[path[0]]
+    rest = list(path[1:])
+    if path[0] == "sampling" and rest[:1] == ["configs"]:
+        if len(rest) < 3:
+            return None
+        rest = rest[2:]
+    if len(rest) != 1:
+        # Deeper than a field: inside a table such as storage_options, anything goes.
+        return Any if rest and typing.get_type_hints(cls).get(rest[0]) is not None else None
+    hints = typing.get_type_hints(cls)
+    return None if rest[0] == "name" and cls is SamplingConfig else hints.get(rest[0])
+
+
+# ---- building ---------------------------------------------------------------------------------------------
+
+
+def _table(value: Any, where: str, source: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SpecError(f"{source}: {where} must be a table ([{where}]), got {value!r}")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], known: Mapping[str, Any] | Sequence[str], prefix: str, source: str) -> None:
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; known keys: {', '.join(known)}"
+            raise SpecError(f"{source}: unknown key {prefix}{key}{hint}")
+
+
+def _build(cls: type, table: Mapping[str, Any], section: str, source: str, extra: Sequence[str] = ()) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if not (cls is SamplingConfig and f.name == "name")]
+    _check_keys({k: v for k, v in table.items() if k not in extra}, [f.name for f in fields], f"{section}.", source)
+    values: dict[str, Any] = {}
+    for field in fields:
+        key = f"{section}.{field.name}"
+        if field.name not in table:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise SpecError(f"{source}: {key} is required")
+            continue
+        values[field.name] = _convert(table[field.name], hints[field.name], key, source)
+    return cls(**values)
+
+
+def _build_sampling(table: dict[str, Any], source: str) -> tuple[SamplingConfig, ...]:
+    base = {k: v for k, v in table.items() if k != "configs"}
+    _build(SamplingConfig, base, "sampling", source)  # the shared keys alone must be valid too
+    configs = _table(table.get("configs", {}), "sampling.configs", source)
+    if not configs:
+        return (_build(SamplingConfig, base, "sampling", source),)
+    result = []
+    for name, overrides in configs.items():
+        where = f"sampling.configs.{name}"
+        if not _CONFIG_NAME.match(name):
+            raise SpecError(f"{source}: configuration name {name!r} ({where}) may use only letters, digits, _ . -")
+        merged = {**base, **_table(overrides, where, source)}
+        config = _build(SamplingConfig, merged, where, source)
+        result.append(dataclasses.replace(config, name=name))
+    return tuple(result)
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    converted = _try_convert(value, tp)
+    if converted is _INVALID:
+        raise SpecError(f"{source}: {key} must be {_describe(tp)}, got {value!r} ({type(value).__name__})")
+    return converted
+
+
+_INVALID = object()
+
+
+def _try_convert(value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        # TOML has no null, so an empty string stands for "unset" in optional keys.
+        if type(None) in typing.get_args(tp) and value in (None, ""):
+            return None
+        for option in typing.get_args(tp):
+            converted = _try_convert(value, option)
+            if converted is not _INVALID:
+                return converted
+        return _INVALID
+    if tp is Any:
+        return value
+    if tp is type(None):
+        return None if value is None else _INVALID
+    if tp is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if tp is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _INVALID
+    if tp is str:
+        return value if isinstance(value, str) else _INVALID
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return _INVALID
+        items = [_try_convert(item, typing.get_args(tp)[0]) for item in value]
+        return _INVALID if any(item is _INVALID for item in items) else tuple(items)
+    if origin is dict:
+        return dict(value) if isinstance(value, dict) else _INVALID
+    raise TypeError(f"no conversion for spec type {tp!r}")
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(tp))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "empty"}
+    if tp in names:
+        return names[tp]
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
+    if origin is dict:
+        return "a table"
+    return repr(tp)
+
+
+# ---- placeholders and value checks -------------------------------------------------------------------------
+
+
+def _fill_placeholders(
+    input: InputSpec, output: OutputSpec, source: str, today: datetime.date | None
+) -> tuple[InputSpec, OutputSpec]:
+    date = input.date
+    if date == "today":
+        date = (today or datetime.date.today()).isoformat()
+    elif not _DATE.match(date):
+        raise SpecError(f"{source}: input.date must be 'today' or YYYY-MM-DD, got {input.date!r}")
+    else:
+        try:
+            datetime.date.fromisoformat(date)
+        except ValueError as error:
+            raise SpecError(f"{source}: input.date {date!r} is not a real date: {error}") from error
+
+    def fill(url: str) -> str:
+        # Plain replace, not str.format: globs may hold braces of their own.
+        return url.replace(DATE_PLACEHOLDER, date).replace(DATA_PLACEHOLDER, str(DATA_DIR))
+
+    return (
+        dataclasses.replace(input, url=fill(input.url), date=date),
+        dataclasses.replace(output, url=fill(output.url)),
+    )
+
+
+def _check_values(spec: JobSpec) -> None:
+    source = spec.source
+
+    def fail(key: str, value: Any, why: str) -> typing.NoReturn:
+        raise SpecError(f"{source}: {key} {why}, got {value!r}")
+
+    model, input, output, execution = spec.model, spec.input, spec.output, spec.execution
+    if not model.preset:
+        fail("model.preset", model.preset, "must name a preset, a directory or a file")
+    if model.dtype not in DTYPES:
+        fail("model.dtype", model.dtype, f"must be one of {DTYPES}")
+    if model.quantization not in QUANTIZATIONS:
+        fail("model.quantization", model.quantization, f"must be one of {QUANTIZATIONS}")
+    if model.max_length < 2:
+        fail("model.max_length", model.max_length, "must be >= 2 (a prompt token and a new one)")
+    if model.devices_per_replica < 1:
+        fail("model.devices_per_replica", model.devices_per_replica, "must be >= 1")
+
+    if not input.url:
+        fail("input.url", input.url, "must not be empty")
+    if input.prompt_column and input.messages_column:
+        raise SpecError(
+            f"{source}: set one of input.prompt_column and input.messages_column, not both "
+            f"(got {input.prompt_column!r} and {input.messages_column!r})"
+        )
+    if input.messages_column and input.apply_chat_template:
+        fail("input.apply_chat_template", True, "applies to input.prompt_column only (messages always use it)")
+
+    for config in spec.sampling:
+        where = "sampling" if config.name == DEFAULT_CONFIG_NAME else f"sampling.configs.{config.name}"
+        if config.sampler not in SAMPLERS:
+            fail(f"{where}.sampler", config.sampler, f"must be one of {SAMPLERS}")
+        if config.temperature < 0:
+            fail(f"{where}.temperature", config.temperature, "must be >= 0")
+        if config.top_k < 1:
+            fail(f"{where}.top_k", config.top_k, "must be >= 1")
+        if not 0 < config.top_p <= 1:
+            fail(f"{where}.top_p", config.top_p, "must be in (0, 1]")
+        if not 0 <= config.min_p < 1:
+            fail(f"{where}.min_p", config.min_p, "must be in [0, 1)")
+        if config.max_new_tokens < 1:
+            fail(f"{where}.max_new_tokens", config.max_new_tokens, "must be >= 1")
+        if isinstance(config.stop_token_ids, str) and config.stop_token_ids != "auto":
+            fail(f"{where}.stop_token_ids", config.stop_token_ids, "must be 'auto' or a list of token ids")
+        if not isinstance(config.stop_token_ids, str) and any(i < 0 for i in config.stop_token_ids):
+            fail(f"{where}.stop_token_ids", config.stop_token_ids, "must hold non-negative ids")
+        if any(not s for s in config.stop_strings):
+            fail(f"{where}.stop_strings", config.stop_strings, "must not hold an empty string")
+        if config.n < 1:
+            fail(f"{where}.n", config.n, "must be >= 1")
+        if config.seed < 0:
+            fail(f"{where}.seed", config.seed, "must be >= 0")
+
+    if not output.url:
+        fail("output.url", output.url, "must not be empty")
+    from batchgen.rows import CONTRACT_COLUMNS  # here, not at the top: rows imports pyarrow
+
+    for column in output.carry_columns:
+        if column in CONTRACT_COLUMNS:
+            fail("output.carry_columns", list(output.carry_columns), f"must not repeat the output column {column!r}")
+    if len(set(output.carry_columns)) != len(output.carry_columns):
+        fail("output.carry_columns", list(output.carry_columns), "must not name a column twice")
+    if output.compression not in COMPRESSIONS:
+        fail("output.compression", output.compression, f"must be one of {COMPRESSIONS}")
+
+    if execution.replicas < 1:
+        fail("execution.replicas", execution.replicas, "must be >= 1")
+    if execution.rows_per_shard < 1:
+        fail("execution.rows_per_shard", execution.rows_per_shard, "must be >= 1")
+    if execution.max_attempts < 1:
+        fail("execution.max_attempts", execution.max_attempts, "must be >= 1")
+    if execution.shard_timeout < 0:
+        fail("execution.shard_timeout", execution.shard_timeout, "must be >= 0 seconds (0: no timeout)")
+    if not 0 <= execution.max_error_rate <= 1:
+        fail("execution.max_error_rate", execution.max_error_rate, "must be in [0, 1]")
+    if execution.max_slots < 1:
+        fail("execution.max_slots", execution.max_slots, "must be >= 1")
