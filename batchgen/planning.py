@@ -1,0 +1,101 @@
+"""Planning: cut the input into shards from Parquet footers alone, with ids that a rerun finds again.
+
+A shard is a row range of one file. Shards follow row-group boundaries, so a worker reads whole row groups
+and nothing else; consecutive small row groups are packed into one shard up to `rows_per_shard`, and a row
+group larger than that is split by row range into near-equal pieces. A shard's id is a hash of the file URL,
+the row range and the job fingerprint, so the same job over the same files gives the same shard ids, and a
+part file named by shard id is never written twice by one job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from batchgen.errors import InputError
+from batchgen.inputs import InputFile, list_input_files, read_footers
+from batchgen.prompts import check_schema
+from batchgen.spec import JobSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Rows [row_start, row_stop) of the file at `file_url`; `first_position` is row_start's input position."""
+
+    shard_id: str
+    index: int
+    file_url: str
+    row_start: int
+    row_stop: int
+    first_position: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_stop - self.row_start
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The input files, the schema the job reads (the first file's), and the shards, in input order."""
+
+    files: tuple[InputFile, ...]
+    schema: pa.Schema
+    shards: tuple[Shard, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def total_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+
+def shard_id(fingerprint: str, file_url: str, row_start: int, row_stop: int) -> str:
+    """The deterministic id of a shard: 16 hex digits of sha256 over what identifies it."""
+    payload = f"{fingerprint}\0{file_url}\0{row_start}\0{row_stop}".encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def cut_shards(files: Sequence[InputFile], rows_per_shard: int, fingerprint: str) -> tuple[Shard, ...]:
+    """Shards of `files` on row-group boundaries, at most `rows_per_shard` rows each (see the module doc)."""
+    ranges: list[tuple[InputFile, int, int]] = []
+    for file in files:
+        start = stop = 0
+        for size in file.row_group_rows:
+            if size > rows_per_shard:
+                if stop > start:
+                    ranges.append((file, start, stop))
+                pieces = math.ceil(size / rows_per_shard)
+                bounds = [stop + size * i // pieces for i in range(pieces + 1)]
+                ranges.extend((file, a, b) for a, b in zip(bounds, bounds[1:]))
+                start = stop = stop + size
+            elif stop - start + size > rows_per_shard:
+                if stop > start:
+                    ranges.append((file, start, stop))
+                start, stop = stop, stop + size
+            else:
+                stop += size
+        if stop > start:
+            ranges.append((file, start, stop))
+    return tuple(
+        Shard(shard_id(fingerprint, file.url, a, b), index, file.url, a, b, file.first_position + a)
+        for index, (file, a, b) in enumerate(ranges)
+    )
+
+
+def plan_job(spec: JobSpec) -> Plan:
+    """List the input files, read their footers, check their columns against the spec, and cut shards."""
+    urls = list_input_files(spec.input.url, spec.input.storage_options)
+    files, schemas = read_footers(urls, spec.input.storage_options)
+    warnings: list[str] = []
+    for url, schema in zip(urls, schemas):
+        for warning in check_schema(schema, spec, url):
+            if warning not in warnings:
+                warnings.append(warning)
+    id_types = {str(s.field(spec.input.id_column).type) for s in schemas} if spec.input.id_column else set()
+    if len(id_types) > 1:
+        raise InputError(f"input.id_column {spec.input.id_column!r} has different types across files: {sorted(id_types)}")
+    shards = cut_shards(files, spec.execution.rows_per_shard, spec.fingerprint())
+    return Plan(tuple(files), schemas[0], shards, tuple(warnings))
