@@ -1,0 +1,83 @@
+"""`batchgen status OUTPUT`: how far a job's output is, read from the output location alone."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from batchgen.sink import Sink
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputStatus:
+    """Shards done / pending / failed, rows and tokens of the job writing at `url`.
+
+    `failed` lists the shards the last finished run reported as failed that are still not committed;
+    `state` is "succeeded", "failed" (the last run ended over its error budget), "incomplete" (running,
+    killed, or not run to the end) or "empty" (no job here).
+    """
+
+    url: str
+    state: str
+    fingerprint: str | None
+    spec_source: str | None
+    shards_total: int
+    shards_committed: int
+    shards_pending: int
+    shards_failed: int
+    rows_ok: int
+    rows_error: int
+    prompt_tokens: int
+    completion_tokens: int
+    failed: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def render(self) -> str:
+        if self.state == "empty":
+            return f"{self.url}: no batchgen job here"
+        lines = [
+            f"{self.url}: {self.state} (job {self.fingerprint} from {self.spec_source})",
+            f"  shards  {self.shards_committed} done, {self.shards_pending} pending, {self.shards_failed} failed, "
+            f"of {self.shards_total}",
+            f"  rows    {self.rows_ok} ok, {self.rows_error} error",
+            f"  tokens  {self.prompt_tokens} prompt, {self.completion_tokens} generated",
+        ]
+        lines += [f"  failed shard {f['index']} ({f['shard_id']}): {f['errors'][-1]}" for f in self.failed]
+        return "\n".join(lines)
+
+
+def read_status(url: str, storage_options: Mapping[str, Any] | None = None) -> OutputStatus:
+    """The status of the job output at `url` (any fsspec URL)."""
+    sink = Sink(url, storage_options)
+    job = sink.read_job()
+    if job is None:
+        return OutputStatus(url, "empty", None, None, 0, 0, 0, 0, 0, 0, 0, 0)
+    planned = [shard["shard_id"] for shard in job["shards"]]
+    committed = sink.committed()
+    entries = [committed[shard_id] for shard_id in planned if shard_id in committed]
+    summary = sink.read_summary() or {}
+    failed = tuple(f for f in summary.get("failed_shards", ()) if f["shard_id"] in planned and f["shard_id"] not in committed)
+    if sink.succeeded():
+        state = "succeeded"
+    elif summary.get("fingerprint") == job["fingerprint"] and summary.get("status") == "failed" and len(entries) + len(failed) == len(planned):
+        state = "failed"
+    else:
+        state = "incomplete"
+    return OutputStatus(
+        url=url,
+        state=state,
+        fingerprint=job["fingerprint"],
+        spec_source=job.get("spec_source"),
+        shards_total=len(planned),
+        shards_committed=len(entries),
+        shards_pending=len(planned) - len(entries) - len(failed),
+        shards_failed=len(failed),
+        rows_ok=sum(e["ok_rows"] for e in entries),
+        rows_error=sum(e["error_rows"] for e in entries),
+        prompt_tokens=sum(e["prompt_tokens"] for e in entries),
+        completion_tokens=sum(e["completion_tokens"] for e in entries),
+        failed=failed,
+    )
