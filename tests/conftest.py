@@ -29,3 +29,25 @@ def tiny_backbone(tiny_config):
 
     keras.utils.set_random_seed(0)
     return LlamaBackbone(tiny_config)
+
+
+TINY_LLAMA3_TOKENIZER = "tests/fixtures/tokenizers/tiny_llama3"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A tiny random LlamaCausalLM with a real (tiny, trained) Llama 3 style byte-level BPE tokenizer."""
+    import pathlib
+
+    import keras
+
+    from model.backbone import LlamaBackbone
+    from model.causal_lm import LlamaCausalLM
+    from model.preprocessor import LlamaCausalLMPreprocessor
+    from model.tokenizers import BytePairTokenizer
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    tokenizer = BytePairTokenizer.from_huggingface(str(root / TINY_LLAMA3_TOKENIZER))
+    keras.utils.set_random_seed(0)
+    config = LlamaConfig(**{**TINY, "vocabulary_size": tokenizer.vocabulary_size()})
+    return LlamaCausalLM(LlamaBackbone(config), LlamaCausalLMPreprocessor(tokenizer, sequence_length=64))
