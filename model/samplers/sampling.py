@@ -163,7 +163,7 @@ def sample_next(
 
     if variant.max_top_k is not None or variant.has_top_p:
         k_static = max(variant.max_top_k or 0, TOP_P_CANDIDATES if variant.has_top_p else 0)
-        top_logits, top_ids = _top_k(logits, min(k_static, v))
+        top_logits, top_ids = top_k(logits, min(k_static, v))
     if variant.max_top_k is not None:
         k = min(variant.max_top_k, v)
         by_top_k = _sample_candidates(top_logits[:, :k], top_ids[:, :k], params.top_k, inv_temperature, keys)
@@ -182,7 +182,7 @@ def sample_next(
     return tokens.astype(jnp.int32)
 
 
-def _top_k(x: jnp.ndarray, k: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+def top_k(x: jnp.ndarray, k: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """`lax.top_k` (sorted, ties to the lower index) that stays XLA's fast TopK kernel on CPU.
 
     jax emits top-k as a sort plus a slice, which XLA folds back into its TopK kernel only while that slice

@@ -1,0 +1,48 @@
+"""Beam search as a sampler: keras-hub's BeamSampler, run by `model.generation.search.beam_search`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Sequence
+
+from model.generation import search
+from model.generation.requests import Completion
+from model.samplers.sampler import SearchSampler, check_positive_int, check_temperature
+
+if TYPE_CHECKING:
+    from model.causal_lm import LlamaCausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSampler(SearchSampler):
+    """Keeps the `num_beams` most likely sequences at every step and returns the most likely one.
+
+    `return_all_beams` is kept in the config for keras-hub compatibility; `generate()` returns the best beam
+    either way, and `model.generation.search.beam_search` gives every beam with its log-probability.
+
+    Example:
+        >>> lm.compile(sampler=BeamSampler(num_beams=4))  # doctest: +SKIP
+    """
+
+    name = "beam"
+    num_beams: int = 5
+    return_all_beams: bool = False
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_positive_int("num_beams", self.num_beams)
+        check_temperature(self.temperature, allow_zero=False)
+
+    def search(
+        self,
+        lm: "LlamaCausalLM",
+        prompts: Sequence[Sequence[int]],
+        budgets: Sequence[int],
+        stop_token_ids: tuple[int, ...],
+        max_length: int,
+    ) -> list[Completion]:
+        def best_beam(*args, **kwargs):
+            out = search.beam_search(*args, num_beams=self.num_beams, temperature=self.temperature, **kwargs)
+            return out.token_ids[:, 0], out.lengths[:, 0], out.stopped[:, 0]
+
+        return search.search_completions(lm, prompts, budgets, stop_token_ids, max_length, best_beam)
