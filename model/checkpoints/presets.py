@@ -81,9 +81,11 @@ def preset_location(name: str) -> str:
     return preset.handle
 
 
-def installed_gguf(distribution: str = DEMO_DISTRIBUTION) -> str:
-    """The local path of the .gguf file that the installed `distribution` ships, found without importing it."""
-    pin = f"{distribution}=={DEMO_VERSION}" if distribution == DEMO_DISTRIBUTION else distribution
+def installed_gguf(distribution: str = DEMO_DISTRIBUTION, pin: str = f"{DEMO_DISTRIBUTION}=={DEMO_VERSION}") -> str:
+    """The local path of the .gguf file that the installed `distribution` ships, found without importing it.
+
+    `pin` is the requirement the error messages tell the user to install.
+    """
     try:
         files = importlib.metadata.files(distribution) or []
     except importlib.metadata.PackageNotFoundError as e:
