@@ -217,6 +217,8 @@ class GenerationEngine:
         max_slots: sequences decoded together (B).
         max_length: cache length per slot (prompt + generated tokens), at most the model's context.
         steps_per_call: decode steps per jitted call; more amortises dispatch, fewer refills sooner.
+        continuous: refill a slot as soon as its sequence ends; False runs static batches (a new batch starts
+            only when every slot is free), kept to measure what continuous batching gains.
     """
 
     def __init__(
@@ -228,6 +230,7 @@ class GenerationEngine:
         max_length: int | None = None,
         steps_per_call: int = 8,
         cache_dtype: Any = None,
+        continuous: bool = True,
     ) -> None:
         config = backbone.config
         max_length = max_length or min(config.max_sequence_length, 2048)
@@ -243,6 +246,7 @@ class GenerationEngine:
         self.max_slots = max_slots
         self.max_length = max_length
         self.steps_per_call = steps_per_call
+        self.continuous = continuous
         compute_dtype = jnp.dtype(backbone.compute_dtype)
         self.cache_dtype = jnp.dtype(cache_dtype or compute_dtype)
         self.stats = EngineStats()
@@ -287,7 +291,7 @@ class GenerationEngine:
                 exhausted = request is None
                 if request is not None:
                     waiting.append(request)
-            free = table.free_slots()
+            free = table.free_slots() if self.continuous or not table.active.any() else []
             admitted: list[tuple[int, Request]] = []
             while free and waiting:
                 request = waiting.popleft()
