@@ -40,6 +40,8 @@ SUPPORTED_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(
     }
 )  # fmt: skip
 
+_DEQUANTIZE_CHUNK_BYTES = 8 * 1024 * 1024
+
 _GLOBAL_TENSORS = {
     "token_embd.weight": ("token_embedding", False),
     "output_norm.weight": ("final_norm", False),
@@ -223,11 +225,20 @@ def dequantize(tensor: gguf.ReaderTensor, source: str) -> np.ndarray:
             f"{source}: tensor {tensor.name!r} has type {kind.name}, which batchgen does not read "
             f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})"
         )
+    shape = tuple(reversed([int(n) for n in tensor.shape]))
+    data = tensor.data  # [rows, stored items per row], memory-mapped
     if kind == Q.F64:
-        values = np.asarray(tensor.data, np.float32)
-    else:
-        values = gguf.quants.dequantize(tensor.data, kind)
-    return values.reshape(tuple(reversed([int(n) for n in tensor.shape])))
+        return np.asarray(data, np.float32).reshape(shape)
+    if kind == Q.F32:
+        return np.array(data, np.float32).reshape(shape)  # a copy: the file's pages are not kept mapped in
+    # Dequantizing builds several float temporaries per block; going through the rows in slices keeps them
+    # to a few tens of MB however large the tensor (an 8B model's embedding is 2 GB as float32).
+    rows = data.reshape(-1, data.shape[-1]) if data.ndim > 1 else data.reshape(1, -1)
+    values = np.empty((rows.shape[0], int(np.prod(shape)) // rows.shape[0]), np.float32)
+    step = max(1, _DEQUANTIZE_CHUNK_BYTES // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        values[start : start + step] = gguf.quants.dequantize(rows[start : start + step], kind)
+    return values.reshape(shape)
 
 
 def gguf_tensors(

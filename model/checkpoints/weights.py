@@ -91,7 +91,7 @@ def assign_weights(backbone: LlamaBackbone, tensors: TensorsByPath, *, checkpoin
             del stacked
         else:
             (tensor,) = parts
-            variable.assign(to_backbone_layout(_read(tensor), target, tensor.torch_layout).astype(dtype))
+            variable.assign(to_backbone_layout(_read(tensor), target, tensor.torch_layout).astype(dtype, copy=False))
 
 
 def _check(
