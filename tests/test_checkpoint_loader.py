@@ -126,3 +126,50 @@ def test_a_file_that_is_not_gguf(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ValueError, match="is a file but not a GGUF file"):
         load_preset(str(tmp_path / "model.safetensors"))
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """moto's S3 server, reached through the environment as a user's s3:// URLs are (no storage options)."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance made before this server would point elsewhere
+    try:
+        yield fsspec.filesystem("s3")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+def test_huggingface_directory_and_gguf_file_on_s3(s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("BATCHGEN_CACHE", str(tmp_path / "cache"))
+    s3_endpoint.mkdir("models")
+    s3_endpoint.put(str(FIXTURES / "hf_llama31_tiny"), "models/hf_llama31_tiny", recursive=True)
+    arrays = write_tiny_gguf(tmp_path / "tiny.gguf", seed=5)
+    s3_endpoint.put(str(tmp_path / "tiny.gguf"), "models/tiny.gguf")
+
+    hf = load_preset("s3://models/hf_llama31_tiny")
+    assert hf.source == "s3://models/hf_llama31_tiny" and hf.stop_token_ids == (1, 4)
+    reference = json.loads((ROOT / "tests" / "golden" / "logits_hf_llama31_tiny.json").read_text())["prompts"][0]
+    assert hf.tokenizer.tokenize(reference["text"]) == reference["token_ids"]
+    from model import transformer
+
+    params = hf.backbone.params()
+    ids = np.asarray([reference["token_ids"]], np.int32)
+    hidden, _, _ = transformer.forward(params, hf.backbone.config, ids, np.arange(ids.shape[1])[None])
+    assert np.abs(np.asarray(transformer.logits(params, hidden))[0] - np.asarray(reference["logits"])).max() <= 1e-4
+
+    from_gguf = load_preset("s3://models/tiny.gguf")
+    np.testing.assert_array_equal(np.asarray(from_gguf.backbone.weight("final_norm").value), arrays["output_norm.weight"])
