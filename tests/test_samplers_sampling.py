@@ -176,13 +176,15 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_rest_of_the_batc
 
 def test_raw_uint32_keys_give_the_same_draws_as_typed_keys():
     logits = _logits(4, 200, seed=16, scale=1.0)
-    rows = [SamplingParams("top_k", top_k=20), SamplingParams("random"), SamplingParams("top_p"), SamplingParams("min_p")]
+    rows = [SamplingParams("top_k", top_k=20), SamplingParams("random"), SamplingParams("top_p"),
+            SamplingParams("min_p")]
     keys = _keys(4, seed=17)
     np.testing.assert_array_equal(_draw(logits, rows, keys), _draw(logits, rows, jax.random.key_data(keys)))
 
 
 def test_inverse_cdf_never_returns_an_excluded_token_even_at_u_near_one():
-    scaled = jnp.asarray([[0.0, -1.0, -jnp.inf, -jnp.inf] + [-jnp.inf] * 300, [-jnp.inf] * 200 + [0.0] + [-jnp.inf] * 103])
+    excluded = -jnp.inf
+    scaled = jnp.asarray([[0.0, -1.0] + [excluded] * 302, [excluded] * 200 + [0.0] + [excluded] * 103])
     u = jnp.asarray([1.0 - 2.0**-24, 1.0 - 2.0**-24])
     tokens = np.asarray(sampling._sample_inverse_cdf(scaled, u))
     assert tokens.tolist() == [1, 200]

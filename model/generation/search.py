@@ -2,7 +2,7 @@
 
 Both keep several hypotheses (beams, or candidate next tokens) per prompt, so they do not fit the streaming
 engine's one-token-per-slot decode; they run here instead, one jitted `lax.while_loop` per call shape, over a
-KV cache of the whole `max_length` per hypothesis.
+`KVCache` of the whole `max_length` per hypothesis.
 
 Shapes: prompts `token_ids` [B, T] right-padded with `lengths` [B] (each >= 1) and `budgets` [B] (most new
 tokens per row); S = `max_length` (prompt + generated). Outputs hold the prompt, then the generated tokens;
@@ -24,6 +24,7 @@ import numpy as np
 
 from model import transformer
 from model.config import LlamaConfig
+from model.generation.kv_cache import KVCache, write_prompts, write_tokens
 from model.generation.requests import Completion
 from model.samplers.sampling import first_argmax, top_k
 
@@ -49,33 +50,23 @@ class ContrastiveSearchOutput(NamedTuple):
     stopped: jax.Array
 
 
-class _Cache(NamedTuple):
-    k: jax.Array  # [L, R, S, K, D]
-    v: jax.Array
-
-
 def _prefill(
     params: transformer.Params, config: LlamaConfig, token_ids: jax.Array, lengths: jax.Array, max_length: int,
     dtype: Any,
-) -> tuple[jax.Array, jax.Array, _Cache]:
-    """Runs the prompts; returns next-token logits [B, V], hidden states [B, T, M] and a cache [L, B, S, K, D]."""
+) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Runs the prompts; returns next-token logits [B, V], hidden states [B, T, M] and a cache of S positions."""
     b, t = token_ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
     hidden, new_k, new_v = transformer.forward(
         params, config, token_ids, positions, positions < lengths[:, None], dtype=dtype
     )
     logits = transformer.logits(params, hidden[jnp.arange(b), lengths - 1])
-
-    def cache_of(new: jax.Array) -> jax.Array:
-        # Entries past a row's length hold padding; cache lengths hide them until generated tokens replace them.
-        shape = (new.shape[0], b, max_length) + new.shape[3:]
-        return jax.lax.dynamic_update_slice(jnp.zeros(shape, new.dtype), new, (0, 0, 0, 0, 0))
-
-    return logits, hidden, _Cache(cache_of(new_k), cache_of(new_v))
+    cache = KVCache.allocate(config, b, max_length, new_k.dtype)
+    return logits, hidden, write_prompts(cache, new_k, new_v, jnp.arange(b))
 
 
 def _step(
-    params: transformer.Params, config: LlamaConfig, cache: _Cache, tokens: jax.Array, positions: jax.Array,
+    params: transformer.Params, config: LlamaConfig, cache: KVCache, tokens: jax.Array, positions: jax.Array,
     dtype: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One token per row at `positions` [R] after the cached ones; returns logits [R, V], hidden [R, M], k, v
@@ -87,9 +78,14 @@ def _step(
     return transformer.logits(params, hidden[:, 0]), hidden[:, 0], new_k[:, :, 0], new_v[:, :, 0]
 
 
-def _write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """cache [L, R, S, ...] with new [L, R, ...] at positions [R]; a position >= S writes nothing."""
-    return cache.at[:, jnp.arange(new.shape[1]), positions].set(new.astype(cache.dtype), mode="drop")
+def _rows(cache: KVCache, rows: jax.Array) -> KVCache:
+    """The cache of hypotheses `rows` [R] (indices into its rows, repeats allowed)."""
+    return KVCache(cache.k[:, rows], cache.v[:, rows])
+
+
+def _write(cache: KVCache, new_k: jax.Array, new_v: jax.Array, positions: jax.Array) -> KVCache:
+    """One token's keys/values [L, R, K, D] per row at `positions` [R]; a position >= S writes nothing."""
+    return write_tokens(cache, new_k[:, :, None], new_v[:, :, None], positions)
 
 
 def _is_stop(tokens: jax.Array, stop_token_ids: tuple[int, ...]) -> jax.Array:
@@ -146,7 +142,7 @@ def beam_search(
         generated=jnp.zeros(b * n, jnp.int32),
         done=budgets <= 0,
         stopped=jnp.zeros(b * n, bool),
-        cache=_Cache(beams(cache.k, 1), beams(cache.v, 1)),
+        cache=_rows(cache, jnp.repeat(jnp.arange(b), n)),
     )
 
     def cond(state: dict) -> jax.Array:
@@ -167,7 +163,7 @@ def beam_search(
         stop = live & _is_stop(tokens, stop_token_ids)
         sequences = state["sequences"][parents]
         sequences = sequences.at[jnp.arange(b * n), jnp.where(live, positions, max_length)].set(tokens, mode="drop")
-        cache = _Cache(state["cache"].k[:, parents], state["cache"].v[:, parents])
+        cache = _rows(state["cache"], parents)
         logits, _, new_k, new_v = _step(params, config, cache, tokens, positions, dtype)
         keep = jnp.where(live & ~stop, positions, max_length)
         generated = generated + (live & ~stop)
@@ -179,7 +175,7 @@ def beam_search(
             generated=generated,
             done=done[parents] | stop | (generated >= budgets),
             stopped=state["stopped"][parents] | stop,
-            cache=_Cache(_write(cache.k, new_k, keep), _write(cache.v, new_v, keep)),
+            cache=_write(cache, new_k, new_v, keep),
         )
 
     state = jax.lax.while_loop(cond, body, state)
@@ -214,6 +210,7 @@ def contrastive_search(
     logits, keys and values are kept, so no token is computed twice.
     """
     b = token_ids.shape[0]
+    k = min(k, config.vocabulary_size)
     logits, hidden, cache = _prefill(params, config, token_ids, lengths, max_length, dtype)
     sequences, budgets = _start(token_ids, lengths, budgets, max_length)
     history = jnp.zeros((b, max_length, hidden.shape[-1]), jnp.float32)
@@ -237,7 +234,7 @@ def contrastive_search(
         candidate_probs, candidates = top_k(probs, k)  # [B, k]
         positions = prompt_lengths + state["generated"]
         cache = state["cache"]
-        ahead = _Cache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1))
+        ahead = _rows(cache, jnp.repeat(jnp.arange(b), k))
         next_logits, next_hidden, new_k, new_v = _step(
             params, config, ahead, candidates.reshape(-1).astype(jnp.int32), jnp.repeat(positions, k), dtype
         )
@@ -258,14 +255,15 @@ def contrastive_search(
         write_at = jnp.where(live, positions, max_length)
         keep = jnp.where(live & ~stop, positions, max_length)
         generated = state["generated"] + (live & ~stop)
+        winner_hidden = chosen(next_hidden.reshape(b * k, -1), 0)
         return dict(
             logits=chosen(next_logits, 0),
-            history=state["history"].at[jnp.arange(b), keep].set(chosen(next_hidden.reshape(b * k, -1), 0), mode="drop"),
+            history=state["history"].at[jnp.arange(b), keep].set(winner_hidden, mode="drop"),
             sequences=state["sequences"].at[jnp.arange(b), write_at].set(tokens, mode="drop"),
             generated=generated,
             done=state["done"] | stop | (generated >= budgets),
             stopped=state["stopped"] | stop,
-            cache=_Cache(_write(cache.k, chosen(new_k, 1), keep), _write(cache.v, chosen(new_v, 1), keep)),
+            cache=_write(cache, chosen(new_k, 1), chosen(new_v, 1), keep),
         )
 
     state = jax.lax.while_loop(cond, body, state)
