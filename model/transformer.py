@@ -57,7 +57,7 @@ def _attention(
 ) -> jnp.ndarray:
     """Grouped-query attention of new tokens over (cached tokens, new tokens).
 
-    q [B, T, H, D]; new_k/new_v [B, T, K, D]; cache_k/cache_v [B, S, K, D] or None; cache_lengths [B]:
+    q [B, T, H, D]; new_k/new_v [B, T, K, D]; cache_k/cache_v [B, K, S, D] or None; cache_lengths [B]:
     cached keys j < cache_lengths[b] are visible; token_mask [B, T]: which new tokens are real.
     K/V are never repeated to H heads: queries are grouped as [B, T, K, G, D] instead.
     Scores over the cache and over the new block are computed apart and joined after, so the (large)
@@ -74,13 +74,13 @@ def _attention(
         probs = jax.nn.softmax(new_scores, axis=-1).astype(new_v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, new_v)
         return out.reshape(b, t, h, d)
-    s = cache_k.shape[1]
+    s = cache_k.shape[2]
     cache_visible = jnp.arange(s)[None, :] < cache_lengths[:, None]  # [B, S]
-    cache_scores = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32)
+    cache_scores = jnp.einsum("btkgd,bksd->bkgts", qg, cache_k, preferred_element_type=jnp.float32)
     cache_scores = jnp.where(cache_visible[:, None, None, None, :], cache_scores, _MASKED)
     probs = jax.nn.softmax(jnp.concatenate([cache_scores, new_scores], axis=-1), axis=-1)
     probs = probs.astype(new_v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs[..., :s], cache_v) + jnp.einsum(
+    out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :s], cache_v) + jnp.einsum(
         "bkgts,bskd->btkgd", probs[..., s:], new_v
     )
     return out.reshape(b, t, h, d)
@@ -128,7 +128,7 @@ def forward(
     """Runs the decoder over new tokens, optionally after cached ones.
 
     token_ids, positions [B, T] int; token_mask [B, T] bool (default all real); cache_k/cache_v
-    [L, B, S, K, D] read-only, with cache_lengths [B] valid entries per row. Returns the final-normed hidden
+    [L, B, K, S, D] read-only, with cache_lengths [B] valid entries per row. Returns the final-normed hidden
     states [B, T, M] and the new tokens' keys and values [L, B, T, K, D], which the caller writes into its
     cache (see `model.kv_cache`).
     """

@@ -46,9 +46,9 @@ def test_prefill_then_token_by_token_decode_equals_full_forward(scaling):
 
     prefill = 5
     hidden, k, v = transformer.forward(params, config, ids[:, :prefill], _positions(3, prefill))
-    shape = (config.num_layers, 3, 16, config.num_key_value_heads, config.head_dim)
-    cache_k = jnp.zeros(shape).at[:, :, :prefill].set(k)
-    cache_v = jnp.zeros(shape).at[:, :, :prefill].set(v)
+    shape = (config.num_layers, 3, config.num_key_value_heads, 16, config.head_dim)
+    cache_k = jnp.zeros(shape).at[:, :, :, :prefill].set(k.swapaxes(2, 3))
+    cache_v = jnp.zeros(shape).at[:, :, :, :prefill].set(v.swapaxes(2, 3))
     outputs = [hidden]
     for t in range(prefill, 11):
         h, k, v = transformer.forward(
@@ -56,8 +56,8 @@ def test_prefill_then_token_by_token_decode_equals_full_forward(scaling):
             cache_k=cache_k, cache_v=cache_v, cache_lengths=jnp.full((3,), t),
         )
         assert k.shape == (config.num_layers, 3, 1, config.num_key_value_heads, config.head_dim)  # never repeated
-        cache_k = cache_k.at[:, :, t].set(k[:, :, 0])
-        cache_v = cache_v.at[:, :, t].set(v[:, :, 0])
+        cache_k = cache_k.at[:, :, :, t].set(k[:, :, 0])
+        cache_v = cache_v.at[:, :, :, t].set(v[:, :, 0])
         outputs.append(h)
     np.testing.assert_allclose(np.concatenate(outputs, axis=1), full, atol=1e-5)
 

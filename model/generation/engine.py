@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import transformer
+from model import parallel, transformer
 from model.backbone import LlamaBackbone
 from model.config import LlamaConfig
 from model.generation import compile_counter
@@ -183,8 +183,8 @@ def _decode(
             config,
             tokens[:, None],
             lengths[:, None],
-            cache_k=cache.k[:, :, :window],
-            cache_v=cache.v[:, :, :window],
+            cache_k=cache.k[:, :, :, :window],
+            cache_v=cache.v[:, :, :, :window],
             cache_lengths=lengths,
         )
         logits = transformer.logits(params, hidden[:, 0])
@@ -279,7 +279,10 @@ class GenerationEngine:
 
     def _run(self, params: transformer.Params, requests: Iterator[Request]) -> Iterator[Completion]:
         if self._cache is None:
-            self._cache = KVCache.allocate(self.config, self.max_slots, self.max_length, self.cache_dtype)
+            # A tensor-parallel backbone gets a cache split along KV heads like its key / value weights.
+            self._cache = KVCache.allocate(
+                self.config, self.max_slots, self.max_length, self.cache_dtype, parallel.cache_sharding(self.backbone)
+            )
         table = _SlotTable.empty(self.max_slots)
         waiting: collections.deque[Request] = collections.deque()
         pending = iter(requests)

@@ -1,7 +1,9 @@
 """The KV cache: keys and values of every layer, preallocated in grouped form.
 
-Shape [L, B, S, K, D] (layers, slots, max length, KV heads, head dim): K/V heads are stored once, never repeated
-to the H query heads. The cache holds no lengths; the engine keeps one length per slot and passes it to
+Shape [L, B, K, S, D] (layers, slots, KV heads, max length, head dim): K/V heads are stored once, never repeated
+to the H query heads. Heads come before positions so that each head's keys are contiguous and the attention
+dot products read the cache without a transpose (measured on the demo model's shapes: 2.7x faster per layer
+than [L, B, S, K, D]). The cache holds no lengths; the engine keeps one length per slot and passes it to
 `transformer.forward`, which only reads the cache. Writes are the functions below, used inside jitted steps
 whose cache arguments are donated, so XLA updates the buffers in place.
 """
@@ -19,13 +21,16 @@ from model.config import LlamaConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [L, B, S, K, D]
-    v: jax.Array  # [L, B, S, K, D]
+    k: jax.Array  # [L, B, K, S, D]
+    v: jax.Array  # [L, B, K, S, D]
 
     @classmethod
-    def allocate(cls, config: LlamaConfig, slots: int, max_length: int, dtype) -> "KVCache":
-        shape = (config.num_layers, slots, max_length, config.num_key_value_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    def allocate(
+        cls, config: LlamaConfig, slots: int, max_length: int, dtype, sharding: jax.sharding.Sharding | None = None
+    ) -> "KVCache":
+        """Zeros; with `sharding` (see `model.parallel.cache_sharding`) each device allocates only its own KV heads."""
+        shape = (config.num_layers, slots, config.num_key_value_heads, max_length, config.head_dim)
+        return cls(jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding))
 
     @property
     def slots(self) -> int:
@@ -33,7 +38,7 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -48,8 +53,9 @@ def write_prompts(cache: KVCache, new_k: jax.Array, new_v: jax.Array, slots: jax
     """
     t = new_k.shape[2]
     assert t <= cache.max_length, (t, cache.max_length)
-    k = cache.k.at[:, slots, :t].set(new_k.astype(cache.k.dtype), mode="drop")
-    v = cache.v.at[:, slots, :t].set(new_v.astype(cache.v.dtype), mode="drop")
+    # [L, P, T, K, D] -> [L, P, K, T, D], the cache's order.
+    k = cache.k.at[:, slots, :, :t].set(new_k.swapaxes(2, 3).astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[:, slots, :, :t].set(new_v.swapaxes(2, 3).astype(cache.v.dtype), mode="drop")
     return KVCache(k, v)
 
 
@@ -59,6 +65,7 @@ def write_tokens(cache: KVCache, new_k: jax.Array, new_v: jax.Array, positions: 
     A position past the end (a finished slot) is dropped rather than clamped onto a real entry.
     """
     slots = jnp.arange(cache.slots)
-    k = cache.k.at[:, slots, positions].set(new_k[:, :, 0].astype(cache.k.dtype), mode="drop")
-    v = cache.v.at[:, slots, positions].set(new_v[:, :, 0].astype(cache.v.dtype), mode="drop")
+    # Indexing slots (axis 1) and positions (axis 3) together puts their shared B axis first: [B, L, K, D].
+    k = cache.k.at[:, slots, :, positions].set(new_k[:, :, 0].swapaxes(0, 1).astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[:, slots, :, positions].set(new_v[:, :, 0].swapaxes(0, 1).astype(cache.v.dtype), mode="drop")
     return KVCache(k, v)
