@@ -7,6 +7,7 @@ fixture imported into a test module as if it were defined there.
 from __future__ import annotations
 
 import socket
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchgen.spec import JobSpec, parse_spec
+
+
+# Compiled programs of the tiny test model, shared by the test runs' workers (as a real cluster's are).
+TEST_XLA_CACHE = str(Path(tempfile.gettempdir()) / "batchgen-test-xla-cache")
 
 
 def write_prompts(
@@ -47,7 +52,7 @@ def make_spec(input_url: str, output_url: str, preset: str = "unused", **section
         "input": {"url": input_url, "prompt_column": "prompt", "id_column": "id"},
         "sampling": {"max_new_tokens": 4},
         "output": {"url": output_url},
-        "execution": {"rows_per_shard": 4, "max_slots": 8, "shard_timeout": 120.0},
+        "execution": {"rows_per_shard": 4, "max_slots": 8, "shard_timeout": 120.0, "compilation_cache": TEST_XLA_CACHE},
     }
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
@@ -90,3 +95,14 @@ def s3_server() -> Iterator[dict[str, Any]]:
         yield options
     finally:
         server.stop()
+
+
+# A tiny random Llama 3.1-style checkpoint (byte-level BPE tokenizer with a chat template), committed by the
+# model tests; the batch tests only need some real model that loads fast.
+TINY_PRESET = str(Path(__file__).parent / "fixtures" / "hf_llama31_tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_preset() -> str:
+    """The path of a tiny model preset for batch tests."""
+    return TINY_PRESET

@@ -1,0 +1,171 @@
+"""The model side of a worker: one loaded model and its engine; prompt rows in, output records out.
+
+This is the only part of batchgen that touches the model: it loads the checkpoint once, turns a shard's prompt
+rows into engine Requests (one per row, configuration and sample), and turns the engine's Completions into
+output records. Everything else (reading, the row contract, writing, retries) works without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jinja2
+
+from batchgen.prompts import PromptRow
+from batchgen.rows import OutputRecord, error_record
+from batchgen.seeds import derive_seed
+from batchgen.spec import ModelSpec, SamplingConfig
+
+
+class ModelRunner:
+    """Generates the output records of prompt rows with one loaded model.
+
+    Example:
+        >>> runner = ModelRunner.load(ModelSpec(preset="smollm2_135m_instruct"), max_slots=32)  # doctest: +SKIP
+        >>> records = list(runner.run(rows, spec.sampling))  # doctest: +SKIP
+    """
+
+    def __init__(self, tokenizer: Any, engine: Any, stop_token_ids: tuple[int, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.stop_token_ids = stop_token_ids
+
+    @classmethod
+    def load(cls, model: ModelSpec, max_slots: int, compilation_cache: str = "") -> ModelRunner:
+        """Load the checkpoint `model.preset` and build the streaming engine over it.
+
+        `compilation_cache`, a directory, keeps compiled XLA programs on disk, so that a replacement worker
+        or a rerun does not compile them again ("" turns it off).
+        """
+        if compilation_cache:
+            enable_compilation_cache(compilation_cache)
+        # Imported here: the driver, `validate` and `status` never need Keras or JAX.
+        from model.causal_lm import LlamaCausalLM
+        from model.generation.engine import GenerationEngine
+
+        lm = LlamaCausalLM.from_preset(model.preset, dtype=model.dtype)
+        if model.quantization != "none":
+            lm.quantize(model.quantization)
+        tokenizer = lm.preprocessor.tokenizer
+        # The spec's max_length is an upper bound: a model with a shorter context uses all of its own.
+        max_length = min(model.max_length, lm.backbone.config.max_sequence_length)
+        engine = GenerationEngine(lm.backbone, tokenizer, max_slots=max_slots, max_length=max_length)
+        # The model's own list: the tokenizer's end-of-turn tokens plus the checkpoint's generation config.
+        return cls(tokenizer, engine, tuple(lm.stop_token_ids or tokenizer.stop_token_ids))
+
+    def prompt_ids(self, row: PromptRow) -> list[int]:
+        """The token ids of a row's prompt; chat messages go through the model's chat template first.
+
+        Raises ValueError (or a Jinja error) when the messages do not fit the template.
+        """
+        if row.messages is None:
+            assert row.text is not None  # prompt_rows sets one of text, messages or error
+            return self.tokenizer.tokenize(row.text)
+        text = self.tokenizer.apply_chat_template(row.messages, add_generation_prompt=True)
+        ids = self.tokenizer.tokenize(text)
+        start = self.tokenizer.start_token_id
+        # A template that writes the start token itself, with a tokenizer that adds one too, doubles it.
+        if self.tokenizer.add_start_token and len(ids) > 1 and ids[0] == ids[1] == start:
+            ids = ids[1:]
+        return ids
+
+    def requests(
+        self, rows: Sequence[PromptRow], configs: Sequence[SamplingConfig], errors: list[OutputRecord]
+    ) -> Iterator[Any]:
+        """Engine requests for `rows` under `configs`; rows that cannot be generated go to `errors` instead.
+
+        A request's id is its output record's key (row index, configuration name, sample index).
+        """
+        from model.generation.requests import Request, SamplingParams
+
+        for row in rows:
+            error, ids = row.error, None
+            if error is None:
+                try:
+                    ids = self.prompt_ids(row)
+                except (ValueError, TypeError, jinja2.TemplateError) as template_error:
+                    error = f"chat template failed: {template_error}"
+            for config in configs:
+                for sample in range(config.n):
+                    if error is not None or ids is None:
+                        errors.append(error_record(row.index, config.name, sample, error or "no prompt"))
+                        continue
+                    temperature = config.temperature if row.temperature is None else float(row.temperature)
+                    base_seed = config.seed if row.seed is None else row.seed
+                    assert row.row_id is not None  # a null id makes an error row
+                    yield Request(
+                        request_id=(row.index, config.name, sample),
+                        prompt_ids=ids,
+                        max_new_tokens=config.max_new_tokens if row.max_new_tokens is None else row.max_new_tokens,
+                        sampling=SamplingParams(
+                            sampler=config.sampler,
+                            temperature=temperature,
+                            top_k=config.top_k,
+                            top_p=config.top_p,
+                            min_p=config.min_p,
+                        ),
+                        stop_token_ids=self._stop_ids(config),
+                        stop_strings=tuple(config.stop_strings),
+                        seed=derive_seed(base_seed, row.row_id, sample),
+                    )
+
+    def run(self, rows: Sequence[PromptRow], configs: Sequence[SamplingConfig]) -> Iterator[OutputRecord]:
+        """Output records of every (row, configuration, sample), in the order they finish."""
+        errors: list[OutputRecord] = []
+        # Built up front so that the error records of bad rows are known before generation starts.
+        requests = list(self.requests(rows, configs, errors))
+        yield from errors
+        for completion in self.engine.generate_stream(requests):
+            yield self.record(completion)
+
+    def warm_up(self, configs: Sequence[SamplingConfig]) -> None:
+        """Generate a few tokens of a short prompt under each configuration, so that the common programs are
+        compiled before the first shard (whose time `execution.shard_timeout` then measures fairly).
+
+        One more sample than there are slots: a full prefill, decode, then a refill of one slot.
+        """
+        row = PromptRow(index=0, row_id="warm-up", text="Hello")
+        samples = self.engine.max_slots + 1
+        short = [dataclasses.replace(c, n=samples, max_new_tokens=min(c.max_new_tokens, 4)) for c in configs]
+        for _ in self.run([row], short):
+            pass
+
+    @staticmethod
+    def record(completion: Any) -> OutputRecord:
+        """The output record of one engine Completion."""
+        row_index, config, sample = completion.request_id
+        failed = completion.finish_reason == "error"
+        return OutputRecord(
+            row_index=row_index,
+            config=config,
+            sample_index=sample,
+            completion=None if failed else (completion.text or ""),
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            error=completion.error if failed else None,
+        )
+
+    def _stop_ids(self, config: SamplingConfig) -> tuple[int, ...]:
+        if config.stop_token_ids == "auto":
+            return self.stop_token_ids
+        return tuple(config.stop_token_ids)
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Make JAX keep compiled programs in `directory` (~ expanded), every program however quick to compile.
+
+    Must run before this process compiles anything; JAX reads the setting once. Several workers may share
+    the directory: entries are written atomically.
+    """
+    import os
+
+    import jax
+
+    path = os.path.expanduser(directory)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

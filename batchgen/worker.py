@@ -1,0 +1,123 @@
+"""A worker: loads the model once, then turns shards into part files, one shard at a time.
+
+`ShardWorker` is a plain class, so a test can run it in-process; the driver runs it as a Ray actor
+(`ray.remote(ShardWorker)`), one per replica, each holding its own model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from batchgen.faults import FaultPlan
+from batchgen.inputs import read_rows
+from batchgen.model_runner import ModelRunner
+from batchgen.planning import Shard
+from batchgen.prompts import carried_fields, columns_to_read, prompt_rows, row_ids_type
+from batchgen.rows import OutputRecord, build_table, check_exactly_once, output_schema
+from batchgen.sink import Sink, part_name
+from batchgen.spec import JobSpec
+
+# Rows per record batch of a part file (and per Parquet row group written).
+WRITE_BATCH_ROWS = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardResult:
+    """What a worker reports for a shard it wrote; the driver commits it as the shard's manifest entry."""
+
+    shard_id: str
+    index: int
+    attempt: int
+    file_url: str
+    row_start: int
+    row_stop: int
+    input_rows: int
+    output_rows: int
+    ok_rows: int
+    error_rows: int
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    worker_pid: int
+    part_file: str
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ShardWorker:
+    """Holds one loaded model; `run_shard` generates a shard and publishes its part file.
+
+    Args:
+        spec: the job.
+        input_schema: the input's Arrow schema (from planning), which fixes the output schema.
+        faults: test-only fault injection (batchgen.faults); empty in real jobs.
+        runner: an already loaded model; by default the worker loads `spec.model` itself and warms it up.
+    """
+
+    def __init__(
+        self, spec: JobSpec, input_schema: pa.Schema, faults: FaultPlan | None = None, runner: ModelRunner | None = None
+    ) -> None:
+        self.spec = spec
+        self.faults = faults or FaultPlan()
+        self.columns = columns_to_read(spec, input_schema)
+        carried = carried_fields(input_schema, spec.output.carry_columns)
+        self.schema = output_schema(row_ids_type(input_schema, spec.input), carried)
+        self.sink = Sink(spec.output.url, spec.output.storage_options, spec.output.compression)
+        if runner is None:
+            runner = ModelRunner.load(spec.model, spec.execution.max_slots, spec.execution.compilation_cache)
+            runner.warm_up(spec.sampling)
+        self.runner = runner
+
+    def ready(self) -> int:
+        """The worker's process id, once the model is loaded (the driver waits on this before sending work)."""
+        return os.getpid()
+
+    def run_shard(self, shard: Shard, attempt: int) -> ShardResult:
+        """Read the shard's rows, generate every sample, check the row contract, and publish the part file."""
+        started = time.monotonic()
+        self.faults.at_shard_start(shard.index, attempt)
+        table = read_rows(shard.file_url, shard.row_start, shard.row_stop, self.columns, self.spec.input.storage_options)
+        rows = prompt_rows(table, self.spec, shard.first_position)
+        expected = len(rows) * self.spec.outputs_per_row
+        records: list[OutputRecord] = []
+        for record in self.runner.run(rows, self.spec.sampling):
+            records.append(record)
+            if len(records) == max(expected // 2, 1):
+                self.faults.at_shard_middle(shard.index, attempt)
+        samples = [(config.name, config.n) for config in self.spec.sampling]
+        check_exactly_once(records, len(rows), samples, shard.shard_id)
+
+        if self.spec.input.id_column:
+            ids = table.column(self.spec.input.id_column).combine_chunks()
+        else:
+            ids = pa.array(range(shard.first_position, shard.first_position + table.num_rows), pa.int64())
+        carried = table.select(list(self.spec.output.carry_columns))
+        config_order = [config.name for config in self.spec.sampling]
+        output = build_table(records, ids, carried, self.schema, config_order)
+        batches = self.faults.wrap_batches(output.to_batches(max_chunksize=WRITE_BATCH_ROWS), shard.index, attempt)
+        part = self.sink.write_part(shard.shard_id, self.schema, batches)
+
+        errors = sum(1 for r in records if r.finish_reason == "error")
+        return ShardResult(
+            shard_id=shard.shard_id,
+            index=shard.index,
+            attempt=attempt,
+            file_url=shard.file_url,
+            row_start=shard.row_start,
+            row_stop=shard.row_stop,
+            input_rows=len(rows),
+            output_rows=len(records),
+            ok_rows=len(records) - errors,
+            error_rows=errors,
+            prompt_tokens=sum(r.prompt_tokens for r in records),
+            completion_tokens=sum(r.completion_tokens for r in records),
+            seconds=time.monotonic() - started,
+            worker_pid=os.getpid(),
+            part_file=part.rsplit("/", 1)[-1] if part else part_name(shard.shard_id),
+        )
