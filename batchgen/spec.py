@@ -103,6 +103,7 @@ class ExecutionSpec:
     shard_timeout: float = 3600.0
     max_error_rate: float = 0.0
     max_slots: int = 32
+    compilation_cache: str = "~/.cache/batchgen/xla"
 
 
 @dataclasses.dataclass(frozen=True)

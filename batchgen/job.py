@@ -1,0 +1,167 @@
+"""Running and validating a whole job: plan, claim the output, drive the workers on Ray, summarise.
+
+Example:
+    >>> from batchgen.spec import load_spec
+    >>> summary = run_job(load_spec("jobs/demo.toml"), progress=True)  # doctest: +SKIP
+    >>> print(summary.render())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import ray
+from rich.console import Console
+
+from batchgen.driver import DriverReport, ShardDriver
+from batchgen.errors import SpecError
+from batchgen.faults import FaultPlan
+from batchgen.planning import Plan, Shard, plan_job
+from batchgen.progress import JobProgress
+from batchgen.ray_runtime import ray_session
+from batchgen.sink import Sink, job_record
+from batchgen.spec import JobSpec
+from batchgen.summary import JobSummary, summarize
+from batchgen.worker import ShardResult, ShardWorker
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    console: Console | None = None,
+) -> JobSummary:
+    """Run `spec` to the end and return its summary (also written to `_summary.json`).
+
+    Shards committed by an earlier run of the same job are skipped. `address` joins a Ray cluster (else
+    RAY_ADDRESS, else an embedded local Ray; a Ray already initialised in this process is used as it is).
+    Raises SpecError / InputError / OutputConflictError before any work starts, WorkerStartError when no
+    worker can load the model; shards that fail are reported in the summary, not raised.
+    """
+    started = time.monotonic()
+    plan = plan_job(spec)
+    sink = Sink(spec.output.url, spec.output.storage_options, spec.output.compression)
+    record = job_record(spec.fingerprint(), spec.to_dict(), spec.source, [_shard_record(s) for s in plan.shards])
+    committed = dict(sink.prepare(record, overwrite))
+    skipped = len(committed)
+    pending = [shard for shard in plan.shards if shard.shard_id not in committed]
+    report = DriverReport()
+    total = plan.total_rows * spec.outputs_per_row
+    done = sum(entry["output_rows"] for entry in committed.values())
+    with JobProgress(total, done, enabled=progress, console=console) as bar:
+        for warning in plan.warnings:
+            bar.note(warning)
+        if pending:
+            with ray_session(address, num_cpus=spec.execution.replicas * spec.model.devices_per_replica):
+                actor_class = ray.remote(ShardWorker)
+                options = _worker_resources(spec)
+                faults = FaultPlan.from_env()
+
+                def start_worker() -> Any:
+                    return actor_class.options(**options, max_restarts=0).remote(spec, plan.schema, faults)
+
+                def on_result(result: ShardResult) -> None:
+                    entry = result.manifest_entry()
+                    sink.commit(entry)
+                    committed[result.shard_id] = entry
+                    bar.shard_done(result)
+
+                report = ShardDriver(start_worker, spec.execution, on_result, bar.note).run(pending)
+    summary = summarize(spec, plan, committed, skipped, report, time.monotonic() - started)
+    sink.finish(summary.to_dict(), summary.exit_code == 0, [shard.shard_id for shard in plan.shards])
+    return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """What `validate_job` found: the plan, the state of the output location, and warnings."""
+
+    spec: JobSpec
+    plan: Plan
+    committed_shards: int
+    warnings: tuple[str, ...]
+
+    def render(self) -> str:
+        plan, spec = self.plan, self.spec
+        names = ", ".join(config.name for config in spec.sampling)
+        if self.committed_shards:
+            output = f"holds this job: {self.committed_shards} of {len(plan.shards)} shards committed (a run resumes)"
+        else:
+            output = "free for this job"
+        lines = [
+            f"spec {spec.source}: ok (fingerprint {spec.fingerprint()})",
+            f"  model   {spec.model.preset} ({spec.model.dtype}, quantization {spec.model.quantization})",
+            f"  input   {len(plan.files)} file(s), {plan.total_rows} rows -> {len(plan.shards)} shards",
+            f"  samples {spec.outputs_per_row} output rows per input row (configurations: {names}) -> "
+            f"{plan.total_rows * spec.outputs_per_row} output rows",
+            f"  output  {spec.output.url}: {output}",
+        ]
+        lines += [f"  warning: {warning}" for warning in self.warnings]
+        return "\n".join(lines)
+
+
+def validate_job(spec: JobSpec, *, check_model: bool = True) -> Validation:
+    """Check the spec, the input (footers and columns) and the output location, without loading the model.
+
+    Raises SpecError, InputError or OutputConflictError (all exit code 2 on the command line).
+    """
+    warnings: list[str] = []
+    if check_model:
+        warnings += _check_preset(spec)
+    plan = plan_job(spec)
+    sink = Sink(spec.output.url, spec.output.storage_options, spec.output.compression)
+    resuming = sink.check_owner(spec.fingerprint())
+    committed = 0
+    if resuming:
+        planned = {shard.shard_id for shard in plan.shards}
+        committed = len(planned & sink.committed().keys())
+    return Validation(spec, plan, committed, tuple(warnings) + plan.warnings)
+
+
+def _shard_record(shard: Shard) -> dict[str, Any]:
+    return {
+        "shard_id": shard.shard_id,
+        "index": shard.index,
+        "file_url": shard.file_url,
+        "row_start": shard.row_start,
+        "row_stop": shard.row_stop,
+        "rows": shard.num_rows,
+    }
+
+
+def _worker_resources(spec: JobSpec) -> dict[str, Any]:
+    """Each worker asks for its replica's devices: GPUs where the cluster has them, else CPUs."""
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return {"num_gpus": spec.model.devices_per_replica, "num_cpus": 1}
+    return {"num_cpus": spec.model.devices_per_replica}
+
+
+def _check_preset(spec: JobSpec) -> list[str]:
+    """Raise SpecError when model.preset names nothing that exists; warn when that cannot be checked."""
+    preset = spec.model.preset
+    looks_like_path = "/" in preset or "\\" in preset or "://" in preset or preset.endswith(".gguf")
+    if looks_like_path and not preset.startswith(("kaggle://", "hf://")):
+        from batchgen.storage import filesystem
+
+        try:
+            fs, path = filesystem(preset)
+            exists = fs.exists(path)
+        except Exception as error:  # a filesystem that cannot even be reached is as bad as a missing file
+            raise SpecError(f"{spec.source}: model.preset {preset!r} cannot be reached: {error}") from error
+        if not exists:
+            raise SpecError(f"{spec.source}: model.preset {preset!r}: no such file or directory")
+        return []
+    if "://" in preset:
+        return [f"model.preset {preset!r} is a hub handle; it is only checked when a worker loads it"]
+    try:
+        from model.causal_lm import LlamaCausalLM
+    except ImportError as error:
+        return [f"model.preset {preset!r} not checked: the model package cannot be imported ({error})"]
+    names = list(LlamaCausalLM.presets)
+    if preset not in names:
+        raise SpecError(f"{spec.source}: model.preset {preset!r} is no built-in preset ({', '.join(names)}) nor a path")
+    return []

@@ -1,0 +1,122 @@
+"""The job summary: printed at the end of `batchgen run` and written to `_summary.json`.
+
+Row and token counts cover the whole output (shards committed by earlier runs included); throughput and
+wall time cover this run. The error rate is the share of expected output rows that are error rows or belong
+to failed shards; the job succeeds when it is at most `execution.max_error_rate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from batchgen.driver import DriverReport
+from batchgen.errors import EXIT_JOB_FAILED, EXIT_OK
+from batchgen.planning import Plan
+from batchgen.spec import JobSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSummary:
+    """Counts and figures of a job run; `exit_code` is what `batchgen run` exits with."""
+
+    status: str  # "succeeded" | "failed"
+    exit_code: int
+    output_url: str
+    fingerprint: str
+    input_rows: int
+    expected_rows: int
+    rows_ok: int
+    rows_error: int
+    prompt_tokens: int
+    completion_tokens: int
+    shards_total: int
+    shards_committed: int
+    shards_skipped: int
+    shards_run: int
+    shards_failed: int
+    shards_retried: int
+    workers_replaced: int
+    error_rate: float
+    max_error_rate: float
+    wall_seconds: float
+    run_completion_tokens: int
+    tokens_per_second: float
+    failed_shards: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def render(self) -> str:
+        """A short human-readable table."""
+        lines = [
+            f"job {self.status} (exit {self.exit_code}) -> {self.output_url}",
+            f"  rows        {self.rows_ok} ok, {self.rows_error} error, of {self.expected_rows} expected "
+            f"({self.input_rows} input rows)",
+            f"  tokens      {self.prompt_tokens} prompt, {self.completion_tokens} generated",
+            f"  throughput  {self.tokens_per_second:.1f} generated tokens/s over {self.wall_seconds:.1f} s "
+            f"({self.run_completion_tokens} tokens this run)",
+            f"  shards      {self.shards_committed}/{self.shards_total} committed ({self.shards_skipped} from "
+            f"earlier runs), {self.shards_failed} failed, {self.shards_retried} retries, "
+            f"{self.workers_replaced} workers replaced",
+            f"  error rate  {self.error_rate:.4f} (budget {self.max_error_rate:.4f})",
+        ]
+        for failed in self.failed_shards:
+            lines.append(f"  failed shard {failed['index']} ({failed['shard_id']}): {failed['errors'][-1]}")
+        return "\n".join(lines)
+
+
+def summarize(
+    spec: JobSpec,
+    plan: Plan,
+    committed: Mapping[str, Mapping[str, Any]],
+    skipped: int,
+    report: DriverReport,
+    wall_seconds: float,
+) -> JobSummary:
+    """The summary of a run, from the committed manifest entries of the plan and this run's driver report."""
+    entries: Iterable[Mapping[str, Any]] = [committed[s.shard_id] for s in plan.shards if s.shard_id in committed]
+    entries = list(entries)
+    expected = plan.total_rows * spec.outputs_per_row
+    rows_error = sum(e["error_rows"] for e in entries)
+    failed_rows = sum(f.shard.num_rows for f in report.failed) * spec.outputs_per_row
+    error_rate = (rows_error + failed_rows) / expected if expected else 0.0
+    ok = error_rate <= spec.execution.max_error_rate
+    run_tokens = sum(r.completion_tokens for r in report.results)
+    return JobSummary(
+        status="succeeded" if ok else "failed",
+        exit_code=EXIT_OK if ok else EXIT_JOB_FAILED,
+        output_url=spec.output.url,
+        fingerprint=spec.fingerprint(),
+        input_rows=plan.total_rows,
+        expected_rows=expected,
+        rows_ok=sum(e["ok_rows"] for e in entries),
+        rows_error=rows_error,
+        prompt_tokens=sum(e["prompt_tokens"] for e in entries),
+        completion_tokens=sum(e["completion_tokens"] for e in entries),
+        shards_total=len(plan.shards),
+        shards_committed=len(entries),
+        shards_skipped=skipped,
+        shards_run=len(report.results),
+        shards_failed=len(report.failed),
+        shards_retried=report.retries,
+        workers_replaced=report.workers_replaced,
+        error_rate=error_rate,
+        max_error_rate=spec.execution.max_error_rate,
+        wall_seconds=wall_seconds,
+        run_completion_tokens=run_tokens,
+        tokens_per_second=run_tokens / wall_seconds if wall_seconds > 0 else 0.0,
+        failed_shards=tuple(
+            {
+                "shard_id": f.shard.shard_id,
+                "index": f.shard.index,
+                "file_url": f.shard.file_url,
+                "row_start": f.shard.row_start,
+                "row_stop": f.shard.row_stop,
+                "attempts": f.attempts,
+                "errors": list(f.errors),
+            }
+            for f in report.failed
+        ),
+    )
