@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import fsspec
@@ -254,7 +254,11 @@ def safetensors_tensors(fs: fsspec.AbstractFileSystem, file_path: str) -> dict[s
     return tensors
 
 
-def _range_reader(fs: fsspec.AbstractFileSystem, file_path: str, offset: int, size: int, dtype: np.dtype, shape):
+def _range_reader(
+    fs: fsspec.AbstractFileSystem, file_path: str, offset: int, size: int, dtype: np.dtype, shape: tuple[int, ...]
+) -> Callable[[], np.ndarray]:
+    """Reads one tensor's bytes (a range request on object stores) into a read-only array."""
+
     def read() -> np.ndarray:
         with fs.open(file_path, "rb") as f:
             f.seek(offset)
