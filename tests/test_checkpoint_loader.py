@@ -86,7 +86,7 @@ def test_keras_hub_preset_directory_goes_to_the_keras_hub_reader():
 
 def test_keras_hub_preset_of_another_model_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"registered_name": "keras_hub>GemmaBackbone", "config": {}}))
-    with pytest.raises(ValueError, match="keras-hub preset of 'keras_hub>GemmaBackbone', not a Llama backbone"):
+    with pytest.raises(ValueError, match="registered_name 'keras_hub>GemmaBackbone' is not a Llama backbone"):
         load_preset(str(tmp_path))
 
 
@@ -173,3 +173,8 @@ def test_huggingface_directory_and_gguf_file_on_s3(s3_endpoint, tmp_path, monkey
 
     from_gguf = load_preset("s3://models/tiny.gguf")
     np.testing.assert_array_equal(np.asarray(from_gguf.backbone.weight("final_norm").value), arrays["output_norm.weight"])
+
+
+def test_llama3_keras_hub_preset_is_read_too():
+    loaded = load_preset(str(FIXTURES / "keras_hub_llama3_tiny"))
+    assert loaded.backbone.config.tie_word_embeddings

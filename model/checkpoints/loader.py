@@ -19,7 +19,6 @@ from model.checkpoints import huggingface, presets, resolve
 from model.checkpoints.gguf import load_gguf_checkpoint
 from model.checkpoints.loaded_preset import LoadedPreset
 
-KERAS_HUB_LLAMA = "keras_hub>LlamaBackbone"
 GGUF_MAGIC = b"GGUF"
 
 
@@ -67,16 +66,12 @@ def _load_directory(
                 config = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{resolve.display(fs, config_path)} is not valid JSON: {e}") from e
-        registered = config.get("registered_name") if isinstance(config, dict) else None
-        if registered == KERAS_HUB_LLAMA:
-            from model.checkpoints.keras_hub import load_keras_hub_preset  # written beside this loader
+        from model.checkpoints import keras_hub
 
-            return load_keras_hub_preset(fs, path, load_weights, dtype)
-        if registered is not None:
-            raise ValueError(
-                f"{resolve.display(fs, config_path)}: keras-hub preset of {registered!r}, not a Llama backbone "
-                f"({KERAS_HUB_LLAMA})"
-            )
+        # Any keras-hub (or older keras-nlp) serialization goes to the keras-hub reader, which accepts
+        # LlamaBackbone and Llama3Backbone and names any other class in its error.
+        if isinstance(config, dict) and keras_hub.is_keras_hub_config(config):
+            return keras_hub.load_keras_hub_preset(fs, path, load_weights, dtype)
         if isinstance(config, dict) and huggingface.is_huggingface_config(config):
             return huggingface.load_huggingface_checkpoint(fs, path, load_weights, dtype)
         raise ValueError(
