@@ -2,8 +2,9 @@
 
 Dispatch, in order: a built-in preset name (its Kaggle handle, or the demo model's GGUF file); `hf://` and
 `kaggle://` handles (downloaded, then treated as a directory); then, at any local path or fsspec URL, a GGUF file,
-a keras-hub preset directory (config.json with `registered_name: keras_hub>LlamaBackbone`), a Hugging Face
-directory (config.json with `architectures` / `model_type`), or a directory holding exactly one GGUF file.
+a keras-hub preset directory (config.json with a keras-hub `registered_name`, e.g. `keras_hub>LlamaBackbone`), a
+Hugging Face directory (config.json with `architectures` / `model_type`), or a directory holding exactly one GGUF
+file.
 """
 
 from __future__ import annotations
