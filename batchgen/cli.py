@@ -105,11 +105,10 @@ def status(output: str, storage_options: tuple[str, ...], as_json: bool) -> None
 @cli.command()
 def presets() -> None:
     """List the built-in model presets (any local or fsspec checkpoint path works as well)."""
-    from model.causal_lm import LlamaCausalLM
+    from model.checkpoints.presets import list_presets
 
-    for name, info in LlamaCausalLM.presets.items():
-        description = info.get("description", "") if isinstance(info, dict) else str(info)
-        click.echo(f"{name:32} {description}")
+    for preset in list_presets():
+        click.echo(f"{preset.name:28} {preset.params / 1e9:6.2f}B  {preset.description}")
 
 
 def main() -> None:

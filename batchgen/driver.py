@@ -48,6 +48,7 @@ class DriverReport:
     retries: int = 0
     workers_started: int = 0
     workers_replaced: int = 0
+    first_ready: float | None = None  # time.monotonic() when the first worker had loaded its model
 
 
 @dataclasses.dataclass
@@ -98,6 +99,7 @@ class ShardDriver:
                 self._scale_workers()
                 self._hand_out()
                 waiting = list(self._running) + list(self._starting)
+                assert waiting, "shards are pending but no worker is running or starting"
                 done, _ = ray.wait(waiting, num_returns=1, timeout=self._wait_seconds())
                 for ref in done:
                     if ref in self._starting:
@@ -140,6 +142,8 @@ class ShardDriver:
                 ) from error
             return
         self._start_failures = 0
+        if self._report.first_ready is None:
+            self._report.first_ready = time.monotonic()
         self._idle.append(actor)
 
     # ---- shards -------------------------------------------------------------------------------------------

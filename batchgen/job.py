@@ -71,7 +71,7 @@ def run_job(
                     bar.shard_done(result)
 
                 report = ShardDriver(start_worker, spec.execution, on_result, bar.note).run(pending)
-    summary = summarize(spec, plan, committed, skipped, report, time.monotonic() - started)
+    summary = summarize(spec, plan, committed, skipped, report, started, time.monotonic())
     sink.finish(summary.to_dict(), summary.exit_code == 0, [shard.shard_id for shard in plan.shards])
     return summary
 
@@ -157,11 +157,15 @@ def _check_preset(spec: JobSpec) -> list[str]:
         return []
     if "://" in preset:
         return [f"model.preset {preset!r} is a hub handle; it is only checked when a worker loads it"]
+    from model.checkpoints.presets import BUILTIN_PRESETS, preset_location
+
+    if preset not in BUILTIN_PRESETS:
+        names = ", ".join(BUILTIN_PRESETS)
+        raise SpecError(f"{spec.source}: model.preset {preset!r} is no built-in preset ({names}) nor a path")
     try:
-        from model.causal_lm import LlamaCausalLM
-    except ImportError as error:
-        return [f"model.preset {preset!r} not checked: the model package cannot be imported ({error})"]
-    names = list(LlamaCausalLM.presets)
-    if preset not in names:
-        raise SpecError(f"{spec.source}: model.preset {preset!r} is no built-in preset ({', '.join(names)}) nor a path")
+        location = preset_location(preset)
+    except FileNotFoundError as error:  # the demo model's distribution is not installed
+        raise SpecError(f"{spec.source}: model.preset {preset!r}: {error}") from error
+    if "://" in location:
+        return [f"model.preset {preset!r} is {location}; it is downloaded when a worker loads it"]
     return []

@@ -16,6 +16,7 @@ import datetime
 import difflib
 import hashlib
 import json
+import os
 import re
 import tomllib
 import types
@@ -188,6 +189,11 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>", today: datetim
     if not input.prompt_column and not input.messages_column:
         input = dataclasses.replace(input, prompt_column="prompt")
     input, output = _fill_placeholders(input, output, source, today)
+    # Workers do not share the driver's working directory (on a cluster, not even its machine).
+    input = dataclasses.replace(input, url=_absolute(input.url))
+    output = dataclasses.replace(output, url=_absolute(output.url))
+    if "/" in model.preset or os.path.exists(model.preset):
+        model = dataclasses.replace(model, preset=_absolute(model.preset))
     spec = JobSpec(model, input, sampling, output, execution, source)
     _check_values(spec)
     return spec
@@ -341,6 +347,13 @@ def _fill_placeholders(
         dataclasses.replace(input, url=fill(input.url), date=date),
         dataclasses.replace(output, url=fill(output.url)),
     )
+
+
+def _absolute(url: str) -> str:
+    """A relative local path made absolute (against the current directory); URLs and absolute paths as given."""
+    if not url or "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
 
 
 def _check_values(spec: JobSpec) -> None:

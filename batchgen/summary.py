@@ -1,7 +1,8 @@
 """The job summary: printed at the end of `batchgen run` and written to `_summary.json`.
 
 Row and token counts cover the whole output (shards committed by earlier runs included); throughput and
-wall time cover this run. The error rate is the share of expected output rows that are error rows or belong
+wall time cover this run, which is also given without its start-up (until the first worker had loaded and
+compiled its model). The error rate is the share of expected output rows that are error rows or belong
 to failed shards; the job succeeds when it is at most `execution.max_error_rate`.
 """
 
@@ -41,8 +42,10 @@ class JobSummary:
     error_rate: float
     max_error_rate: float
     wall_seconds: float
+    startup_seconds: float
     run_completion_tokens: int
     tokens_per_second: float
+    generation_tokens_per_second: float
     failed_shards: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,8 +58,9 @@ class JobSummary:
             f"  rows        {self.rows_ok} ok, {self.rows_error} error, of {self.expected_rows} expected "
             f"({self.input_rows} input rows)",
             f"  tokens      {self.prompt_tokens} prompt, {self.completion_tokens} generated",
-            f"  throughput  {self.tokens_per_second:.1f} generated tokens/s over {self.wall_seconds:.1f} s "
-            f"({self.run_completion_tokens} tokens this run)",
+            f"  throughput  {self.tokens_per_second:.1f} generated tokens/s over {self.wall_seconds:.1f} s wall "
+            f"({self.run_completion_tokens} tokens this run); {self.generation_tokens_per_second:.1f} tokens/s "
+            f"after {self.startup_seconds:.1f} s of start-up (Ray, model load, compilation)",
             f"  shards      {self.shards_committed}/{self.shards_total} committed ({self.shards_skipped} from "
             f"earlier runs), {self.shards_failed} failed, {self.shards_retried} retries, "
             f"{self.workers_replaced} workers replaced",
@@ -73,9 +77,13 @@ def summarize(
     committed: Mapping[str, Mapping[str, Any]],
     skipped: int,
     report: DriverReport,
-    wall_seconds: float,
+    started: float,
+    ended: float,
 ) -> JobSummary:
-    """The summary of a run, from the committed manifest entries of the plan and this run's driver report."""
+    """The summary of a run, from the committed manifest entries of the plan and this run's driver report.
+
+    `started` and `ended` are the run's `time.monotonic()` bounds.
+    """
     entries: Iterable[Mapping[str, Any]] = [committed[s.shard_id] for s in plan.shards if s.shard_id in committed]
     entries = list(entries)
     expected = plan.total_rows * spec.outputs_per_row
@@ -84,6 +92,9 @@ def summarize(
     error_rate = (rows_error + failed_rows) / expected if expected else 0.0
     ok = error_rate <= spec.execution.max_error_rate
     run_tokens = sum(r.completion_tokens for r in report.results)
+    wall_seconds = ended - started
+    startup_seconds = (report.first_ready - started) if report.first_ready is not None else 0.0
+    generating_seconds = wall_seconds - startup_seconds
     return JobSummary(
         status="succeeded" if ok else "failed",
         exit_code=EXIT_OK if ok else EXIT_JOB_FAILED,
@@ -105,8 +116,10 @@ def summarize(
         error_rate=error_rate,
         max_error_rate=spec.execution.max_error_rate,
         wall_seconds=wall_seconds,
+        startup_seconds=startup_seconds,
         run_completion_tokens=run_tokens,
         tokens_per_second=run_tokens / wall_seconds if wall_seconds > 0 else 0.0,
+        generation_tokens_per_second=run_tokens / generating_seconds if generating_seconds > 0 else 0.0,
         failed_shards=tuple(
             {
                 "shard_id": f.shard.shard_id,

@@ -85,7 +85,7 @@ def test_overrides_are_coerced_to_the_type_each_key_expects(tmp_path):
     )
     config = spec.sampling[0]
     assert config.seed == 7 and config.temperature == 1.0 and isinstance(config.temperature, float)
-    assert spec.input.url == "in/2024-05-01.parquet" and spec.input.id_column == "42"
+    assert spec.input.url.endswith("/in/2024-05-01.parquet") and spec.input.id_column == "42"
     assert spec.output.url == "s3://bucket/out/2024-05-01"
     assert config.stop_token_ids == (2, 3) and config.stop_strings == ("\n\n",)
     assert spec.execution.shard_timeout == 30.0
@@ -127,8 +127,8 @@ def test_sweep_configs_inherit_the_shared_keys_and_override_their_own():
 
 
 def test_date_placeholder_defaults_to_today():
-    spec = parse_spec(raw(input={"url": "d/{date}/*.parquet"}, output={"url": "o/{date}"}), today=datetime.date(2030, 1, 2))
-    assert spec.input.url == "d/2030-01-02/*.parquet" and spec.output.url == "o/2030-01-02"
+    spec = parse_spec(raw(input={"url": "/d/{date}/*.parquet"}, output={"url": "/o/{date}"}), today=datetime.date(2030, 1, 2))
+    assert spec.input.url == "/d/2030-01-02/*.parquet" and spec.output.url == "/o/2030-01-02"
     assert spec.input.date == "2030-01-02"
 
 
@@ -173,3 +173,12 @@ def test_the_bundled_jobs_are_valid(job):
         assert spec.sampling[0].n > 1 and spec.sampling[0].temperature > 0
     if job == "nightly.toml":
         assert "2024-05-01" in spec.input.url and "2024-05-01" in spec.output.url
+
+
+def test_relative_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    spec = parse_spec(raw(model={"preset": "ckpt"}, input={"url": "data/*.parquet"}, output={"url": "s3://b/out"}))
+    assert spec.input.url == f"{tmp_path}/data/*.parquet" and spec.output.url == "s3://b/out"
+    assert spec.model.preset == str(tmp_path / "ckpt")
+    assert parse_spec(raw(model={"preset": "smollm2_135m_instruct"})).model.preset == "smollm2_135m_instruct"

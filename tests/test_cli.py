@@ -86,3 +86,15 @@ def test_status_accepts_a_job_spec_for_its_output(tmp_path):
 
 def test_unknown_options_are_usage_errors_with_exit_2(tmp_path):
     assert CliRunner().invoke(cli, ["run", write_job(tmp_path), "--bogus"]).exit_code == 2
+
+
+def test_presets_lists_the_built_in_presets():
+    result = CliRunner().invoke(cli, ["presets"])
+    assert result.exit_code == 0
+    names = [line.split()[0] for line in result.output.splitlines()]
+    assert "smollm2_135m_instruct" in names and "llama3_8b_en" in names
+
+
+def test_validate_refuses_an_unknown_preset_name(tmp_path):
+    result = CliRunner().invoke(cli, ["validate", write_job(tmp_path, model={"preset": "llama9_400b"})])
+    assert result.exit_code == 2 and "'llama9_400b' is no built-in preset" in result.output

@@ -123,7 +123,9 @@ def test_the_driver_killed_mid_job_resumes_and_writes_every_row_exactly_once(tmp
     assert 1 <= len(before) < 4 and not sink.succeeded()
     mtimes = {shard_id: os.stat(tmp_path / "out" / f"part-{shard_id}.parquet").st_mtime_ns for shard_id in before}
 
-    rerun = subprocess.run(command, env={**os.environ}, capture_output=True, text=True, timeout=300)
+    # The rerun finds the cluster through RAY_ADDRESS, as a driver under `ray job submit` does.
+    rerun_command = [arg for arg in command if arg not in ("--address", ray_local)]
+    rerun = subprocess.run(rerun_command, env={**os.environ, "RAY_ADDRESS": ray_local}, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     summary = sink.read_summary()
     assert summary["shards_skipped"] == len(before) and summary["shards_run"] == 4 - len(before)

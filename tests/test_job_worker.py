@@ -88,6 +88,18 @@ def test_per_row_overrides_apply_where_the_column_exists(tmp_path, runner):
     assert rows[2]["finish_reason"] == "error" and "per-row max_new_tokens must be >= 1, got -1" in rows[2]["error"]
 
 
+def test_a_per_row_seed_column_reseeds_only_its_rows(tmp_path, runner):
+    sampling = {"sampler": "random", "temperature": 1.5, "max_new_tokens": 8}
+
+    def completions(seeds):
+        out = tmp_path / f"out-{'-'.join(map(str, seeds))}"
+        path = write_prompts(tmp_path / f"in-{out.name}.parquet", ["Once upon", "Once upon"], ids=[1, 2], extra={"seed": seeds})
+        return run_all(make_spec(path, str(out), sampling=sampling), runner)["completion"].to_pylist()
+
+    base, changed = completions([7, 7]), completions([7, 8])
+    assert base[0] == changed[0] and base[1] != changed[1]
+
+
 def test_chat_messages_go_through_the_template_and_malformed_ones_are_error_rows(tmp_path, runner):
     type_ = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     messages = [

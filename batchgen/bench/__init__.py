@@ -1,0 +1,19 @@
+"""`batchgen bench`: throughput of our engine beside the alternatives, on fixed workloads, with the compute floor.
+
+- workloads: the deterministic chat prompts (main: mixed lengths, stop at end of turn; variable: 1..256 tokens)
+- ours: one configuration of our engine, run in its own process (warm-up pass, then the steady pass measured)
+- peers/: transformers `generate` and keras-hub `generate`, each a script run by `--peer-python`
+- floor: FLOPs per generated token and the float32 matmul rate measured in the same run
+- runner: `run_benchmark(options) -> BenchReport`; report: the tables and JSON
+
+Example:
+    >>> from batchgen.bench import BenchOptions, run_benchmark
+    >>> report = run_benchmark(BenchOptions(peers=True, peer_python="/opt/goldenv/bin/python"))  # doctest: +SKIP
+    >>> print(report.render_text())  # doctest: +SKIP
+"""
+
+from batchgen.bench.options import BenchOptions
+from batchgen.bench.report import BenchReport
+from batchgen.bench.runner import run_benchmark
+
+__all__ = ["BenchOptions", "BenchReport", "run_benchmark"]
