@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from model import transformer
+from model import parallel, transformer
 from model.config import LlamaConfig
 
 
@@ -79,7 +79,15 @@ class LlamaBackbone(keras.Model):
         (1, 3, 8)
     """
 
-    def __init__(self, config: LlamaConfig | None = None, *, dtype: Any = None, name: str | None = None, **fields):
+    def __init__(
+        self,
+        config: LlamaConfig | None = None,
+        *,
+        dtype: Any = None,
+        name: str | None = None,
+        random_init: bool = True,
+        **fields: Any,
+    ):
         if config is None:
             config = LlamaConfig.from_dict(fields)
         elif fields:
@@ -88,13 +96,14 @@ class LlamaBackbone(keras.Model):
         self.config = config
         self.quantization: str | None = None
         self._weights_by_path: dict[str, keras.Variable] = {}
-        for path, shape in weight_shapes(config).items():
-            is_norm = path.endswith("norm")
-            self._weights_by_path[path] = self.add_weight(
-                shape=shape,
-                name=_variable_name(path),
-                initializer="ones" if is_norm else keras.initializers.RandomNormal(stddev=0.02),
-            )
+        with parallel.layout_scope(config):  # in a TensorParallel scope, each weight is created split
+            for path, shape in weight_shapes(config).items():
+                is_norm = path.endswith("norm")
+                self._weights_by_path[path] = self.add_weight(
+                    shape=shape,
+                    name=_variable_name(path),
+                    initializer="ones" if is_norm else keras.initializers.RandomNormal(stddev=0.02),
+                )
         self.built = True
 
     # Keras-hub style read-only attributes.
@@ -162,12 +171,13 @@ class LlamaBackbone(keras.Model):
             raise ValueError(f"LlamaBackbone supports quantize('int8') only, got mode={mode!r}")
         if self.quantization is not None:
             raise ValueError(f"{self.name} is already quantized ({self.quantization})")
-        for path, reduce_axes in QUANTIZED_KERNELS.items():
-            if path not in self._weights_by_path:
-                continue
-            variable = self._weights_by_path[path]
-            values, scale = quantize_int8(np.asarray(variable.value, np.float32), reduce_axes)
-            self._replace_with_int8(path, values, scale)
+        with parallel.layout_scope(self.config, parallel.devices_of(self)):  # split int8 kernels like the floats
+            for path, reduce_axes in QUANTIZED_KERNELS.items():
+                if path not in self._weights_by_path:
+                    continue
+                variable = self._weights_by_path[path]
+                values, scale = quantize_int8(np.asarray(variable.value, np.float32), reduce_axes)
+                self._replace_with_int8(path, values, scale)
         self.quantization = "int8"
 
     def _replace_with_int8(self, path: str, values: np.ndarray, scale: np.ndarray) -> None:
@@ -184,8 +194,8 @@ class LlamaBackbone(keras.Model):
             )
         finally:
             self._tracker.lock()
-        self._weights_by_path[path].assign(values)
-        self._weights_by_path[path + "_scale"].assign(scale)
+        parallel.assign(self._weights_by_path[path], values)
+        parallel.assign(self._weights_by_path[path + "_scale"], scale)
 
     # ---- serialization ------------------------------------------------------------------------------
 

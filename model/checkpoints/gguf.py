@@ -290,7 +290,7 @@ def load_gguf_checkpoint(
     source = source or local_path
     reader = open_gguf(local_path, source)
     config = llama_config_from_gguf(reader, source=source)
-    backbone = LlamaBackbone(config, dtype=dtype)
+    backbone = LlamaBackbone(config, dtype=dtype, random_init=not load_weights)
     if load_weights:
         assign_weights(backbone, gguf_tensors(reader, config, source), checkpoint=source)
     tokenizer = _load_tokenizer(reader, source)

@@ -146,7 +146,7 @@ def load_huggingface_checkpoint(
     config_path = posixpath.join(path, "config.json")
     hf_config = _read_json(fs, config_path)
     config = llama_config_from_huggingface(hf_config, source=display(fs, config_path))
-    backbone = LlamaBackbone(config, dtype=dtype)
+    backbone = LlamaBackbone(config, dtype=dtype, random_init=not load_weights)
     if load_weights:
         tensors = huggingface_tensors(fs, path, config)
         assign_weights(backbone, tensors, checkpoint=source)

@@ -224,7 +224,8 @@ def load_keras_hub_preset(
             max_sequence_length=int(extras.get("max_sequence_length", family.default_context)),
         )
         preset_dtype, quantized_layers = _dtype_policy(values.get("dtype"), fs.unstrip_protocol(config_file))
-        backbone = LlamaBackbone(config, dtype=dtype if dtype is not None else preset_dtype)
+        backbone_dtype = dtype if dtype is not None else preset_dtype
+        backbone = LlamaBackbone(config, dtype=backbone_dtype, random_init=not load_weights)
         if load_weights:
             assert store is not None
             tensors, all_int8 = _checkpoint_tensors(store, config)
