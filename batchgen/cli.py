@@ -44,9 +44,13 @@ def cli() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else an embedded Ray).")
 @click.option("--overwrite", is_flag=True, help="Delete what the output location holds before starting.")
-@click.option("--progress/--no-progress", default=None, help="Show the progress bar (default: when stderr is a terminal).")
+@click.option(
+    "--progress/--no-progress", default=None, help="Show the progress bar (default: when stderr is a terminal)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
-def run(job: Path, overrides: tuple[str, ...], address: str | None, overwrite: bool, progress: bool | None, as_json: bool) -> None:
+def run(
+    job: Path, overrides: tuple[str, ...], address: str | None, overwrite: bool, progress: bool | None, as_json: bool
+) -> None:
     """Run the job in JOB to the end; a rerun resumes, skipping committed shards."""
     from batchgen.job import run_job
     from batchgen.spec import load_spec

@@ -193,7 +193,9 @@ class ShardDriver:
         if running.attempt < self.execution.max_attempts:
             self._pending.append(shard)
             self._report.retries += 1
-            self.on_event(f"shard {shard.index} ({shard.shard_id}) attempt {running.attempt} failed, requeued: {reason}")
+            self.on_event(
+                f"shard {shard.index} ({shard.shard_id}) attempt {running.attempt} failed, requeued: {reason}"
+            )
         else:
             self._report.failed.append(FailedShard(shard, running.attempt, tuple(self._errors[shard.shard_id])))
             self.on_event(f"shard {shard.index} ({shard.shard_id}) failed all {running.attempt} attempts: {reason}")

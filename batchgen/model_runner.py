@@ -42,7 +42,7 @@ class ModelRunner:
         if compilation_cache:
             enable_compilation_cache(compilation_cache)
         # Imported here: the driver, `validate` and `status` never need Keras or JAX.
-        from model.causal_lm import LlamaCausalLM
+        from model import LlamaCausalLM
         from model.generation.engine import GenerationEngine
 
         lm = LlamaCausalLM.from_preset(model.preset, dtype=model.dtype)

@@ -96,6 +96,8 @@ def plan_job(spec: JobSpec) -> Plan:
                 warnings.append(warning)
     id_types = {str(s.field(spec.input.id_column).type) for s in schemas} if spec.input.id_column else set()
     if len(id_types) > 1:
-        raise InputError(f"input.id_column {spec.input.id_column!r} has different types across files: {sorted(id_types)}")
+        raise InputError(
+            f"input.id_column {spec.input.id_column!r} has different types across files: {sorted(id_types)}"
+        )
     shards = cut_shards(files, spec.execution.rows_per_shard, spec.fingerprint())
     return Plan(tuple(files), schemas[0], shards, tuple(warnings))

@@ -28,7 +28,9 @@ log = logging.getLogger("batchgen")
 class JobProgress:
     """A context manager that shows the job's progress on `console` (stderr by default) when `enabled`."""
 
-    def __init__(self, total_rows: int, done_rows: int, *, enabled: bool = True, console: Console | None = None) -> None:
+    def __init__(
+        self, total_rows: int, done_rows: int, *, enabled: bool = True, console: Console | None = None
+    ) -> None:
         self.console = console or Console(stderr=True)
         self.enabled = enabled
         self.started = time.monotonic()

@@ -222,7 +222,9 @@ class Sink:
         write_bytes_atomically(self.fs, join(self.path, name), payload)
 
 
-def job_record(fingerprint: str, spec: Mapping[str, Any], source: str, shards: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def job_record(
+    fingerprint: str, spec: Mapping[str, Any], source: str, shards: Iterable[Mapping[str, Any]]
+) -> dict[str, Any]:
     """The content of `_job.json`."""
     return {
         "fingerprint": fingerprint,

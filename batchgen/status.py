@@ -59,10 +59,15 @@ def read_status(url: str, storage_options: Mapping[str, Any] | None = None) -> O
     committed = sink.committed()
     entries = [committed[shard_id] for shard_id in planned if shard_id in committed]
     summary = sink.read_summary() or {}
-    failed = tuple(f for f in summary.get("failed_shards", ()) if f["shard_id"] in planned and f["shard_id"] not in committed)
+    reported = summary.get("failed_shards", ())
+    failed = tuple(f for f in reported if f["shard_id"] in planned and f["shard_id"] not in committed)
     if sink.succeeded():
         state = "succeeded"
-    elif summary.get("fingerprint") == job["fingerprint"] and summary.get("status") == "failed" and len(entries) + len(failed) == len(planned):
+    elif (
+        summary.get("fingerprint") == job["fingerprint"]
+        and summary.get("status") == "failed"
+        and len(entries) + len(failed) == len(planned)
+    ):
         state = "failed"
     else:
         state = "incomplete"

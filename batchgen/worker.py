@@ -82,7 +82,8 @@ class ShardWorker:
         """Read the shard's rows, generate every sample, check the row contract, and publish the part file."""
         started = time.monotonic()
         self.faults.at_shard_start(shard.index, attempt)
-        table = read_rows(shard.file_url, shard.row_start, shard.row_stop, self.columns, self.spec.input.storage_options)
+        storage = self.spec.input.storage_options
+        table = read_rows(shard.file_url, shard.row_start, shard.row_stop, self.columns, storage)
         rows = prompt_rows(table, self.spec, shard.first_position)
         expected = len(rows) * self.spec.outputs_per_row
         records: list[OutputRecord] = []
