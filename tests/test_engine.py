@@ -43,9 +43,9 @@ def test_greedy_matches_full_recompute(tiny_backbone):
 
 
 def test_every_prompt_gets_the_same_tokens_alone_and_in_a_mixed_batch(tiny_backbone):
-    batch = prompts(12, seed=3, high=60)
+    batch = prompts(32, seed=3, high=60)
     requests = [Request(i, p, max_new_tokens=5 + i % 4) for i, p in enumerate(batch)]
-    together = GenerationEngine(tiny_backbone, max_slots=8, max_length=128).generate(requests)
+    together = GenerationEngine(tiny_backbone, max_slots=32, max_length=128).generate(requests)
     alone_engine = GenerationEngine(tiny_backbone, max_slots=1, max_length=128)
     for request, completion in zip(requests, together):
         assert alone_engine.generate([request])[0].token_ids == completion.token_ids
