@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import warnings
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from model import samplers, transformer
+from model import parallel, samplers, transformer
 from model.backbone import LlamaBackbone
 from model.generation.engine import GenerationEngine
 from model.generation.requests import Request
@@ -68,12 +69,18 @@ class LlamaCausalLM(keras.Model):
 
     @classmethod
     def from_preset(
-        cls, preset: str, load_weights: bool = True, dtype: Any = None, sequence_length: int | None = None
+        cls, preset: str, load_weights: bool = True, dtype: Any = None, sequence_length: int | None = None,
+        devices: Sequence[jax.Device] | None = None,
     ) -> "LlamaCausalLM":
-        """Loads a built-in preset, a kaggle:// or hf:// handle, or a directory / GGUF file at any fsspec URL."""
+        """Loads a built-in preset, a kaggle:// or hf:// handle, or a directory / GGUF file at any fsspec URL.
+
+        `devices`: split the model across these devices (tensor parallel, see `model.parallel`); each shard is
+        sent straight to its device while loading. None keeps the whole model on the default device.
+        """
         from model.checkpoints.loader import load_preset
 
-        loaded = load_preset(preset, load_weights=load_weights, dtype=dtype)
+        with parallel.TensorParallel(devices).scope() if devices is not None else contextlib.nullcontext():
+            loaded = load_preset(preset, load_weights=load_weights, dtype=dtype)
         preprocessor = None
         if loaded.tokenizer is not None:
             preprocessor = LlamaCausalLMPreprocessor(
@@ -93,10 +100,10 @@ class LlamaCausalLM(keras.Model):
         save_keras_hub_preset(self.backbone, tokenizer, preset_dir, sequence_length=sequence_length)
 
     @classmethod
-    def _presets(cls) -> dict[str, dict[str, Any]]:
-        from model.checkpoints.presets import builtin_presets
+    def _presets(cls) -> dict[str, Any]:
+        from model.checkpoints.presets import BUILTIN_PRESETS
 
-        return builtin_presets()
+        return dict(BUILTIN_PRESETS)
 
     # ---- training and scoring ----------------------------------------------------------------------------
 
@@ -276,7 +283,7 @@ class LlamaCausalLM(keras.Model):
 
 
 class _PresetsDescriptor:
-    def __get__(self, obj: Any, owner: type) -> dict[str, dict[str, Any]]:
+    def __get__(self, obj: Any, owner: type) -> dict[str, Any]:
         return owner._presets()
 
 

@@ -145,3 +145,11 @@ def test_int8_quantized_model_generates(tiny_lm):
     assert len(int8_out) == 3 and all(o.startswith(p) for o, p in zip(int8_out, PROMPTS))
     # A random tiny model has flat logits, so only the first generated characters are expected to agree.
     assert sum(a[: len(p) + 2] == b[: len(p) + 2] for a, b, p in zip(float_out, int8_out, PROMPTS)) >= 2
+
+
+def test_presets_lists_the_seed_table_and_the_demo_model():
+    from model.causal_lm import LlamaCausalLM
+
+    names = set(LlamaCausalLM.presets)
+    assert {"llama2_7b_en", "llama3_instruct_8b_en_int8", "vicuna_1.5_7b_en", "smollm2_135m_instruct"} <= names
+    assert len(names) == 10
