@@ -18,11 +18,17 @@ import jax.numpy as jnp
 from model.config import LlamaConfig
 
 
+HEAD_AXIS = 2  # K in [L, B, K, S, D]; a tensor-parallel cache is split along it (see `model.parallel`)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     k: jax.Array  # [L, B, K, S, D]
     v: jax.Array  # [L, B, K, S, D]
+    # Static (part of a jitted step's cache key, never traced): a split cache's layout, restated after every
+    # write so that XLA keeps the cache split along KV heads through the steps instead of choosing its own.
+    sharding: jax.sharding.Sharding | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @classmethod
     def allocate(
@@ -30,7 +36,7 @@ class KVCache:
     ) -> "KVCache":
         """Zeros; with `sharding` (see `model.parallel.cache_sharding`) each device allocates only its own KV heads."""
         shape = (config.num_layers, slots, config.num_key_value_heads, max_length, config.head_dim)
-        return cls(jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding))
+        return cls(jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding), sharding)
 
     @property
     def slots(self) -> int:
@@ -56,7 +62,7 @@ def write_prompts(cache: KVCache, new_k: jax.Array, new_v: jax.Array, slots: jax
     # [L, P, T, K, D] -> [L, P, K, T, D], the cache's order.
     k = cache.k.at[:, slots, :, :t].set(new_k.swapaxes(2, 3).astype(cache.k.dtype), mode="drop")
     v = cache.v.at[:, slots, :, :t].set(new_v.swapaxes(2, 3).astype(cache.v.dtype), mode="drop")
-    return KVCache(k, v)
+    return _keep_layout(cache, k, v)
 
 
 def write_tokens(cache: KVCache, new_k: jax.Array, new_v: jax.Array, positions: jax.Array) -> KVCache:
@@ -68,4 +74,11 @@ def write_tokens(cache: KVCache, new_k: jax.Array, new_v: jax.Array, positions: 
     # Indexing slots (axis 1) and positions (axis 3) together puts their shared B axis first: [B, L, K, D].
     k = cache.k.at[:, slots, :, positions].set(new_k[:, :, 0].swapaxes(0, 1).astype(cache.k.dtype), mode="drop")
     v = cache.v.at[:, slots, :, positions].set(new_v[:, :, 0].swapaxes(0, 1).astype(cache.v.dtype), mode="drop")
-    return KVCache(k, v)
+    return _keep_layout(cache, k, v)
+
+
+def _keep_layout(cache: KVCache, k: jax.Array, v: jax.Array) -> KVCache:
+    if cache.sharding is None:
+        return KVCache(k, v)
+    constrain = jax.lax.with_sharding_constraint
+    return KVCache(constrain(k, cache.sharding), constrain(v, cache.sharding), cache.sharding)
