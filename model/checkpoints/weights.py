@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from model import parallel
 from model.backbone import LlamaBackbone, weight_shapes
 
 
@@ -87,11 +88,12 @@ def assign_weights(backbone: LlamaBackbone, tensors: TensorsByPath, *, checkpoin
             per_layer = target[1:]
             for layer, tensor in enumerate(parts):
                 stacked[layer] = to_backbone_layout(_read(tensor), per_layer, tensor.torch_layout)
-            variable.assign(stacked)
+            parallel.assign(variable, stacked)  # each device receives only its shard
             del stacked
         else:
             (tensor,) = parts
-            variable.assign(to_backbone_layout(_read(tensor), target, tensor.torch_layout).astype(dtype, copy=False))
+            array = to_backbone_layout(_read(tensor), target, tensor.torch_layout).astype(dtype, copy=False)
+            parallel.assign(variable, array)
 
 
 def _check(
