@@ -1,7 +1,7 @@
 """The job spec: one TOML file with sections model, input, sampling, output and execution.
 
 Everything is checked when the spec is loaded, before any input is read or any model loaded; an error names
-the spec file, the key and the value received. batchgen/JOB_SPEC.md is the reference for every key.
+the spec file, the key and the value received. The README's "Job spec reference" documents every key.
 
 Example:
     >>> spec = load_spec("jobs/demo.toml", ["sampling.seed=7"])  # doctest: +SKIP
