@@ -12,8 +12,18 @@ Example:
     >>> print(report.render_text())  # doctest: +SKIP
 """
 
-from batchgen.bench.options import BenchOptions
-from batchgen.bench.report import BenchReport
-from batchgen.bench.runner import run_benchmark
+from __future__ import annotations
 
-__all__ = ["BenchOptions", "BenchReport", "run_benchmark"]
+import importlib
+from typing import Any
+
+# Loaded on first use, so that `batchgen --help` (which registers the bench command) does not import JAX.
+_EXPORTS = {"BenchOptions": "options", "BenchReport": "report", "run_benchmark": "runner"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'batchgen.bench' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"batchgen.bench.{_EXPORTS[name]}"), name)

@@ -55,7 +55,9 @@ def main(spec_path: str) -> None:
     workload = json.loads(Path(spec["workload_path"]).read_text())
     requests = workload["requests"]
     stop_ids = [int(i) for i in workload["stop_token_ids"]]
-    pad = int(workload["pad_token_id"])
+    # Not the workload's pad id: keras-hub treats a stop id anywhere in a row as "already stopped", and this
+    # model pads with its end-of-turn token. Padding is masked out, so any other id serves.
+    pad = next(i for i in range(len(stop_ids) + 1) if i not in stop_ids)
 
     start = time.perf_counter()
     lm = keras_hub.models.LlamaCausalLM.from_preset(spec["preset_dir"], preprocessor=None)

@@ -1,0 +1,62 @@
+"""The `batchgen bench` command: it parses options, calls `run_benchmark` and prints the tables.
+
+Kept beside the benchmark (and light to import: the benchmark loads only when the command runs) so that
+batchgen/cli.py only registers it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from e
+
+
+@click.command()
+@click.option("--preset", default="smollm2_135m_instruct", show_default=True, help="Model: a built-in preset, a GGUF file or a preset directory.")
+@click.option("--peers", is_flag=True, help="Also run transformers and keras-hub generate on the same weights and prompts.")
+@click.option("--peer-python", default=sys.executable, show_default=True, help="Interpreter that has torch, transformers and keras-hub.")
+@click.option("--quick", is_flag=True, help="A few prompts and tokens: checks that everything runs, measures little.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the raw figures here.")
+@click.option("--prompts", type=int, help="Prompts in the main workload [64].")
+@click.option("--max-new-tokens", type=int, help="Token budget per prompt in the main workload [64].")
+@click.option("--variable-prompts", type=int, help="Prompts in the variable-length workload, 0 to leave it out [128].")
+@click.option("--slots", type=int, help="Engine slots (sequences decoded together) [64].")
+@click.option("--steps-per-call", type=int, help="Engine decode steps per jitted call [8].")
+@click.option("--dtypes", help="Rows on the main workload, from float32,bfloat16,int8 [all three].")
+@click.option("--transformers-batches", help="Batch sizes for transformers, comma-separated [16,64,128].")
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep workloads, logs and per-row results here.")
+def bench(
+    preset: str, peers: bool, peer_python: str, quick: bool, json_path: Path | None, prompts: int | None,
+    max_new_tokens: int | None, variable_prompts: int | None, slots: int | None, steps_per_call: int | None,
+    dtypes: str | None, transformers_batches: str | None, workdir: str | None,
+) -> None:
+    """Measure generated tokens/s, compile time, memory and % of the compute floor, beside the peers."""
+    from rich.console import Console
+
+    from batchgen.bench import BenchOptions, run_benchmark
+
+    given = dict(
+        preset=preset, peers=peers, peer_python=peer_python, workdir=workdir, prompts=prompts,
+        max_new_tokens=max_new_tokens, variable_prompts=variable_prompts, slots=slots, steps_per_call=steps_per_call,
+        dtypes=tuple(d.strip() for d in dtypes.split(",")) if dtypes else None,
+        transformers_batches=_sizes(transformers_batches) if transformers_batches else None,
+    )
+    given = {k: v for k, v in given.items() if v is not None}
+    try:
+        options = BenchOptions.quick(**given) if quick else BenchOptions(**given)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    log = Console(stderr=True)
+    report = run_benchmark(options, log=lambda message: log.print(message, style="dim", highlight=False))
+    Console().print(report.render())
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
