@@ -115,6 +115,11 @@ def presets() -> None:
         click.echo(f"{preset.name:28} {preset.params / 1e9:6.2f}B  {preset.description}")
 
 
+from batchgen.bench.command import bench  # noqa: E402  (light: the benchmark loads when the command runs)
+
+cli.add_command(bench)
+
+
 def main() -> None:
     """The console script's entry point."""
     cli(prog_name="batchgen")
