@@ -2,7 +2,8 @@
 
 The layout is Megatron's: each block's matmuls are split along the axis that needs no communication until the
 block's end, so a decoder layer costs two all-reduces of its [B, T, M] activations (after the attention output
-projection and after the MLP down projection) and nothing else; weights are never gathered.
+projection and after the MLP down projection); the embedding lookup and the logits over the split vocabulary
+add one small reduction each. Weights and the KV cache never move between devices.
 
     token_embedding [V, M]      split on V         lm_head [M, V]                 split on V
     query [L, M, H, D]          split on H         attention_output [L, H, D, M]  split on H
@@ -95,26 +96,13 @@ def layout_table(config: LlamaConfig, num_devices: int) -> dict[str, PartitionSp
     return table
 
 
-def weight_path(variable: keras.Variable) -> str | None:
-    """The `weight_shapes` path (or path + "_scale") a `LlamaBackbone` variable holds; None for other variables."""
-    name = variable.name.replace("__", "/")  # the backbone names variables by path, '/' -> '__'
-    return name if name.removesuffix(_SCALE_SUFFIX) in _WEIGHT_NAMES else None
-
-
-_WEIGHT_NAMES = frozenset(
-    ["token_embedding", "lm_head", "final_norm"]
-    + [f"layers/{n}" for n in ("attention_norm", "query", "key", "value", "attention_output", "mlp_norm",
-                                "gate", "up", "down")]
-)
-
-
 class TensorParallel(keras.distribution.ModelParallel):
     """A keras distribution that splits the Llama weights created in its scope across `devices`.
 
     Without a config it only carries the devices: a `LlamaBackbone` built in its scope (for instance by a
     checkpoint reader, which learns the config from the file) enters `TensorParallel(devices, config)` for its
-    own weights (`layout_scope`). Variables that are not backbone weights (optimizer state, metrics) are
-    replicated.
+    own weights (`layout_scope`). Variables other than the backbone weights of `config` (optimizer state,
+    metrics) are replicated.
 
     Example:
         >>> with TensorParallel(jax.devices()[:2]).scope():  # doctest: +SKIP
@@ -139,18 +127,15 @@ class TensorParallel(keras.distribution.ModelParallel):
         return self.device_mesh.backend_mesh
 
     def get_variable_layout(self, variable: keras.Variable) -> Any:
-        path = weight_path(variable)
-        if path is None or getattr(variable, "_layout", None) is not None:
-            return super().get_variable_layout(variable)
-        if self.config is None:
-            raise RuntimeError(
-                f"{variable.path}: a Llama weight created in a TensorParallel scope without a config; "
-                "LlamaBackbone enters layout_scope(config) for its weights, other code should pass the config"
-            )
+        path = variable.name.replace("__", "/")  # the backbone names its variables by path, '/' -> '__'
+        if path not in self._specs or getattr(variable, "_layout", None) is not None:
+            return super().get_variable_layout(variable)  # replicated
         return NamedSharding(self.mesh, self._specs[path])
 
 
-def layout_scope(config: LlamaConfig, devices: Sequence[jax.Device] | None = None) -> contextlib.AbstractContextManager:
+def layout_scope(
+    config: LlamaConfig, devices: Sequence[jax.Device] | None = None
+) -> contextlib.AbstractContextManager:
     """The scope in which a backbone of `config` creates its weights.
 
     `TensorParallel(devices, config)` when `devices` are given or a `TensorParallel` scope is active (its devices);
