@@ -151,6 +151,27 @@ def layout_scope(
     return TensorParallel(devices, config).scope()
 
 
+def replica_devices(count: int) -> list[jax.Device]:
+    """The first `count` devices this process sees (a worker's GPUs, else its host devices), for one model.
+
+    Raises ValueError naming what the process sees when there are fewer: a Ray worker sees only the GPUs it was
+    given, and a CPU worker sees one host device unless XLA_FLAGS=--xla_force_host_platform_device_count=N was
+    set before jax started.
+
+    Example:
+        >>> lm = LlamaCausalLM.from_preset(preset, devices=replica_devices(4))  # doctest: +SKIP
+    """
+    if count < 1:
+        raise ValueError(f"devices per replica must be >= 1, got {count}")
+    devices = jax.devices()
+    if len(devices) < count:
+        raise ValueError(
+            f"{count} devices per replica requested, but this process sees {len(devices)}: {devices} "
+            "(for host devices set XLA_FLAGS=--xla_force_host_platform_device_count before jax starts)"
+        )
+    return devices[:count]
+
+
 def devices_of(backbone: Any) -> list[jax.Device] | None:
     """The devices a backbone's weights are split over, in mesh order; None when they are not split."""
     sharding = backbone.weight("token_embedding").value.sharding

@@ -134,6 +134,14 @@ def test_tensor_parallel_refuses_no_devices_and_repeated_devices():
         parallel.TensorParallel([device, device])
 
 
+def test_replica_devices_names_what_the_process_sees():
+    assert parallel.replica_devices(1) == jax.devices()[:1]
+    with pytest.raises(ValueError, match=f"sees {len(jax.devices())}"):
+        parallel.replica_devices(len(jax.devices()) + 1)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        parallel.replica_devices(0)
+
+
 def test_one_device_scope_leaves_a_plain_backbone(tiny_config):
     # One device is the degenerate mesh: keras keeps the arrays as they are, so nothing is split and the engine
     # allocates an ordinary cache.
