@@ -55,8 +55,9 @@ def bench(
         options = BenchOptions.quick(**given) if quick else BenchOptions(**given)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
-    log = Console(stderr=True)
+    log = Console(stderr=True, soft_wrap=True)
     report = run_benchmark(options, log=lambda message: log.print(message, style="dim", highlight=False))
-    Console().print(report.render())
+    # Piped to a file the table keeps its full width rather than rich's 80-column default.
+    Console(width=None if sys.stdout.isatty() else 170).print(report.render())
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")

@@ -228,8 +228,8 @@ def _render(report: BenchReport) -> list[Any]:
     table = Table(title="our engine (steady state, after a warm-up pass; each row in its own process)")
     for column, justify in (
         ("configuration", "left"), ("slots", "right"), ("gen tok/s", "right"), ("prefill tok/s", "right"),
-        ("first result s", "right"), ("compile s (wall / XLA)", "right"), ("programs (warm-up / steady)", "right"),
-        ("peak RSS MB", "right"), ("% of floor", "right"), ("same as f32", "right"), ("mean prefix", "right"),
+        ("1st result s", "right"), ("compile s wall / XLA", "right"), ("programs warm-up / steady", "right"),
+        ("peak RSS MB", "right"), ("% of floor", "right"), ("= f32", "right"), ("f32 prefix", "right"),
     ):
         table.add_column(column, justify=justify)
     for r in report.engine_rows:
@@ -253,18 +253,20 @@ def _render(report: BenchReport) -> list[Any]:
             f"{shape} {rate / 1e9:.1f}" for shape, rate in f.measurements[0]["shapes"].items()
         ) if f.measurements else ""
         out.append(Text(
-            f"floor: {f.flops_per_token / 1e9:.3f} GFLOP per generated token = {f.formula} "
-            f"at mean context {f.mean_context:.0f} ({f.weight_flops / 1e9:.3f} weights + "
-            f"{f.attention_flops / 1e9:.3f} attention); float32 matmul rate at {f.rows} rows, the model's mix: "
-            f"{f.matmul_flops_per_second / 1e9:.1f} GFLOP/s (measured {rates} before / after the rows; single "
-            f"products {shapes}) -> floor {f.floor_tokens_per_second:.0f} tok/s"
+            f"FLOPs per generated token: {f.formula} = {f.flops_per_token / 1e9:.3f} GFLOP at mean context "
+            f"{f.mean_context:.0f} ({f.weight_flops / 1e9:.3f} weights + {f.attention_flops / 1e9:.3f} attention)"
+        ))
+        out.append(Text(
+            f"float32 matmul rate, the model's products at {f.rows} rows: {f.matmul_flops_per_second / 1e9:.1f} GFLOP/s "
+            f"(measured {rates} after the first row / at the end; single products {shapes}) "
+            f"-> floor {f.floor_tokens_per_second:.0f} tok/s"
         ))
 
     if report.peers:
         peers = Table(title="peers (same weights, same prompt ids, greedy, main workload; same run)")
         for column, justify in (
-            ("system", "left"), ("batch", "right"), ("gen tok/s", "right"), ("first result s", "right"),
-            ("warm-up s", "right"), ("peak RSS MB", "right"), ("same as ours f32", "right"), ("ours / peer", "right"),
+            ("system", "left"), ("batch", "right"), ("gen tok/s", "right"), ("1st result s", "right"),
+            ("warm-up s", "right"), ("peak RSS MB", "right"), ("= ours f32", "right"), ("ours f32 / peer", "right"),
         ):
             peers.add_column(column, justify=justify)
         ours = report.row("main float32")
@@ -276,7 +278,7 @@ def _render(report: BenchReport) -> list[Any]:
             for run in p.runs:
                 ratio = "" if ours is None else f"{ours.tokens_per_second / run.tokens_per_second:.2f}x"
                 peers.add_row(
-                    f"{p.system} {p.version}" + (" (best)" if run is best and len(p.runs) > 1 else ""),
+                    p.system + (" (best)" if run is best and len(p.runs) > 1 else ""),
                     str(run.batch), f"{run.tokens_per_second:.1f}", f"{run.first_result_seconds:.2f}",
                     f"{p.warmup_seconds:.1f}", _mb(p.peak_rss_bytes), _share(run.identical_share), ratio,
                 )
@@ -284,6 +286,6 @@ def _render(report: BenchReport) -> list[Any]:
         for p in report.peers:
             if p.status != "ran":
                 out.append(Text(f"{p.system}: {p.status}: {p.reason}", style="yellow"))
-            elif p.notes:
-                out.append(Text(f"{p.system}: {p.notes}", style="dim"))
+            else:
+                out.append(Text(f"{p.system} {p.version}: {p.notes}".rstrip(": "), style="dim"))
     return out
