@@ -63,13 +63,8 @@ class ModelRunner:
         if row.messages is None:
             assert row.text is not None  # prompt_rows sets one of text, messages or error
             return self.tokenizer.tokenize(row.text)
-        text = self.tokenizer.apply_chat_template(row.messages, add_generation_prompt=True)
-        ids = self.tokenizer.tokenize(text)
-        start = self.tokenizer.start_token_id
-        # A template that writes the start token itself, with a tokenizer that adds one too, doubles it.
-        if self.tokenizer.add_start_token and len(ids) > 1 and ids[0] == ids[1] == start:
-            ids = ids[1:]
-        return ids
+        # The template decides where the start token goes, as transformers' apply_chat_template(tokenize=True).
+        return self.tokenizer.tokenize_chat(row.messages, add_generation_prompt=True)
 
     def requests(
         self, rows: Sequence[PromptRow], configs: Sequence[SamplingConfig], errors: list[OutputRecord]

@@ -16,9 +16,12 @@ def reference_greedy(backbone, prompt: list[int], new_tokens: int, stop: tuple[i
     """Greedy decoding by recomputing the whole sequence every step: slow, simple, independent of the cache."""
     ids = list(prompt)
     out: list[int] = []
+    width = 128  # one padded shape for every step, so the reference compiles once
     for _ in range(new_tokens):
-        hidden = backbone({"token_ids": np.asarray([ids], np.int32)})
-        token = int(np.argmax(transformer.logits(backbone.params(), hidden[:, -1])[0]))
+        padded = np.zeros((1, width), np.int32)
+        padded[0, : len(ids)] = ids
+        hidden = backbone({"token_ids": padded, "padding_mask": np.arange(width)[None] < len(ids)})
+        token = int(np.argmax(transformer.logits(backbone.params(), hidden[:, len(ids) - 1])[0]))
         if token in stop:
             break
         out.append(token)
