@@ -96,13 +96,13 @@ class LlamaBackbone(keras.Model):
         self.config = config
         self.quantization: str | None = None
         self._weights_by_path: dict[str, keras.Variable] = {}
+        # Checkpoint readers pass random_init=False: they overwrite every weight, and drawing 135M random
+        # numbers first cost the demo model most of its load time.
+        random = keras.initializers.RandomNormal(stddev=0.02) if random_init else "zeros"
         with parallel.layout_scope(config):  # in a TensorParallel scope, each weight is created split
             for path, shape in weight_shapes(config).items():
-                is_norm = path.endswith("norm")
                 self._weights_by_path[path] = self.add_weight(
-                    shape=shape,
-                    name=_variable_name(path),
-                    initializer="ones" if is_norm else keras.initializers.RandomNormal(stddev=0.02),
+                    shape=shape, name=_variable_name(path), initializer="ones" if path.endswith("norm") else random
                 )
         self.built = True
 
