@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -134,10 +135,18 @@ def _shard_record(shard: Shard) -> dict[str, Any]:
 
 
 def _worker_resources(spec: JobSpec) -> dict[str, Any]:
-    """Each worker asks for its replica's devices: GPUs where the cluster has them, else CPUs."""
+    """Each worker asks for its replica's devices: GPUs where the cluster has them, else CPUs.
+
+    On CPUs a model split over N devices needs N host devices in the worker's JAX, which XLA only creates when
+    told before JAX starts: the flag goes into the actor's environment.
+    """
+    devices = spec.model.devices_per_replica
     if ray.cluster_resources().get("GPU", 0) > 0:
-        return {"num_gpus": spec.model.devices_per_replica, "num_cpus": 1}
-    return {"num_cpus": spec.model.devices_per_replica}
+        return {"num_gpus": devices, "num_cpus": 1}
+    if devices == 1:
+        return {"num_cpus": 1}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return {"num_cpus": devices, "runtime_env": {"env_vars": {"XLA_FLAGS": flags}}}
 
 
 def _check_preset(spec: JobSpec) -> list[str]:

@@ -45,7 +45,11 @@ class ModelRunner:
         from model import LlamaCausalLM
         from model.generation.engine import GenerationEngine
 
-        lm = LlamaCausalLM.from_preset(model.preset, dtype=model.dtype)
+        from model import parallel
+
+        # More than one device: the model is split across this worker's devices (tensor parallel).
+        devices = parallel.replica_devices(model.devices_per_replica) if model.devices_per_replica > 1 else None
+        lm = LlamaCausalLM.from_preset(model.preset, dtype=model.dtype, devices=devices)
         if model.quantization != "none":
             lm.quantize(model.quantization)
         tokenizer = lm.preprocessor.tokenizer
