@@ -126,3 +126,15 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny_backb
         [Request("target", [3, 4, 5], 10, sampling, seed=99)]
     )[0]
     assert other_seed.token_ids != alone.token_ids
+
+
+def test_prefill_chunks_cover_every_row_once_with_little_padding():
+    from model.generation.engine import _prefill_chunks
+
+    for rows in range(1, 70):
+        for max_slots in (1, 2, 8, 64):
+            chunks = _prefill_chunks(rows, max_slots)
+            covered = [start + i for size, start in chunks for i in range(size) if start + i < rows]
+            assert covered == list(range(rows))
+            padding = sum(size for size, _ in chunks) - rows
+            assert padding < 4, (rows, max_slots, chunks)  # never a mostly-empty 16-row program

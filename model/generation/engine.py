@@ -50,6 +50,23 @@ def _bucket(n: int, minimum: int, maximum: int) -> int:
     return min(size, maximum)
 
 
+def _prefill_chunks(rows: int, max_slots: int) -> list[tuple[int, int]]:
+    """(program rows, first row) of each prefill call for `rows` prompts of one length bucket.
+
+    Full chunks of the largest size, then the rest in the smallest size: 7 prompts run as 4 + 4 rows, not
+    as 16 rows of which 9 are padding (at a 512-token bucket that padding cost more than the real prompts).
+    """
+    small, large = (min(size, max_slots) for size in PREFILL_ROW_BUCKETS)
+    chunks, start = [], 0
+    while rows - start > large - small:  # a remainder this close to `large` pads no more as one chunk
+        chunks.append((large, start))
+        start += large
+    while start < rows:
+        chunks.append((small, start))
+        start += small
+    return chunks
+
+
 @dataclasses.dataclass
 class EngineStats:
     """What the engine did, for benchmarks and progress reports."""
@@ -336,10 +353,8 @@ class GenerationEngine:
         for slot, request in admitted:
             by_bucket[_bucket(len(request.prompt_ids), MIN_LENGTH_BUCKET, self.max_length)].append((slot, request))
         for t, group in sorted(by_bucket.items()):
-            for start in range(0, len(group), PREFILL_ROW_BUCKETS[-1]):
-                chunk = group[start : start + PREFILL_ROW_BUCKETS[-1]]
-                p = min(next(size for size in PREFILL_ROW_BUCKETS if size >= len(chunk)), self.max_slots)
-                yield from self._prefill_chunk(params, chunk, p, t, table)
+            for p, start in _prefill_chunks(len(group), self.max_slots):
+                yield from self._prefill_chunk(params, group[start : start + p], p, t, table)
 
     def _prefill_chunk(self, params, chunk: list[tuple[int, Request]], p: int, t: int, table: "_SlotTable"):
         ids = np.zeros((p, t), np.int32)
