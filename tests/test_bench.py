@@ -168,7 +168,7 @@ def _pass(wall: float, generated: int, compiled: int) -> PassFigures:
 def _report() -> BenchReport:
     row = EngineRow("main float32", "main", "float32", None, True, 4, 8, 128, 1.0, _pass(12.0, 200, 3),
                     _pass(2.0, 200, 0), 900 * 2**20, identical_share=1.0, mean_prefix_tokens=40.0,
-                    achieved_flops_per_second=5e9, floor_share=0.5)
+                    achieved_flops_per_second=5e9, floor_share=0.5, load_average="4.10 4.28 5.14")
     int8 = EngineRow("main int8", "main", "float32", "int8", True, 4, 8, 128, 1.0, _pass(11.0, 200, 3),
                      _pass(4.0, 200, 0), 600 * 2**20, identical_share=0.25, mean_prefix_tokens=12.5)
     floor = FloorFigures(2.8e8, 269_000_000, 7e6, 90.0, FORMULA, 4, 1e10, [
@@ -187,6 +187,7 @@ def test_report_renders_rows_floor_peers_and_ratios():
     assert "main float32" in text and "main int8" in text
     assert "100.0" in text  # 200 tokens in 2 s
     assert "3 / 0" in text  # programs compiled in warm-up / steady
+    assert "4.10" in text and "4.28" not in text  # the 1-minute load average as the row started
     assert "25%" in text and "12.5" in text  # int8's agreement with float32
     assert "2*(L*(2*M*H*D" in text and "floor 36 tok/s" in text  # 1e10 FLOP/s / 2.8e8 FLOP per token
     assert "keras-hub: skipped: python lacks keras_hub" in text

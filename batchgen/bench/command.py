@@ -21,11 +21,15 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 @click.command()
-@click.option("--preset", default="smollm2_135m_instruct", show_default=True, help="Model: a built-in preset, a GGUF file or a preset directory.")
-@click.option("--peers", is_flag=True, help="Also run transformers and keras-hub generate on the same weights and prompts.")
-@click.option("--peer-python", default=sys.executable, show_default=True, help="Interpreter that has torch, transformers and keras-hub.")
+@click.option("--preset", default="smollm2_135m_instruct", show_default=True,
+              help="Model: a built-in preset, a GGUF file or a preset directory.")
+@click.option("--peers", is_flag=True,
+              help="Also run transformers and keras-hub generate on the same weights and prompts.")
+@click.option("--peer-python", default=sys.executable, show_default=True,
+              help="Interpreter that has torch, transformers and keras-hub.")
 @click.option("--quick", is_flag=True, help="A few prompts and tokens: checks that everything runs, measures little.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the raw figures here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the raw figures here.")
 @click.option("--prompts", type=int, help="Prompts in the main workload [64].")
 @click.option("--max-new-tokens", type=int, help="Token budget per prompt in the main workload [64].")
 @click.option("--variable-prompts", type=int, help="Prompts in the variable-length workload, 0 to leave it out [128].")

@@ -53,7 +53,8 @@ class FlopCount:
 
 def weights_per_token(config: LlamaConfig) -> int:
     """Weights that take part in products for one token: every layer's projections and the LM head."""
-    m, h, k, d, f = config.hidden_dim, config.num_query_heads, config.num_key_value_heads, config.head_dim, config.intermediate_dim
+    m, h, k, d = config.hidden_dim, config.num_query_heads, config.num_key_value_heads, config.head_dim
+    f = config.intermediate_dim
     per_layer = m * h * d + 2 * m * k * d + h * d * m + 3 * m * f
     return config.num_layers * per_layer + m * config.vocabulary_size
 

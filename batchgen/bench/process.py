@@ -21,7 +21,9 @@ class BenchStepError(BatchgenError):
     """A benchmark step's process failed, timed out or wrote no result; the message holds its log's tail."""
 
 
-def run_json_process(argv: list[str], out: Path, log: Path, timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_json_process(
+    argv: list[str], out: Path, log: Path, timeout: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Runs `argv` and returns the JSON object it wrote to `out`."""
     out.unlink(missing_ok=True)
     with log.open("w", encoding="utf-8") as log_file:

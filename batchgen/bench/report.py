@@ -48,7 +48,8 @@ class EngineRow:
     steady: PassFigures
     peak_rss_bytes: int
     outputs: dict[str, list[int]] = dataclasses.field(default_factory=dict, repr=False)
-    # Filled by the runner once every row is in:
+    # Filled by the runner:
+    load_average: str = ""  # 1, 5 and 15 minute load averages as the row started (above the core count: noisy)
     identical_share: float | None = None  # share of prompts whose greedy output equals float32's
     mean_prefix_tokens: float | None = None  # mean tokens the output shares with float32's from the start
     achieved_flops_per_second: float | None = None
@@ -118,6 +119,7 @@ class PeerResult:
     warmup_seconds: float = 0.0  # the first (untimed) pass: compile for keras-hub, allocator warm-up for torch
     peak_rss_bytes: int = 0
     runs: list[PeerRun] = dataclasses.field(default_factory=list)
+    load_average: str = ""  # when the peer started
 
     @property
     def best(self) -> PeerRun | None:
@@ -210,6 +212,11 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:,.0f}"
 
 
+def _load(load_average: str) -> str:
+    """The 1-minute load average of "1.93 2.10 2.31"."""
+    return load_average.split()[0] if load_average else "-"
+
+
 def _share(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
@@ -230,6 +237,7 @@ def _render(report: BenchReport) -> list[Any]:
         ("configuration", "left"), ("slots", "right"), ("gen tok/s", "right"), ("prefill tok/s", "right"),
         ("1st result s", "right"), ("compile s wall / XLA", "right"), ("programs warm-up / steady", "right"),
         ("peak RSS MB", "right"), ("% of floor", "right"), ("= f32", "right"), ("f32 prefix", "right"),
+        ("load", "right"),
     ):
         table.add_column(column, justify=justify)
     for r in report.engine_rows:
@@ -239,7 +247,7 @@ def _render(report: BenchReport) -> list[Any]:
             f"{r.compile_wall_seconds:.1f} / {r.warmup.compile_seconds:.1f}",
             f"{r.warmup.programs_compiled} / {r.steady.programs_compiled}", _mb(r.peak_rss_bytes),
             _share(r.floor_share), _share(r.identical_share),
-            "-" if r.mean_prefix_tokens is None else f"{r.mean_prefix_tokens:.1f}",
+            "-" if r.mean_prefix_tokens is None else f"{r.mean_prefix_tokens:.1f}", _load(r.load_average),
         )
     out.append(table)
     speedup = report.continuous_speedup()
@@ -257,7 +265,8 @@ def _render(report: BenchReport) -> list[Any]:
             f"{f.mean_context:.0f} ({f.weight_flops / 1e9:.3f} weights + {f.attention_flops / 1e9:.3f} attention)"
         ))
         out.append(Text(
-            f"float32 matmul rate, the model's products at {f.rows} rows: {f.matmul_flops_per_second / 1e9:.1f} GFLOP/s "
+            f"float32 matmul rate, the model's products at {f.rows} rows: "
+            f"{f.matmul_flops_per_second / 1e9:.1f} GFLOP/s "
             f"(measured {rates} after the first row / at the end; single products {shapes}) "
             f"-> floor {f.floor_tokens_per_second:.0f} tok/s"
         ))
@@ -267,12 +276,13 @@ def _render(report: BenchReport) -> list[Any]:
         for column, justify in (
             ("system", "left"), ("batch", "right"), ("gen tok/s", "right"), ("1st result s", "right"),
             ("warm-up s", "right"), ("peak RSS MB", "right"), ("= ours f32", "right"), ("ours f32 / peer", "right"),
+            ("load", "right"),
         ):
             peers.add_column(column, justify=justify)
         ours = report.row("main float32")
         for p in report.peers:
             if p.status != "ran":
-                peers.add_row(p.system, "-", p.status, "", "", "", "", "", style="dim")
+                peers.add_row(p.system, "-", p.status, "", "", "", "", "", "", style="dim")
                 continue
             best = p.best
             for run in p.runs:
@@ -281,6 +291,7 @@ def _render(report: BenchReport) -> list[Any]:
                     p.system + (" (best)" if run is best and len(p.runs) > 1 else ""),
                     str(run.batch), f"{run.tokens_per_second:.1f}", f"{run.first_result_seconds:.2f}",
                     f"{p.warmup_seconds:.1f}", _mb(p.peak_rss_bytes), _share(run.identical_share), ratio,
+                    _load(p.load_average),
                 )
         out.append(peers)
         for p in report.peers:

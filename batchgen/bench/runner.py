@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from batchgen.bench import peers as peer_registry
-from batchgen.bench.floor import flops_per_token, mean_context, measure_matmul_rate
+from batchgen.bench.floor import MatmulRate, flops_per_token, mean_context, measure_matmul_rate
 from batchgen.bench.machine import load_average, machine_info
 from batchgen.bench.options import BenchOptions
 from batchgen.bench.ours import EngineRun, PrepareWorkloads
@@ -26,6 +26,7 @@ from batchgen.bench.process import BenchStepError, run_json_process
 from batchgen.bench.quality import agreement
 from batchgen.bench.report import BenchReport, EngineRow, FloorFigures, PeerResult, PeerRun
 from batchgen.bench.workloads import Workload
+from model.config import LlamaConfig
 
 REFERENCE_ROW = "main float32"
 
@@ -131,8 +132,6 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] = _silent) -
         >>> report = run_benchmark(BenchOptions.quick())  # doctest: +SKIP
         >>> print(report.render_text())  # doctest: +SKIP
     """
-    from model.config import LlamaConfig
-
     started = time.perf_counter()
     machine = machine_info()
     with _workdir(options) as work:
@@ -150,7 +149,8 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] = _silent) -
                     spec.update(gguf_path=gguf, batches=_batches(options.transformers_batches, options.prompts))
                 if reason is None and peer is peer_registry.KERAS_HUB:
                     keras_hub_preset = work / "keras_hub_preset"
-                    spec.update(preset_dir=str(keras_hub_preset), batches=_batches(options.keras_hub_batches, options.prompts))
+                    batches = _batches(options.keras_hub_batches, options.prompts)
+                    spec.update(preset_dir=str(keras_hub_preset), batches=batches)
                 if reason is None:
                     peers_wanted.append((peer, spec))
                 else:
@@ -161,8 +161,10 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] = _silent) -
         config: LlamaConfig | None = None
         rates = []
         for run in _engine_runs(options, work, keras_hub_preset):
-            log(f"running {run.name} (load average {load_average()})")
+            load = load_average()
+            log(f"running {run.name} (load average {load})")
             row, config_fields = _run_engine(run, work, options.timeout_seconds)
+            row.load_average = load
             rows.append(row)
             log(f"  {row.tokens_per_second:.1f} generated tok/s, compile {row.warmup.compile_seconds:.1f} s, "
                 f"peak RSS {row.peak_rss_bytes / 2**20:.0f} MB")
@@ -176,8 +178,10 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] = _silent) -
             workloads["variable"] = Workload.read(work / "workload_variable.json")
 
         for peer, spec in peers_wanted:
-            log(f"running peer {peer.system} with {options.peer_python} (load average {load_average()})")
+            load = load_average()
+            log(f"running peer {peer.system} with {options.peer_python} (load average {load})")
             results.append(_run_peer(peer, options.peer_python, spec, work, options.timeout_seconds))
+            results[-1].load_average = load
 
         assert config is not None  # the reference row always runs
         log("measuring the float32 matmul rate again")
@@ -194,7 +198,10 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] = _silent) -
     )
 
 
-def _score(rows: list[EngineRow], peers: list[PeerResult], workloads: dict[str, Workload], config, rates) -> FloorFigures:
+def _score(
+    rows: list[EngineRow], peers: list[PeerResult], workloads: dict[str, Workload], config: LlamaConfig,
+    rates: list[MatmulRate],
+) -> FloorFigures:
     """Fills quality against float32, achieved FLOP/s and % of floor into the rows; returns the floor."""
     reference = next(r for r in rows if r.name == REFERENCE_ROW)
     rate = sum(r.flops_per_second for r in rates) / len(rates)

@@ -28,7 +28,9 @@ TRANSFORMERS = Peer(
     "transformers", HERE / "transformers_generate.py", ("torch", "transformers", "gguf"),
     "pip install torch==2.13.0 transformers gguf",
 )
-KERAS_HUB = Peer("keras-hub", HERE / "keras_hub_generate.py", ("keras_hub", "keras", "jax"), "pip install keras-hub jax")
+KERAS_HUB = Peer(
+    "keras-hub", HERE / "keras_hub_generate.py", ("keras_hub", "keras", "jax"), "pip install keras-hub jax"
+)
 PEERS: tuple[Peer, ...] = (TRANSFORMERS, KERAS_HUB)
 
 _CHECK = "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))"
