@@ -200,9 +200,10 @@ def _decode(
             config,
             tokens[:, None],
             lengths[:, None],
-            cache_k=cache.k[:, :, :, :window],
-            cache_v=cache.v[:, :, :, :window],
+            cache_k=cache.k,
+            cache_v=cache.v,
             cache_lengths=lengths,
+            cache_window=window,
         )
         logits = transformer.logits(params, hidden[:, 0])
         sampled = sampling.sample_next(logits, rows, _row_keys(seeds, counts), variant=variant)
