@@ -16,13 +16,13 @@ A quantized kernel `name` is int8 with a float scale `name + "_scale"` broadcast
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import rope
+from model import paged_attention, rope
 from model.config import LlamaConfig
 
 Params = dict[str, Any]
@@ -53,12 +53,13 @@ def _attention(
     cache_k: jnp.ndarray | None,
     cache_v: jnp.ndarray | None,
     cache_lengths: jnp.ndarray | None,
-    token_mask: jnp.ndarray,
+    new_visible: jnp.ndarray,
 ) -> jnp.ndarray:
     """Grouped-query attention of new tokens over (cached tokens, new tokens).
 
     q [B, T, H, D]; new_k/new_v [B, T, K, D]; cache_k/cache_v [B, K, S, D] or None; cache_lengths [B]:
-    cached keys j < cache_lengths[b] are visible; token_mask [B, T]: which new tokens are real.
+    cached keys j < cache_lengths[b] are visible; new_visible [B, T(query), T(key)]: which new tokens each new
+    token sees (see `visibility`).
     K/V are never repeated to H heads: queries are grouped as [B, T, K, G, D] instead.
     Scores over the cache and over the new block are computed apart and joined after, so the (large)
     cache is only read, never copied.
@@ -66,8 +67,6 @@ def _attention(
     b, t, h, d = q.shape
     k_heads = new_k.shape[2]
     qg = q.reshape(b, t, k_heads, h // k_heads, d) * jnp.asarray(d**-0.5, q.dtype)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    new_visible = causal[None] & token_mask[:, None, :]  # [B, T(query), T(key)]
     new_scores = jnp.einsum("btkgd,bskd->bkgts", qg, new_k, preferred_element_type=jnp.float32)
     new_scores = jnp.where(new_visible[:, None, None], new_scores, _MASKED)
     if cache_k is None:
@@ -95,16 +94,32 @@ def _attention(
     return out.reshape(b, t, h, d)
 
 
+def visibility(token_mask: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Which new tokens each new token attends to: [B, T(query), T(key)] bool.
+
+    Causal, only real keys (token_mask [B, T]); with segment_ids [B, T], only keys of the same segment, so that
+    several prompts packed into one row (see the engine's prefill) do not see each other.
+    """
+    t = token_mask.shape[1]
+    visible = jnp.tril(jnp.ones((t, t), bool))[None] & token_mask[:, None, :]
+    if segment_ids is not None:
+        visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return visible
+
+
+# attend(q [B,T,H,D], k [B,T,K,D], v [B,T,K,D], layer_cache) -> [B,T,H,D]: attention of the new tokens; layer_cache
+# is whatever per-layer slice of a cache the caller scans over alongside the layer weights.
+Attend = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]
+
+
 def _decoder_layer(
     config: LlamaConfig,
     inv_freq: np.ndarray,
     x: jnp.ndarray,
     layer: Params,
     positions: jnp.ndarray,
-    token_mask: jnp.ndarray,
-    cache_k: jnp.ndarray | None,
-    cache_v: jnp.ndarray | None,
-    cache_lengths: jnp.ndarray | None,
+    attend: Attend,
+    layer_cache: Any,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """One pre-norm block: x + attention(norm(x)), then + SwiGLU(norm(x)). Returns x and this block's new k, v."""
     dtype = x.dtype
@@ -114,13 +129,41 @@ def _decoder_layer(
     v = jnp.einsum("btm,mkd->btkd", h, kernel(layer, "value", dtype))
     q = rope.rotate(q, positions, inv_freq)
     k = rope.rotate(k, positions, inv_freq)
-    attended = _attention(q, k, v, cache_k, cache_v, cache_lengths, token_mask)
+    attended = attend(q, k, v, layer_cache)
     x = x + jnp.einsum("bthd,hdm->btm", attended, kernel(layer, "attention_output", dtype))
     h = rms_norm(x, layer["mlp_norm"], config.layer_norm_epsilon)
     gate = jnp.einsum("btm,mf->btf", h, kernel(layer, "gate", dtype))
     up = jnp.einsum("btm,mf->btf", h, kernel(layer, "up", dtype))
     x = x + jnp.einsum("btf,fm->btm", jax.nn.silu(gate) * up, kernel(layer, "down", dtype))
     return x, k, v
+
+
+def _run_layers(
+    params: Params,
+    config: LlamaConfig,
+    token_ids: jnp.ndarray,
+    positions: jnp.ndarray,
+    dtype: Any,
+    attend: Attend,
+    cache: Any,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Embedding, every layer as one `lax.scan` (cache: a pytree with a leading L axis, or None), final norm."""
+    b, t = token_ids.shape
+    assert positions.shape == (b, t), (positions.shape, token_ids.shape)
+    dtype = dtype or params["token_embedding"].dtype
+    if dtype == jnp.int8:
+        dtype = jnp.float32
+    inv_freq = rope.inverse_frequencies(config)
+    x = embed(params, token_ids, dtype)
+
+    def body(x, xs):
+        layer, layer_cache = xs
+        x, k, v = _decoder_layer(config, inv_freq, x, layer, positions, attend, layer_cache)
+        return x, (k, v)
+
+    x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], cache))
+    x = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
+    return x, new_k, new_v
 
 
 def forward(
@@ -134,40 +177,58 @@ def forward(
     cache_lengths: jnp.ndarray | None = None,
     dtype: Any = None,
     cache_window: int | None = None,
+    segment_ids: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Runs the decoder over new tokens, optionally after cached ones.
 
     token_ids, positions [B, T] int; token_mask [B, T] bool (default all real); cache_k/cache_v
-    [L, B, K, S, D] read-only, with cache_lengths [B] valid entries per row. Returns the final-normed hidden
-    states [B, T, M] and the new tokens' keys and values [L, B, T, K, D], which the caller writes into its
-    cache (see `model.kv_cache`). `cache_window` limits attention to the first entries of the cache (every
-    row's cache_lengths must fit in it).
+    [L, B, K, S, D] read-only, with cache_lengths [B] valid entries per row; segment_ids [B, T]: several
+    sequences packed in a row, each attending only to itself (see `visibility`). Returns the final-normed
+    hidden states [B, T, M] and the new tokens' keys and values [L, B, T, K, D], which the caller writes into
+    its cache (see `model.generation.kv_cache`). `cache_window` limits attention to the first entries of the
+    cache (every row's cache_lengths must fit in it).
     """
     b, t = token_ids.shape
-    assert positions.shape == (b, t), (positions.shape, token_ids.shape)
     if token_mask is None:
         token_mask = jnp.ones((b, t), bool)
-    dtype = dtype or params["token_embedding"].dtype
-    if dtype == jnp.int8:
-        dtype = jnp.float32
-    inv_freq = rope.inverse_frequencies(config)
-    x = embed(params, token_ids, dtype)
+    new_visible = visibility(token_mask, segment_ids)
 
-    def body(x, xs):
-        layer, layer_cache_k, layer_cache_v = xs
-        if cache_window is not None:
+    def attend(q, k, v, layer_cache):
+        layer_cache_k, layer_cache_v = layer_cache if layer_cache is not None else (None, None)
+        if layer_cache_k is not None and cache_window is not None:
             # Sliced per layer, inside the loop, so the slice fuses into the attention's pass over the cache
             # instead of copying the window of every layer's cache before the loop.
             layer_cache_k = layer_cache_k[:, :, :cache_window]
             layer_cache_v = layer_cache_v[:, :, :cache_window]
-        x, k, v = _decoder_layer(
-            config, inv_freq, x, layer, positions, token_mask, layer_cache_k, layer_cache_v, cache_lengths
-        )
-        return x, (k, v)
+        return _attention(q, k, v, layer_cache_k, layer_cache_v, cache_lengths, new_visible)
 
-    x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], cache_k, cache_v))
-    x = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
-    return x, new_k, new_v
+    cache = None if cache_k is None else (cache_k, cache_v)
+    return _run_layers(params, config, token_ids, positions, dtype, attend, cache)
+
+
+def forward_paged(
+    params: Params,
+    config: LlamaConfig,
+    token_ids: jnp.ndarray,
+    pages_k: jnp.ndarray,
+    pages_v: jnp.ndarray,
+    view: paged_attention.PageView,
+    window: int,
+    dtype: Any = None,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """One decode step, one new token per slot, over a paged cache (see `model.paged_attention`).
+
+    token_ids [B, 1] sit at position view.lengths; pages_k/pages_v [L, N, K, P, D] are read, never written;
+    only the first `window` pages are read (every page in use lies below it). Returns as `forward` does.
+    """
+    positions = view.lengths[:, None]
+
+    def attend(q, k, v, layer_pages):
+        layer_k, layer_v = layer_pages
+        # Sliced per layer inside the loop, as in `forward`, so that the slice fuses into the pass over the pool.
+        return paged_attention.decode_attention(q, k, v, layer_k[:window], layer_v[:window], view)
+
+    return _run_layers(params, config, token_ids, positions, dtype, attend, (pages_k, pages_v))
 
 
 def embed(params: Params, token_ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:

@@ -128,13 +128,34 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny_backb
     assert other_seed.token_ids != alone.token_ids
 
 
-def test_prefill_chunks_cover_every_row_once_with_little_padding():
-    from model.generation.engine import _prefill_chunks
+def test_packs_hold_every_prompt_once_within_their_rows():
+    from model.generation.engine import PACK_TOKENS, _bucket, _plan_packs, _segments_for
 
-    for rows in range(1, 70):
-        for max_slots in (1, 2, 8, 64):
-            chunks = _prefill_chunks(rows, max_slots)
-            covered = [start + i for size, start in chunks for i in range(size) if start + i < rows]
-            assert covered == list(range(rows))
-            padding = sum(size for size, _ in chunks) - rows
-            assert padding < 4, (rows, max_slots, chunks)  # never a mostly-empty 16-row program
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        lengths = list(rng.integers(1, rng.choice([40, 300, 1500]), rng.integers(1, 70)))
+        max_slots = int(rng.choice([1, 8, 64]))
+        packs = _plan_packs(lengths, max_slots)
+        assert sorted(i for pack in packs for i in pack) == list(range(len(lengths)))
+        for pack in packs:
+            total = sum(lengths[i] for i in pack)
+            row = _bucket(total, 32)
+            assert total <= max(PACK_TOKENS, row) and len(pack) <= _segments_for(row, max_slots)
+            assert len(pack) == 1 or total <= PACK_TOKENS or max(lengths[i] for i in pack) > PACK_TOKENS
+
+
+def test_packing_pads_little_on_a_mixed_workload():
+    from model.generation.engine import _bucket, _plan_packs
+
+    rng = np.random.default_rng(5)
+    lengths = list(rng.integers(30, 400, 64))
+    padded = sum(_bucket(sum(lengths[i] for i in pack), 32) for pack in _plan_packs(lengths, 64))
+    assert padded < 1.15 * sum(lengths)  # a power-of-two bucket per prompt pads ~40% here
+
+
+def test_window_buckets_step_by_quarter_octaves():
+    from model.generation.engine import _window_bucket
+
+    assert [_window_bucket(n, 10_000) for n in (1, 16, 17, 21, 29, 33, 100, 300)] == [16, 16, 20, 24, 32, 40, 112, 320]
+    assert _window_bucket(300, 290) == 290
+    assert all(n <= _window_bucket(n, 10_000) < 1.25 * n + 16 for n in range(1, 3000))

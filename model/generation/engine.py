@@ -1,13 +1,15 @@
 """The continuous-batching generation engine: one decode core for `generate()` and the batch workers.
 
-A fixed number of slots share a preallocated grouped KV cache. Waiting requests are prefilled in groups (only
-their real tokens, padded to a length bucket) straight into free slots; then every jitted decode call advances
-all slots `steps_per_call` tokens. A slot whose sequence stops (stop token, stop string, token budget, end of
-cache) is refilled with the next waiting request before the next decode call.
+A fixed number of slots share a preallocated, paged, grouped KV cache (`paged_cache.py`). Waiting requests are
+admitted into free slots when the cache has room for their worst case, and prefilled packed side by side in
+rows of PACK_TOKENS tokens (only real tokens, each prompt attending to itself), straight into their slots'
+pages; then every jitted decode call advances all slots `steps_per_call` tokens, each slot's attention reading
+only its own pages (`model/paged_attention.py`). A slot whose sequence stops (stop token, stop string, token
+budget, end of cache) is refilled with the next waiting request before the next decode call.
 
 Shapes are static and bucketed, so a long job compiles a handful of programs once:
-  prefill: (rows in {4, 16}) x (prompt length bucket, powers of two) -- only the buckets a run meets;
-  decode:  one per attention window bucket (powers of two up to the cache length) and sampler variant.
+  prefill: one per packed row length (powers of two, 32 .. PACK_TOKENS, longer only for longer prompts);
+  decode:  one per window of pages read (quarter-octave steps) and sampler variant.
 
 Example:
     >>> engine = GenerationEngine(lm.backbone, lm.preprocessor.tokenizer, max_slots=8, max_length=256)
@@ -27,44 +29,70 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import parallel, transformer
+from model import paged_attention, parallel, transformer
 from model.backbone import LlamaBackbone
 from model.config import LlamaConfig
 from model.generation import compile_counter
-from model.generation.kv_cache import KVCache, write_prompts, write_tokens
+from model.generation import paged_cache
+from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
 from model.generation.requests import Completion, Request, SamplingParams
 from model.samplers import sampling
 
-# Prefill batch sizes: refills after a few slots finish use 4 rows, a fresh start 16 (capped at max_slots).
-# Two sizes, not one per count, keep the number of programs small; a padded row costs little next to decode.
-PREFILL_ROW_BUCKETS = (4, 16)
-MIN_LENGTH_BUCKET = 32
+# A prefill call packs whole prompts into one row of up to this many tokens (a longer prompt gets a row of its
+# own length bucket): at the demo model's size a row this long runs the weight products near the machine's
+# matmul rate, and packing wastes only the tail of the last row instead of padding every prompt to a bucket.
+PACK_TOKENS = 512
+MIN_PACK_BUCKET = 32
 STOP_ID_BUCKET = 4  # stop-id table width grows in steps of this, so a few stop ids never force a recompile
 
 
-def _bucket(n: int, minimum: int, maximum: int) -> int:
+def _bucket(n: int, minimum: int, maximum: int | None = None) -> int:
     """The smallest power of two >= n (at least `minimum`), capped at `maximum`."""
     size = minimum
     while size < n:
         size *= 2
-    return min(size, maximum)
+    return size if maximum is None else min(size, maximum)
 
 
-def _prefill_chunks(rows: int, max_slots: int) -> list[tuple[int, int]]:
-    """(program rows, first row) of each prefill call for `rows` prompts of one length bucket.
+def _window_bucket(pages: int, maximum: int) -> int:
+    """Pages a decode call reads: quarter-octave steps (16, 20, 24, 28, 32, 40, ...), capped at the pool.
 
-    Full chunks of the largest size, then the rest in the smallest size: 7 prompts run as 4 + 4 rows, not
-    as 16 rows of which 9 are padding (at a 512-token bucket that padding cost more than the real prompts).
+    At most a fifth of a window is pages not in use, and a run meets a few sizes (one program each).
     """
-    small, large = (min(size, max_slots) for size in PREFILL_ROW_BUCKETS)
-    chunks, start = [], 0
-    while rows - start > large - small:  # a remainder this close to `large` pads no more as one chunk
-        chunks.append((large, start))
-        start += large
-    while start < rows:
-        chunks.append((small, start))
-        start += small
-    return chunks
+    size = 16
+    while True:
+        for quarters in (4, 5, 6, 7):
+            if size * quarters // 4 >= pages:
+                return min(size * quarters // 4, maximum)
+        size *= 2
+
+
+def _segments_for(tokens: int, max_slots: int) -> int:
+    """How many prompts a prefill call of `tokens` tokens holds at most: the rows it samples a first token for."""
+    return min(max_slots, max(8, tokens // 8))
+
+
+def _plan_packs(lengths: Sequence[int], max_slots: int) -> list[list[int]]:
+    """Groups prompts (by index) into prefill calls: first-fit decreasing into rows of PACK_TOKENS tokens.
+
+    A prompt longer than PACK_TOKENS opens a row of its own power-of-two length, which shorter prompts may
+    share. A call's row is then padded to the power of two above what it holds, so the padding is at most the
+    tail of each call, not the gap between every prompt and its length bucket.
+    """
+    packs: list[tuple[int, list[int]]] = []  # (capacity, members)
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        for j, (capacity, members) in enumerate(packs):
+            grown = used[j] + n
+            if grown <= capacity and len(members) < _segments_for(_bucket(grown, MIN_PACK_BUCKET), max_slots):
+                members.append(i)
+                used[j] = grown
+                break
+        else:
+            packs.append((max(PACK_TOKENS, _bucket(n, MIN_PACK_BUCKET)), [i]))
+            used.append(n)
+    return [members for _, members in packs]
 
 
 @dataclasses.dataclass
@@ -92,9 +120,11 @@ class _Slot:
 
 @dataclasses.dataclass
 class _SlotTable:
-    """Host-side state of every slot: numpy arrays [B] handed to the decode step, and the request in each slot."""
+    """Host-side state of every slot: numpy arrays [B] handed to the decode step, the request in each slot, and
+    the pages of the KV cache each slot owns."""
 
     entries: list[_Slot | None]
+    pages: PageTable
     tokens: np.ndarray  # last token, not yet in the cache
     lengths: np.ndarray  # tokens in the cache
     counts: np.ndarray  # tokens generated
@@ -103,24 +133,34 @@ class _SlotTable:
     seeds: np.ndarray
 
     @classmethod
-    def empty(cls, slots: int) -> "_SlotTable":
+    def empty(cls, slots: int, pages: PageTable) -> "_SlotTable":
         zeros = lambda dtype: np.zeros(slots, dtype)  # noqa: E731
-        return cls([None] * slots, zeros(np.int32), zeros(np.int32), zeros(np.int32), zeros(bool),
+        return cls([None] * slots, pages, zeros(np.int32), zeros(np.int32), zeros(np.int32), zeros(bool),
                    zeros(np.int32), zeros(np.uint32))
 
     def free_slots(self) -> list[int]:
         return [i for i, entry in enumerate(self.entries) if entry is None]
 
-    def occupy(self, slot: int, request: Request, first_token: int, seed: int) -> _Slot:
+    def reserve(self, slot: int, request: Request, max_length: int) -> bool:
+        """Claims `slot` and room in the cache for the request's worst case; False when the cache is full."""
         n = len(request.prompt_ids)
+        most = min(n + request.max_new_tokens, max_length)
+        if not self.pages.can_admit(most):
+            return False
+        self.pages.admit(slot, n, most)
         self.entries[slot] = _Slot(request, n, frozenset(request.stop_token_ids), [])
-        self.tokens[slot], self.lengths[slot], self.counts[slot] = first_token, n, 1
+        return True
+
+    def occupy(self, slot: int, request: Request, first_token: int, seed: int) -> _Slot:
+        """Starts decoding `slot` after its prompt was prefilled and sampled `first_token`."""
+        self.tokens[slot], self.lengths[slot], self.counts[slot] = first_token, len(request.prompt_ids), 1
         self.budgets[slot], self.seeds[slot], self.active[slot] = request.max_new_tokens, seed, True
         return self.entries[slot]
 
     def release(self, slot: int) -> None:
         self.entries[slot] = None
         self.active[slot] = False
+        self.pages.release(slot)
 
     def sampling_rows(self) -> list[SamplingParams]:
         """Each slot's sampling parameters; free slots borrow an occupied one's so the variant is unchanged."""
@@ -148,32 +188,36 @@ def _row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("config", "variant"), donate_argnames=("cache",))
 def _prefill(
     params: transformer.Params,
-    cache: KVCache,
-    token_ids: jax.Array,  # [P, T] int32, right-padded
-    lengths: jax.Array,  # [P] real prompt lengths
-    slots: jax.Array,  # [P] target slot per row; B (out of range) for padding rows
+    cache: PagedKVCache,
+    token_ids: jax.Array,  # [1, T] int32: whole prompts packed one after another, then padding
+    positions: jax.Array,  # [1, T] each token's position in its own prompt
+    segment_ids: jax.Array,  # [1, T] which prompt each token belongs to; -1 for padding
+    pages: jax.Array,  # [T] the page each token's keys/values go to; N (dropped) for padding
+    offsets: jax.Array,  # [T] the offset within that page
+    last: jax.Array,  # [R] index of each prompt's last token (R = the call's prompt capacity)
     rows: sampling.RowSamplingParams,
-    seeds: jax.Array,  # [P] uint32
+    seeds: jax.Array,  # [R] uint32
     *,
     config: LlamaConfig,
     variant: sampling.SamplingVariant,
-) -> tuple[KVCache, jax.Array]:
-    p, t = token_ids.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (p, t))
-    token_mask = positions < lengths[:, None]
-    hidden, new_k, new_v = transformer.forward(params, config, token_ids, positions, token_mask)
-    last = hidden[jnp.arange(p), lengths - 1]  # logits only where the next token is predicted
-    logits = transformer.logits(params, last)
+) -> tuple[PagedKVCache, jax.Array]:
+    hidden, new_k, new_v = transformer.forward(
+        params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids
+    )
+    logits = transformer.logits(params, hidden[0, last])  # only where a prompt's next token is predicted
     first_tokens = sampling.sample_next(logits, rows, _row_keys(seeds, jnp.zeros_like(seeds)), variant=variant)
-    return write_prompts(cache, new_k, new_v, slots), first_tokens
+    return paged_cache.write(cache, new_k[:, 0], new_v[:, 0], pages, offsets), first_tokens
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "variant", "steps", "window"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("config", "variant", "steps", "window", "max_length"), donate_argnames=("cache",)
 )
 def _decode(
     params: transformer.Params,
-    cache: KVCache,
+    cache: PagedKVCache,
+    page_table: jax.Array,  # [B, pages per slot] each slot's pages in order; N where none is allocated
+    owner: jax.Array,  # [window] the slot owning each of the first pages; B for a free page
+    start: jax.Array,  # [window] the position of each page's first entry
     tokens: jax.Array,  # [B] last token of each slot, not yet in the cache
     lengths: jax.Array,  # [B] tokens in the cache per slot
     counts: jax.Array,  # [B] tokens generated so far
@@ -187,27 +231,24 @@ def _decode(
     variant: sampling.SamplingVariant,
     steps: int,
     window: int,
-) -> tuple[KVCache, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Runs `steps` decode steps for every slot; returns the new tokens [B, steps] (-1 where a slot was idle)."""
-    max_length = cache.max_length
+    max_length: int,
+) -> tuple[PagedKVCache, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Runs `steps` decode steps for every slot; returns the new tokens [B, steps] (-1 where a slot was idle).
+
+    Every page a slot writes during these steps was allocated before the call (see `PageTable.grow`).
+    """
+    page_size = cache.page_size
+    slots = jnp.arange(tokens.shape[0])
 
     def step(carry, _):
         cache, tokens, lengths, counts, active = carry
-        # Attend only over the first `window` cache entries: every active slot's length fits in it, and
-        # reading the whole preallocated cache would cost as much memory traffic as the weights.
-        hidden, new_k, new_v = transformer.forward(
-            params,
-            config,
-            tokens[:, None],
-            lengths[:, None],
-            cache_k=cache.k,
-            cache_v=cache.v,
-            cache_lengths=lengths,
-            cache_window=window,
-        )
+        # Reads only the first `window` pages of the pool: every page in use lies below it.
+        view = paged_attention.PageView(owner, start, lengths)
+        hidden, new_k, new_v = transformer.forward_paged(params, config, tokens[:, None], cache.k, cache.v, view, window)
         logits = transformer.logits(params, hidden[:, 0])
         sampled = sampling.sample_next(logits, rows, _row_keys(seeds, counts), variant=variant)
-        cache = write_tokens(cache, new_k, new_v, jnp.where(active, lengths, max_length))
+        target = jnp.where(active, page_table[slots, lengths // page_size], cache.pages)  # idle slots: dropped
+        cache = paged_cache.write(cache, new_k[:, :, 0], new_v[:, :, 0], target, lengths % page_size)
         lengths = lengths + active
         counts = counts + active
         stopped = jnp.any(sampled[:, None] == stop_ids, axis=-1)
@@ -235,6 +276,9 @@ class GenerationEngine:
         max_slots: sequences decoded together (B).
         max_length: cache length per slot (prompt + generated tokens), at most the model's context.
         steps_per_call: decode steps per jitted call; more amortises dispatch, fewer refills sooner.
+        cache_tokens: positions the paged KV cache holds over all slots (default max_slots x max_length, room
+            for every slot at full length); smaller saves memory, and a request then waits for room when the
+            cache cannot hold its prompt and whole token budget beside the sequences in flight.
         continuous: refill a slot as soon as its sequence ends; False runs static batches (a new batch starts
             only when every slot is free), kept to measure what continuous batching gains.
     """
@@ -248,6 +292,7 @@ class GenerationEngine:
         max_length: int | None = None,
         steps_per_call: int = 8,
         cache_dtype: Any = None,
+        cache_tokens: int | None = None,
         continuous: bool = True,
     ) -> None:
         config = backbone.config
@@ -265,10 +310,14 @@ class GenerationEngine:
         self.max_length = max_length
         self.steps_per_call = steps_per_call
         self.continuous = continuous
+        self.cache_tokens = cache_tokens or max_slots * max_length
+        if self.cache_tokens < max_length:
+            raise ValueError(f"cache_tokens {self.cache_tokens} cannot hold one sequence of max_length {max_length}")
+        self.cache_pages = paged_cache.pages_for(self.cache_tokens, PAGE_SIZE)
         compute_dtype = jnp.dtype(backbone.compute_dtype)
         self.cache_dtype = jnp.dtype(cache_dtype or compute_dtype)
         self.stats = EngineStats()
-        self._cache: KVCache | None = None
+        self._cache: PagedKVCache | None = None
 
     # ---- public -----------------------------------------------------------------------------------------
 
@@ -298,10 +347,11 @@ class GenerationEngine:
     def _run(self, params: transformer.Params, requests: Iterator[Request]) -> Iterator[Completion]:
         if self._cache is None:
             # A tensor-parallel backbone gets a cache split along KV heads like its key / value weights.
-            self._cache = KVCache.allocate(
-                self.config, self.max_slots, self.max_length, self.cache_dtype, parallel.cache_sharding(self.backbone)
+            self._cache = PagedKVCache.allocate(
+                self.config, self.cache_pages, PAGE_SIZE, self.cache_dtype, parallel.cache_sharding(self.backbone)
             )
-        table = _SlotTable.empty(self.max_slots)
+        pages = PageTable(self.cache_pages, PAGE_SIZE, self.max_slots, self.max_length)
+        table = _SlotTable.empty(self.max_slots, pages)
         waiting: collections.deque[Request] = collections.deque()
         pending = iter(requests)
         exhausted = False
@@ -315,12 +365,13 @@ class GenerationEngine:
             free = table.free_slots() if self.continuous or not table.active.any() else []
             admitted: list[tuple[int, Request]] = []
             while free and waiting:
-                request = waiting.popleft()
-                error = self._validate(request)
+                error = self._validate(waiting[0])
                 if error:  # rejected alone; the rest of the batch goes on
-                    yield self._error(request, error)
-                else:
-                    admitted.append((free.pop(0), request))
+                    yield self._error(waiting.popleft(), error)
+                elif table.reserve(free[0], waiting[0], self.max_length):
+                    admitted.append((free.pop(0), waiting.popleft()))
+                else:  # the cache is full: the next request waits (in order) for a sequence to finish
+                    break
             if admitted:
                 yield from self._prefill_admitted(params, admitted, table)
             if table.active.any():
@@ -349,37 +400,40 @@ class GenerationEngine:
         return Completion(request.request_id, (), text, "error", len(request.prompt_ids), 0, reason)
 
     def _prefill_admitted(self, params, admitted: list[tuple[int, Request]], table: "_SlotTable"):
-        # Group by length bucket so that a short prompt is not padded to a long one's length.
-        by_bucket: dict[int, list[tuple[int, Request]]] = collections.defaultdict(list)
-        for slot, request in admitted:
-            by_bucket[_bucket(len(request.prompt_ids), MIN_LENGTH_BUCKET, self.max_length)].append((slot, request))
-        for t, group in sorted(by_bucket.items()):
-            for p, start in _prefill_chunks(len(group), self.max_slots):
-                yield from self._prefill_chunk(params, group[start : start + p], p, t, table)
+        lengths = [len(request.prompt_ids) for _, request in admitted]
+        for pack in _plan_packs(lengths, self.max_slots):
+            yield from self._prefill_pack(params, [admitted[i] for i in pack], table)
 
-    def _prefill_chunk(self, params, chunk: list[tuple[int, Request]], p: int, t: int, table: "_SlotTable"):
-        ids = np.zeros((p, t), np.int32)
-        lengths = np.ones(p, np.int32)
-        target = np.full(p, self.max_slots, np.int32)  # padding rows write to slot B: dropped
-        seeds = np.zeros(p, np.uint32)
-        for row, (slot, request) in enumerate(chunk):
-            ids[row, : len(request.prompt_ids)] = request.prompt_ids
-            lengths[row] = len(request.prompt_ids)
-            target[row] = slot
-            seeds[row] = request.seed & 0xFFFFFFFF
-        row_sampling = [request.sampling for _, request in chunk]
-        rows, variant = sampling.row_sampling_params(row_sampling + [row_sampling[0]] * (p - len(chunk)))
+    def _prefill_pack(self, params, pack: list[tuple[int, Request]], table: "_SlotTable"):
+        """One prefill call: the prompts of `pack` side by side in one row, each into its slot's pages."""
+        t = _bucket(sum(len(request.prompt_ids) for _, request in pack), MIN_PACK_BUCKET)
+        capacity = _segments_for(t, self.max_slots)
+        ids, positions = np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
+        segments = np.full((1, t), -1, np.int32)
+        pages, offsets = np.full(t, self.cache_pages, np.int32), np.zeros(t, np.int32)
+        last, seeds = np.zeros(capacity, np.int32), np.zeros(capacity, np.uint32)
+        cursor = 0
+        for j, (slot, request) in enumerate(pack):
+            n = len(request.prompt_ids)
+            span = slice(cursor, cursor + n)
+            ids[0, span], positions[0, span], segments[0, span] = request.prompt_ids, np.arange(n), j
+            pages[span], offsets[span] = table.pages.token_locations(slot, n)
+            last[j], seeds[j] = cursor + n - 1, request.seed & 0xFFFFFFFF
+            cursor += n
+        row_sampling = [request.sampling for _, request in pack]
+        rows, variant = sampling.row_sampling_params(row_sampling + [row_sampling[0]] * (capacity - len(pack)))
         start = time.perf_counter()
-        self.stats.shapes.add(("prefill", p, t, variant))
+        self.stats.shapes.add(("prefill", t, capacity, variant))
         self._cache, first = _prefill(
-            params, self._cache, ids, lengths, target, rows, seeds, config=self.config, variant=variant
+            params, self._cache, ids, positions, segments, pages, offsets, last, rows, seeds,
+            config=self.config, variant=variant,
         )
         first = np.asarray(first)
         self.stats.prefill_seconds += time.perf_counter() - start
-        for row, (slot, request) in enumerate(chunk):
+        for j, (slot, request) in enumerate(pack):
             self.stats.prompt_tokens += len(request.prompt_ids)
-            state = table.occupy(slot, request, int(first[row]), seeds[row])
-            done = self._append(state, [int(first[row])])
+            state = table.occupy(slot, request, int(first[j]), seeds[j])
+            done = self._append(state, [int(first[j])])
             if done is None and (table.counts[slot] >= table.budgets[slot] or table.lengths[slot] + 1 >= self.max_length):
                 done = self._finish(state, "length")
             if done is not None:
@@ -388,13 +442,17 @@ class GenerationEngine:
 
     def _decode_once(self, params, table: "_SlotTable"):
         steps = self.steps_per_call
-        window = _bucket(int(table.lengths[table.active].max()) + steps, 128, self.max_length)
+        pages = table.pages
+        for slot in np.flatnonzero(table.active):  # pages for every position these steps may write
+            pages.grow(int(slot), int(table.lengths[slot]) + steps)
+        window = _window_bucket(pages.extent(), self.cache_pages)
         rows, variant = sampling.row_sampling_params(table.sampling_rows())
         start = time.perf_counter()
         self.stats.shapes.add(("decode", window, variant))
         self._cache, tokens, lengths, counts, active, emitted = _decode(
-            params, self._cache, table.tokens, table.lengths, table.counts, table.active, table.budgets,
-            table.stop_id_table(), rows, table.seeds, config=self.config, variant=variant, steps=steps, window=window,
+            params, self._cache, pages.table, pages.owner[:window], pages.start[:window], table.tokens,
+            table.lengths, table.counts, table.active, table.budgets, table.stop_id_table(), rows, table.seeds,
+            config=self.config, variant=variant, steps=steps, window=window, max_length=self.max_length,
         )
         emitted = np.asarray(emitted)
         self.stats.decode_seconds += time.perf_counter() - start

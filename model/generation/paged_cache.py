@@ -1,0 +1,145 @@
+"""The engine's KV cache: a pool of fixed-size pages, and the host-side table of which slot owns which page.
+
+The pool is preallocated in grouped form [L, N, K, P, D] (layers, pages, KV heads, positions per page, head
+dim): K/V heads stored once, never repeated to the query heads; heads before positions, as in the dense cache
+(`kv_cache.py`), so that attention reads each page's keys contiguously. A slot's sequence lives in the pages its
+row of the page table lists, position p in page table[p // P] at offset p % P. Pages are handed out lowest
+free id first, so the pages in use stay packed at the low end of the pool and a decode step reads only a
+window of the first pages (see `model.paged_attention`): its cost follows the tokens in flight, not slots x
+the longest sequence.
+
+Admission reserves a request's worst case (prompt + token budget) in whole pages, so a slot admitted is never
+starved of a page later; pages themselves are taken only as the sequence grows.
+
+Example:
+    >>> table = PageTable(pages=64, page_size=32, slots=4, max_length=256)
+    >>> table.admit(slot=0, prompt_tokens=40, max_tokens=104)
+    >>> table.owner[:3], table.start[:3]  # two pages for the prompt, their first positions
+    (array([0, 0, 4]...), array([ 0, 32,  0]...))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import LlamaConfig
+from model.generation.kv_cache import HEAD_AXIS  # noqa: F401 (the same axis: K in [L, N, K, P, D])
+
+PAGE_SIZE = 32  # positions per page: a slot wastes P / 2 on average; smaller pages mean more, slower pages
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+    k: jax.Array  # [L, N, K, P, D]
+    v: jax.Array  # [L, N, K, P, D]
+    # Static: a split pool's layout, restated after every write (see kv_cache.KVCache.sharding).
+    sharding: jax.sharding.Sharding | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @classmethod
+    def allocate(
+        cls, config: LlamaConfig, pages: int, page_size: int, dtype, sharding: jax.sharding.Sharding | None = None
+    ) -> "PagedKVCache":
+        """Zeros; with `sharding` (`model.parallel.cache_sharding`) each device allocates only its own KV heads."""
+        shape = (config.num_layers, pages, config.num_key_value_heads, page_size, config.head_dim)
+        return cls(jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding), sharding)
+
+    @property
+    def pages(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[3]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def write(cache: PagedKVCache, new_k: jax.Array, new_v: jax.Array, pages: jax.Array, offsets: jax.Array) -> PagedKVCache:
+    """Writes X tokens' keys/values [L, X, K, D] at (pages [X], offsets [X]); page id N (past the end) is dropped.
+
+    One function for both steps: a packed prefill writes its T tokens, a decode step one token per slot.
+    """
+    # Indexing pages (axis 1) and offsets (axis 3) together puts their shared X axis first: [X, L, K, D].
+    k = cache.k.at[:, pages, :, offsets].set(new_k.swapaxes(0, 1).astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[:, pages, :, offsets].set(new_v.swapaxes(0, 1).astype(cache.v.dtype), mode="drop")
+    if cache.sharding is None:
+        return PagedKVCache(k, v)
+    constrain = jax.lax.with_sharding_constraint
+    return PagedKVCache(constrain(k, cache.sharding), constrain(v, cache.sharding), cache.sharding)
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
+
+class PageTable:
+    """Which pages each slot owns, kept on the host and handed to the jitted steps as small int32 arrays.
+
+    owner [N]: the slot owning each page, `slots` for a free page; start [N]: the sequence position of each
+    page's first entry; table [B, pages per slot]: each slot's pages in order, N where none is allocated yet.
+    """
+
+    def __init__(self, pages: int, page_size: int, slots: int, max_length: int) -> None:
+        self.pages, self.page_size, self.slots = pages, page_size, slots
+        self.pages_per_slot = pages_for(max_length, page_size)
+        self.owner = np.full(pages, slots, np.int32)
+        self.start = np.zeros(pages, np.int32)
+        self.table = np.full((slots, self.pages_per_slot), pages, np.int32)
+        self._free = list(range(pages))  # a heap: the lowest free page first keeps the pages in use packed
+        self._held = [0] * slots  # pages allocated per slot
+        self._reserved = [0] * slots  # pages promised per slot (its worst case), allocated or not
+        self._promised = 0  # sum of _reserved
+
+    def can_admit(self, max_tokens: int) -> bool:
+        """Whether a request that may grow to `max_tokens` positions fits beside every promise made so far."""
+        return self._promised + pages_for(max_tokens, self.page_size) <= self.pages
+
+    def admit(self, slot: int, prompt_tokens: int, max_tokens: int) -> None:
+        """Promises `slot` room for `max_tokens` positions and allocates the pages of its prompt."""
+        if self._reserved[slot]:
+            raise ValueError(f"slot {slot} is still in use")
+        if not self.can_admit(max_tokens):
+            raise ValueError(f"no room for {max_tokens} more tokens in a pool of {self.pages} pages")
+        needed = pages_for(max_tokens, self.page_size)
+        if needed > self.pages_per_slot:
+            raise ValueError(f"{max_tokens} tokens exceed the {self.pages_per_slot} pages a slot may hold")
+        self._reserved[slot] = needed
+        self._promised += needed
+        self.grow(slot, prompt_tokens)
+
+    def grow(self, slot: int, tokens: int) -> None:
+        """Allocates pages until `slot` has room for `tokens` positions (at most what it was promised)."""
+        wanted = min(pages_for(tokens, self.page_size), self._reserved[slot])
+        while self._held[slot] < wanted:
+            page = heapq.heappop(self._free)
+            index = self._held[slot]
+            self.owner[page], self.start[page] = slot, index * self.page_size
+            self.table[slot, index] = page
+            self._held[slot] += 1
+
+    def release(self, slot: int) -> None:
+        """Returns every page of `slot` and its promise."""
+        for page in self.table[slot, : self._held[slot]]:
+            self.owner[page] = self.slots
+            heapq.heappush(self._free, int(page))
+        self.table[slot] = self.pages
+        self._held[slot] = 0
+        self._promised -= self._reserved[slot]
+        self._reserved[slot] = 0
+
+    def extent(self) -> int:
+        """One past the highest page in use: a decode step reads pages [0, extent)."""
+        used = np.flatnonzero(self.owner < self.slots)
+        return int(used[-1]) + 1 if used.size else 0
+
+    def token_locations(self, slot: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(pages, offsets) of positions 0 .. count-1 of `slot`, which must be allocated."""
+        positions = np.arange(count)
+        return self.table[slot, positions // self.page_size], (positions % self.page_size).astype(np.int32)
