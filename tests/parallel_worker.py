@@ -38,7 +38,7 @@ from model.checkpoints.weights import CheckpointTensor, assign_weights  # noqa: 
 from model.config import LlamaConfig  # noqa: E402
 from model.generation import engine as engine_module  # noqa: E402
 from model.generation.engine import GenerationEngine  # noqa: E402
-from model.generation.kv_cache import KVCache  # noqa: E402
+from model.generation.paged_cache import PAGE_SIZE, PagedKVCache, PageTable  # noqa: E402
 from model.generation.requests import Request, SamplingParams  # noqa: E402
 from model.samplers import sampling  # noqa: E402
 
@@ -123,16 +123,19 @@ def compiled_steps(backbone: LlamaBackbone, slots: int = 4, max_length: int = 64
     """Collectives in the engine's prefill and decode programs for this backbone's weights and cache layout."""
     config = backbone.config
     params = backbone.params()
-    cache = KVCache.allocate(config, slots, max_length, np.float32, parallel.cache_sharding(backbone))
+    pages = PageTable(slots * max_length // PAGE_SIZE, PAGE_SIZE, slots, max_length)
+    cache = PagedKVCache.allocate(config, pages.pages, PAGE_SIZE, np.float32, parallel.cache_sharding(backbone))
     rows, variant = sampling.row_sampling_params([GREEDY] * slots)
     ints = np.zeros(slots, np.int32)
     seeds = np.zeros(slots, np.uint32)
+    tokens = np.zeros((1, 32), np.int32)
     prefill = engine_module._prefill.lower(
-        params, cache, np.zeros((slots, 32), np.int32), ints + 3, ints, rows, seeds, config=config, variant=variant
+        params, cache, tokens, tokens, tokens, tokens[0], tokens[0], ints, rows, seeds, config=config, variant=variant
     ).compile()
     decode = engine_module._decode.lower(
-        params, cache, ints, ints, ints, np.ones(slots, bool), ints + 5, np.full((slots, 4), -1, np.int32), rows,
-        seeds, config=config, variant=variant, steps=4, window=max_length,
+        params, cache, pages.table, pages.owner, pages.start, ints, ints, ints, np.ones(slots, bool), ints + 5,
+        np.full((slots, 4), -1, np.int32), rows, seeds, config=config, variant=variant, steps=4, window=pages.pages,
+        max_length=max_length,
     ).compile()
     return {"prefill": collectives(prefill), "decode": collectives(decode)}
 
