@@ -66,13 +66,20 @@ def _attention(
     """
     b, t, h, d = q.shape
     k_heads = new_k.shape[2]
-    qg = q.reshape(b, t, k_heads, h // k_heads, d) * jnp.asarray(d**-0.5, q.dtype)
+    g = h // k_heads
+    qg = q.reshape(b, t, k_heads, g, d) * jnp.asarray(d**-0.5, q.dtype)
+    if cache_k is None:
+        # All G query heads of a KV head as the rows of one product, [G*T, D] x [D, T]: one large matmul per KV
+        # head instead of G thin ones, 2x faster for a 512-token packed prefill row on CPU.
+        rows = qg.transpose(0, 2, 3, 1, 4).reshape(b, k_heads, g * t, d)
+        keys, values = new_k.transpose(0, 2, 1, 3), new_v.transpose(0, 2, 1, 3)  # [B, K, T, D]
+        scores = jnp.einsum("bkqd,bksd->bkqs", rows, keys, preferred_element_type=jnp.float32)
+        scores = jnp.where(new_visible[:, None, None], scores.reshape(b, k_heads, g, t, t), _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(new_v.dtype).reshape(b, k_heads, g * t, t)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, values).reshape(b, k_heads, g, t, d)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
     new_scores = jnp.einsum("btkgd,bskd->bkgts", qg, new_k, preferred_element_type=jnp.float32)
     new_scores = jnp.where(new_visible[:, None, None], new_scores, _MASKED)
-    if cache_k is None:
-        probs = jax.nn.softmax(new_scores, axis=-1).astype(new_v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, new_v)
-        return out.reshape(b, t, h, d)
     s = cache_k.shape[2]
     cache_visible = jnp.arange(s)[None, :] < cache_lengths[:, None]  # [B, S]
     if t == 1:
