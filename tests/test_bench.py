@@ -10,7 +10,9 @@ import sys
 import pytest
 
 from batchgen.bench import peers
-from batchgen.bench.floor import FORMULA, flops_per_token, mean_context, measure_matmul_rate, weights_per_token
+from batchgen.bench.floor import (
+    FORMULA, flops_per_token, mean_context, measure_matmul_rate, prompt_flops, weights_per_token,
+)
 from batchgen.bench.options import BenchOptions
 from batchgen.bench.quality import agreement, matching_prefix
 from batchgen.bench.report import BenchReport, EngineRow, FloorFigures, PassFigures, PeerResult, PeerRun
@@ -114,6 +116,14 @@ def test_demo_model_costs_about_0_28_gflop_per_token():
     assert flops_per_token(demo, context=100).total == pytest.approx(0.276e9, rel=0.01)
 
 
+def test_prompt_flops_count_the_body_products_and_causal_attention():
+    # 6144 - 1536 (no LM head) = 4608 weights, 2 FLOPs each, per token; attention 4 * 2 * 4 * 4 = 128 FLOPs per
+    # token attended: a 3-token prompt attends to 1 + 2 + 3 tokens.
+    assert prompt_flops(TINY, [3]) == 3 * 2 * 4608 + 128 * 6
+    assert prompt_flops(TINY, [3, 1]) == prompt_flops(TINY, [3]) + 2 * 4608 + 128
+    assert prompt_flops(TINY, []) == 0
+
+
 def test_mean_context_averages_what_each_generated_token_attends_to():
     # Prompt 3, two tokens: they see 3 and 4; prompt 5, one token: it sees 5.
     assert mean_context([3, 5], [2, 1]) == pytest.approx(4.0)
@@ -173,7 +183,7 @@ def _report() -> BenchReport:
                      _pass(4.0, 200, 0), 600 * 2**20, identical_share=0.25, mean_prefix_tokens=12.5)
     floor = FloorFigures(2.8e8, 269_000_000, 7e6, 90.0, FORMULA, 4, 1e10, [
         {"rows": 4, "flops_per_second": 1e10, "best_flops_per_second": 1.1e10, "repeats": 5,
-         "shapes": {"[4,576]x[576,1536]": 2e10}}])
+         "shapes": {"[4,576]x[576,1536]": 2e10}}], prompt_flops_per_token=2.2e8)
     ran = PeerResult("transformers", "ran", version="5.24", runs=[
         PeerRun(16, 4.0, 1.0, 100, 200, identical_share=1.0), PeerRun(64, 2.0, 2.0, 100, 100)])
     skipped = PeerResult("keras-hub", "skipped", reason="python lacks keras_hub")
@@ -190,6 +200,7 @@ def test_report_renders_rows_floor_peers_and_ratios():
     assert "4.10" in text and "4.28" not in text  # the 1-minute load average as the row started
     assert "25%" in text and "12.5" in text  # int8's agreement with float32
     assert "2*(L*(2*M*H*D" in text and "floor 36 tok/s" in text  # 1e10 FLOP/s / 2.8e8 FLOP per token
+    assert "floor 20 tok/s;" in text  # with the prompts: 1e10 / (2.8e8 + 2.2e8)
     assert "keras-hub: skipped: python lacks keras_hub" in text
     assert report.ratios() == {"transformers": pytest.approx(2.0)}  # ours 100 tok/s, transformers' best 50
     assert "2.00x" in text
@@ -203,6 +214,7 @@ def test_report_json_has_the_raw_figures_and_no_outputs():
     assert "outputs" not in row
     assert data["peers"][1] == {**data["peers"][1], "status": "skipped", "runs": []}
     assert data["floor"]["floor_tokens_per_second"] == pytest.approx(1e10 / 2.8e8)
+    assert data["floor"]["workload_floor_tokens_per_second"] == pytest.approx(1e10 / 5e8)
 
 
 def _python_without_site_packages(tmp_path: pathlib.Path) -> str:

@@ -10,6 +10,16 @@ vocabulary V:
 
 Norms, rotary embeddings, softmax and sampling are left out: elementwise, well under 1% of the total.
 
+The prompts cost compute too, before the first token comes out: each prompt token passes every layer's products
+(not the LM head) and attends to the tokens before it,
+
+    FLOPs per prompt token = 2 * (weights per token - M*V) + 4 * L * H*D * (its position + 1)
+
+and on a workload of chat prompts that average more tokens than are generated, they are most of the work. So
+the floor of a workload is (prompt FLOPs + generated FLOPs) / rate, and "% of floor" compares an engine's
+wall time with it. (Counted this way a prompt's last token is paid for twice, once as a prompt token and once
+in its first generated token: a 1% overstatement of the work, against the engine.)
+
 The rate is measured, not looked up: a jitted function does exactly one decode step's weight products for the
 whole model (every layer's seven products with distinct weights streamed from memory as in decoding, then the LM
 head) at the benchmark's batch of rows, in float32. FLOPs per token / that rate is the fastest a float32 engine
@@ -66,6 +76,13 @@ def flops_per_token(config: LlamaConfig, context: float) -> FlopCount:
     weights = weights_per_token(config)
     attention = 4.0 * config.num_layers * config.num_query_heads * config.head_dim * context
     return FlopCount(weights, 2 * weights, attention, context)
+
+
+def prompt_flops(config: LlamaConfig, prompt_lengths: Sequence[int]) -> float:
+    """FLOPs of prefilling these prompts: every layer's products per token and causal attention (see above)."""
+    body = weights_per_token(config) - config.hidden_dim * config.vocabulary_size
+    attention = 4.0 * config.num_layers * config.num_query_heads * config.head_dim
+    return sum(2.0 * body * n + attention * n * (n + 1) / 2 for n in prompt_lengths)
 
 
 def mean_context(prompt_lengths: Sequence[int], generated_counts: Sequence[int]) -> float:

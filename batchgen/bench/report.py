@@ -143,10 +143,17 @@ class FloorFigures:
     rows: int
     matmul_flops_per_second: float  # mean of the measurements before and after the rows
     measurements: list[dict[str, Any]]  # each MatmulRate.to_dict()
+    prompt_flops_per_token: float = 0.0  # the main workload's prompt FLOPs over its generated tokens
 
     @property
     def floor_tokens_per_second(self) -> float:
+        """Generated tokens/s at the matmul rate if the prompts cost nothing: the decode-only ceiling."""
         return self.matmul_flops_per_second / self.flops_per_token
+
+    @property
+    def workload_floor_tokens_per_second(self) -> float:
+        """Generated tokens/s at the matmul rate with the prompts' prefill paid for: what "% of floor" uses."""
+        return self.matmul_flops_per_second / (self.flops_per_token + self.prompt_flops_per_token)
 
 
 @dataclasses.dataclass
@@ -184,6 +191,7 @@ class BenchReport:
         if self.floor is not None:
             floor = dataclasses.asdict(self.floor)
             floor["floor_tokens_per_second"] = self.floor.floor_tokens_per_second
+            floor["workload_floor_tokens_per_second"] = self.floor.workload_floor_tokens_per_second
         return {
             "preset": self.preset,
             "machine": self.machine,
@@ -268,7 +276,12 @@ def _render(report: BenchReport) -> list[Any]:
             f"float32 matmul rate, the model's products at {f.rows} rows: "
             f"{f.matmul_flops_per_second / 1e9:.1f} GFLOP/s "
             f"(measured {rates} after the first row / at the end; single products {shapes}) "
-            f"-> floor {f.floor_tokens_per_second:.0f} tok/s"
+            f"-> floor {f.floor_tokens_per_second:.0f} tok/s generating alone"
+        ))
+        out.append(Text(
+            f"with the prompts' prefill ({f.prompt_flops_per_token / 1e9:.3f} GFLOP more per generated token on the "
+            f"main workload): floor {f.workload_floor_tokens_per_second:.0f} tok/s; "
+            "% of floor = (prompt + generated FLOPs) / wall time / matmul rate"
         ))
 
     if report.peers:

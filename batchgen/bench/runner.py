@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from batchgen.bench import peers as peer_registry
-from batchgen.bench.floor import MatmulRate, flops_per_token, mean_context, measure_matmul_rate
+from batchgen.bench.floor import MatmulRate, flops_per_token, mean_context, measure_matmul_rate, prompt_flops
 from batchgen.bench.machine import load_average, machine_info
 from batchgen.bench.options import BenchOptions
 from batchgen.bench.ours import EngineRun, PrepareWorkloads
@@ -212,15 +212,21 @@ def _score(
             row.identical_share, row.mean_prefix_tokens = agreement(row.outputs, reference.outputs)
         context = mean_context(workload.prompt_lengths(), generated_counts(workload, row.outputs))
         contexts[row.name] = context
-        row.achieved_flops_per_second = row.tokens_per_second * flops_per_token(config, context).total
+        work = prompt_flops(config, workload.prompt_lengths()) * row.steady.prompt_tokens / sum(
+            workload.prompt_lengths()
+        )  # the measured pass prefilled every prompt once (scaled should a row have run a subset)
+        work += row.steady.generated_tokens * flops_per_token(config, context).total
+        row.achieved_flops_per_second = work / row.steady.wall_seconds
         row.floor_share = row.achieved_flops_per_second / rate
     for peer in peers:
         for run in peer.runs:
             run.identical_share, run.mean_prefix_tokens = agreement(run.outputs, reference.outputs)
     flops = flops_per_token(config, contexts[REFERENCE_ROW])
+    main = workloads[reference.workload]
+    prompt_share = prompt_flops(config, main.prompt_lengths()) / max(reference.steady.generated_tokens, 1)
     return FloorFigures(
         flops_per_token=flops.total, weight_flops=flops.weight_flops, attention_flops=flops.attention_flops,
         mean_context=flops.context, formula=flops.formula, rows=rates[0].rows, matmul_flops_per_second=rate,
-        measurements=[r.to_dict() for r in rates],
+        measurements=[r.to_dict() for r in rates], prompt_flops_per_token=prompt_share,
     )
 
