@@ -51,6 +51,9 @@ class ModelSpec:
     dtype: str = "float32"
     quantization: str = "none"
     max_length: int = 1024
+    # Positions the KV cache holds over all slots; 0: room for every slot at max_length. Less saves memory, and
+    # a row then waits for room when its prompt plus max_new_tokens does not fit beside the rows in flight.
+    cache_tokens: int = 0
     devices_per_replica: int = 1
 
 
@@ -126,11 +129,13 @@ class JobSpec:
     def fingerprint(self) -> str:
         """A hash of everything that decides the output rows, so a rerun knows it is the same job.
 
-        Replicas, attempts, timeouts, the error budget, engine slots and storage options are left out: they
-        change how the job runs, not what it writes. rows_per_shard is in, since it decides the shards.
+        Replicas, attempts, timeouts, the error budget, engine slots, the cache size, devices per replica and
+        storage options are left out: they change how the job runs, not what it writes. rows_per_shard is in,
+        since it decides the shards.
         """
+        how_it_runs = ("devices_per_replica", "cache_tokens")
         affecting = {
-            "model": {k: v for k, v in dataclasses.asdict(self.model).items() if k != "devices_per_replica"},
+            "model": {k: v for k, v in dataclasses.asdict(self.model).items() if k not in how_it_runs},
             # The date is left out: where it matters, it is part of the URL already.
             "input": {k: v for k, v in dataclasses.asdict(self.input).items() if k not in ("storage_options", "date")},
             "sampling": [dataclasses.asdict(config) for config in self.sampling],
@@ -371,6 +376,9 @@ def _check_values(spec: JobSpec) -> None:
         fail("model.quantization", model.quantization, f"must be one of {QUANTIZATIONS}")
     if model.max_length < 2:
         fail("model.max_length", model.max_length, "must be >= 2 (a prompt token and a new one)")
+    if model.cache_tokens and model.cache_tokens < model.max_length:
+        fail("model.cache_tokens", model.cache_tokens, f"must be 0 (room for every slot) or >= model.max_length "
+             f"({model.max_length}), so that one sequence fits")
     if model.devices_per_replica < 1:
         fail("model.devices_per_replica", model.devices_per_replica, "must be >= 1")
 

@@ -44,6 +44,7 @@ def test_defaults_fill_a_minimal_spec():
         ({"execution": {"max_error_rate": 2.0}}, "execution.max_error_rate must be in [0, 1], got 2.0"),
         ({"execution": {"rows_per_shard": True}}, "execution.rows_per_shard must be an integer, got True"),
         ({"model": {"dtype": "float8"}}, "model.dtype must be one of"),
+        ({"model": {"cache_tokens": 100}}, "model.cache_tokens must be 0 (room for every slot) or >= model.max_length"),
         ({"input": {"date": "2024-13-01"}}, "input.date '2024-13-01' is not a real date"),
         ({"input": {"date": "yesterday"}}, "input.date must be 'today' or YYYY-MM-DD"),
         ({"input": {"prompt_column": "p", "messages_column": "m"}}, "set one of input.prompt_column and"),
@@ -138,6 +139,7 @@ def test_fingerprint_follows_what_changes_the_output_only():
         raw(execution={"replicas": 4, "max_attempts": 9, "shard_timeout": 5.0, "max_error_rate": 0.5, "max_slots": 2}),
         raw(input={"storage_options": {"key": "secret"}}, output={"storage_options": {"anon": True}}),
         raw(model={"devices_per_replica": 8}),
+        raw(model={"cache_tokens": 4096}),
         raw(input={"date": "2020-01-01"}),  # no {date} in the URL: the date changes nothing
     ]
     different = [

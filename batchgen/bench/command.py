@@ -35,13 +35,15 @@ def _sizes(text: str) -> tuple[int, ...]:
 @click.option("--variable-prompts", type=int, help="Prompts in the variable-length workload, 0 to leave it out [128].")
 @click.option("--slots", type=int, help="Engine slots (sequences decoded together) [64].")
 @click.option("--steps-per-call", type=int, help="Engine decode steps per jitted call [8].")
+@click.option("--cache-tokens", type=int,
+              help="Positions of the engine's KV cache [0: room for every slot at the longest sequence].")
 @click.option("--dtypes", help="Rows on the main workload, from float32,bfloat16,int8 [all three].")
 @click.option("--transformers-batches", help="Batch sizes for transformers, comma-separated [16,64,128].")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep workloads, logs and per-row results here.")
 def bench(
     preset: str, peers: bool, peer_python: str, quick: bool, json_path: Path | None, prompts: int | None,
     max_new_tokens: int | None, variable_prompts: int | None, slots: int | None, steps_per_call: int | None,
-    dtypes: str | None, transformers_batches: str | None, workdir: str | None,
+    cache_tokens: int | None, dtypes: str | None, transformers_batches: str | None, workdir: str | None,
 ) -> None:
     """Measure generated tokens/s, compile time, memory and % of the compute floor, beside the peers."""
     from rich.console import Console
@@ -51,6 +53,7 @@ def bench(
     given = dict(
         preset=preset, peers=peers, peer_python=peer_python, workdir=workdir, prompts=prompts,
         max_new_tokens=max_new_tokens, variable_prompts=variable_prompts, slots=slots, steps_per_call=steps_per_call,
+        cache_tokens=cache_tokens,
         dtypes=tuple(d.strip() for d in dtypes.split(",")) if dtypes else None,
         transformers_batches=_sizes(transformers_batches) if transformers_batches else None,
     )

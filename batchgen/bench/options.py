@@ -24,6 +24,7 @@ class BenchOptions:
     variable_prompts: int = 128  # variable workload; 0 leaves it out
     variable_max_new_tokens: int = 256
     slots: int = 64  # engine slots (B) for every row
+    cache_tokens: int = 0  # positions of the engine's KV cache; 0: room for every slot at the workload's longest
     steps_per_call: int = 8
     dtypes: tuple[str, ...] = DTYPES  # rows on the main workload; float32 is required (the reference)
     peers: bool = False
@@ -44,6 +45,8 @@ class BenchOptions:
         for name in ("prompts", "max_new_tokens", "slots", "steps_per_call"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cache_tokens < 0:
+            raise ValueError(f"cache_tokens must be >= 0, got {self.cache_tokens}")
         if self.variable_prompts < 0 or self.variable_max_new_tokens < 1:
             raise ValueError(
                 f"variable_prompts must be >= 0 and variable_max_new_tokens >= 1, got {self.variable_prompts}, "

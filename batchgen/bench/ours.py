@@ -50,6 +50,7 @@ class EngineRun:
     continuous: bool = True
     slots: int = 64
     steps_per_call: int = 8
+    cache_tokens: int = 0  # 0: room for every slot at the longest sequence
     prepare: PrepareWorkloads | None = None
     save_preset_to: str | None = None
 
@@ -136,7 +137,7 @@ def run(spec: EngineRun) -> dict[str, Any]:
     max_length = min(longest + 1, config.max_sequence_length)
     engine = GenerationEngine(
         lm.backbone, tokenizer, max_slots=spec.slots, max_length=max_length, steps_per_call=spec.steps_per_call,
-        continuous=spec.continuous,
+        cache_tokens=max(spec.cache_tokens, max_length) if spec.cache_tokens else None, continuous=spec.continuous,
     )
     requests = [
         Request(r.request_id, list(r.prompt_ids), r.max_new_tokens, stop_token_ids=workload.stop_token_ids)

@@ -79,7 +79,7 @@ def _engine_runs(options: BenchOptions, work: Path, keras_hub_preset: Path | Non
         out = work / f"{name.replace(' ', '_')}.result.json"
         return EngineRun(
             name=name, preset=options.preset, workload_path=str(path), out=str(out), slots=options.slots,
-            steps_per_call=options.steps_per_call, **kwargs,
+            steps_per_call=options.steps_per_call, cache_tokens=options.cache_tokens, **kwargs,
         )
 
     runs = [run(REFERENCE_ROW, main_path, prepare=prepare,
