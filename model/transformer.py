@@ -225,7 +225,8 @@ def forward_paged(
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """One decode step, one new token per slot, over a paged cache (see `model.paged_attention`).
 
-    token_ids [B, 1] sit at position view.lengths; pages_k/pages_v [L, N, K, P, D] are read, never written;
+    token_ids [B, 1] sit at position view.lengths; pages_k [L, N, K, D, P] and pages_v [L, N, K, P, D] (see
+    `model.generation.paged_cache`) are read, never written;
     only the first `window` pages are read (every page in use lies below it). Returns as `forward` does.
     """
     positions = view.lengths[:, None]

