@@ -109,3 +109,23 @@ def test_bad_config_names_the_value():
         LlamaConfig(**{**TINY, "num_key_value_heads": 3})
     with pytest.raises(ValueError, match="unknown Llama config fields"):
         LlamaConfig.from_dict({**TINY, "num_experts": 8})
+
+
+@pytest.mark.parametrize("t", [64, 256, 512])
+def test_self_attention_equals_a_plain_masked_softmax_with_packed_segments(t):
+    # Long rows skip the causally hidden score blocks; the result must be the plain computation's.
+    rng = np.random.default_rng(t)
+    b, k_heads, g, d = 2, 3, 3, 8
+    qg = rng.normal(size=(b, t, k_heads, g, d)).astype(np.float32)
+    k = rng.normal(size=(b, t, k_heads, d)).astype(np.float32)
+    v = rng.normal(size=(b, t, k_heads, d)).astype(np.float32)
+    segments = np.sort(rng.integers(0, 5, (b, t)), axis=1)  # packed prompts, each attending to itself
+    mask = np.arange(t)[None] < np.array([[t], [t - 17]])  # the second row ends in padding
+    visible = np.asarray(transformer.visibility(jnp.asarray(mask), jnp.asarray(segments)))
+    scores = np.einsum("btkgd,bskd->bkgts", qg, k)
+    scores = np.where(visible[:, None, None], scores, -1e30)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = np.einsum("bkgts,bskd->btkgd", probs, v)
+    got = np.asarray(transformer._self_attention(jnp.asarray(qg), jnp.asarray(k), jnp.asarray(v), jnp.asarray(visible)))
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
