@@ -68,8 +68,12 @@ def _window_bucket(pages: int, maximum: int) -> int:
 
 
 def _segments_for(tokens: int, max_slots: int) -> int:
-    """How many prompts a prefill call of `tokens` tokens holds at most: the rows it samples a first token for."""
-    return min(max_slots, max(8, tokens // 8))
+    """How many prompts a prefill call of `tokens` tokens holds at most: the rows it samples a first token for.
+
+    Each costs an LM-head row whether a prompt fills it or not; one per 32 tokens fits chat prompts (a system
+    prompt alone is ~30 tokens) and keeps the head a few percent of the call.
+    """
+    return min(max_slots, max(8, tokens // 32))
 
 
 def _plan_packs(lengths: Sequence[int], max_slots: int) -> list[list[int]]:
