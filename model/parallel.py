@@ -190,7 +190,8 @@ def assign(variable: keras.Variable, array: np.ndarray) -> None:
 
 
 def cache_sharding(backbone: Any) -> NamedSharding | None:
-    """The sharding of this backbone's KV cache [L, B, K, S, D]: K split exactly as the key weights' K axis.
+    """The sharding of this backbone's KV cache (dense [L, B, K, S, D] or the engine's paged pool [L, N, K, ., .]):
+    K split exactly as the key weights' K axis.
 
     None for a backbone whose weights are not split (the cache is then a plain array on the default device).
     """

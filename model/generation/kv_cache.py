@@ -18,7 +18,9 @@ import jax.numpy as jnp
 from model.config import LlamaConfig
 
 
-HEAD_AXIS = 2  # K in [L, B, K, S, D]; a tensor-parallel cache is split along it (see `model.parallel`)
+# K in [L, B, K, S, D] and in the engine's paged pool [L, N, K, ., .]; a tensor-parallel cache is split along it
+# (see `model.parallel`).
+HEAD_AXIS = 2
 
 
 @jax.tree_util.register_dataclass
@@ -78,7 +80,11 @@ def write_tokens(cache: KVCache, new_k: jax.Array, new_v: jax.Array, positions: 
 
 
 def _keep_layout(cache: KVCache, k: jax.Array, v: jax.Array) -> KVCache:
-    if cache.sharding is None:
-        return KVCache(k, v)
-    constrain = jax.lax.with_sharding_constraint
-    return KVCache(constrain(k, cache.sharding), constrain(v, cache.sharding), cache.sharding)
+    return KVCache(*keep_layout(cache.sharding, k, v), cache.sharding)
+
+
+def keep_layout(sharding: jax.sharding.Sharding | None, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """Restates a split cache's layout after a write, so that XLA keeps it split along KV heads."""
+    if sharding is None:
+        return arrays
+    return tuple(jax.lax.with_sharding_constraint(a, sharding) for a in arrays)

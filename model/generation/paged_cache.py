@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import LlamaConfig
-from model.generation.kv_cache import HEAD_AXIS  # noqa: F401 (the same axis: K in [L, N, K, P, D])
+from model.generation.kv_cache import keep_layout
 
 PAGE_SIZE = 32  # positions per page: a slot wastes P / 2 on average; smaller pages mean more, slower pages
 
@@ -73,10 +73,7 @@ def write(cache: PagedKVCache, new_k: jax.Array, new_v: jax.Array, pages: jax.Ar
     # Indexing pages (axis 1) and offsets (the position axis) together puts their shared X axis first: [X, L, K, D].
     k = cache.k.at[:, pages, :, :, offsets].set(new_k.swapaxes(0, 1).astype(cache.k.dtype), mode="drop")
     v = cache.v.at[:, pages, :, offsets].set(new_v.swapaxes(0, 1).astype(cache.v.dtype), mode="drop")
-    if cache.sharding is None:
-        return PagedKVCache(k, v)
-    constrain = jax.lax.with_sharding_constraint
-    return PagedKVCache(constrain(k, cache.sharding), constrain(v, cache.sharding), cache.sharding)
+    return PagedKVCache(*keep_layout(cache.sharding, k, v), cache.sharding)
 
 
 def pages_for(tokens: int, page_size: int) -> int:
