@@ -55,9 +55,9 @@ class ModelRunner:
         tokenizer = lm.preprocessor.tokenizer
         # The spec's max_length is an upper bound: a model with a shorter context uses all of its own.
         max_length = min(model.max_length, lm.backbone.config.max_sequence_length)
-        cache_tokens = max(model.cache_tokens, max_length) if model.cache_tokens else None
+        # The spec checked cache_tokens >= its max_length; 0 is the engine's default (every slot at full length).
         engine = GenerationEngine(
-            lm.backbone, tokenizer, max_slots=max_slots, max_length=max_length, cache_tokens=cache_tokens
+            lm.backbone, tokenizer, max_slots=max_slots, max_length=max_length, cache_tokens=model.cache_tokens or None
         )
         # The model's own list: the tokenizer's end-of-turn tokens plus the checkpoint's generation config.
         return cls(tokenizer, engine, tuple(lm.stop_token_ids or tokenizer.stop_token_ids))

@@ -200,7 +200,6 @@ def forward(
     cache_v: jnp.ndarray | None = None,
     cache_lengths: jnp.ndarray | None = None,
     dtype: Any = None,
-    cache_window: int | None = None,
     segment_ids: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Runs the decoder over new tokens, optionally after cached ones.
@@ -209,8 +208,7 @@ def forward(
     [L, B, K, S, D] read-only, with cache_lengths [B] valid entries per row; segment_ids [B, T]: several
     sequences packed in a row, each attending only to itself (see `visibility`). Returns the final-normed
     hidden states [B, T, M] and the new tokens' keys and values [L, B, T, K, D], which the caller writes into
-    its cache (see `model.generation.kv_cache`). `cache_window` limits attention to the first entries of the
-    cache (every row's cache_lengths must fit in it).
+    its cache (see `model.generation.kv_cache`).
     """
     b, t = token_ids.shape
     if token_mask is None:
@@ -219,11 +217,6 @@ def forward(
 
     def attend(q, k, v, layer_cache):
         layer_cache_k, layer_cache_v = layer_cache if layer_cache is not None else (None, None)
-        if layer_cache_k is not None and cache_window is not None:
-            # Sliced per layer, inside the loop, so the slice fuses into the attention's pass over the cache
-            # instead of copying the window of every layer's cache before the loop.
-            layer_cache_k = layer_cache_k[:, :, :cache_window]
-            layer_cache_v = layer_cache_v[:, :, :cache_window]
         return _attention(q, k, v, layer_cache_k, layer_cache_v, cache_lengths, new_visible)
 
     cache = None if cache_k is None else (cache_k, cache_v)
@@ -250,7 +243,8 @@ def forward_paged(
 
     def attend(q, k, v, layer_pages):
         layer_k, layer_v = layer_pages
-        # Sliced per layer inside the loop, as in `forward`, so that the slice fuses into the pass over the pool.
+        # Sliced per layer, inside the loop: at most one layer's window is materialised at a time, where slicing
+        # the stacked pool before the loop would copy every layer's window at once.
         return paged_attention.decode_attention(q, k, v, layer_k[:window], layer_v[:window], view)
 
     return _run_layers(params, config, token_ids, positions, dtype, attend, (pages_k, pages_v))

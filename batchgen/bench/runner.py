@@ -212,9 +212,8 @@ def _score(
             row.identical_share, row.mean_prefix_tokens = agreement(row.outputs, reference.outputs)
         context = mean_context(workload.prompt_lengths(), generated_counts(workload, row.outputs))
         contexts[row.name] = context
-        work = prompt_flops(config, workload.prompt_lengths()) * row.steady.prompt_tokens / sum(
-            workload.prompt_lengths()
-        )  # the measured pass prefilled every prompt once (scaled should a row have run a subset)
+        # The measured pass prefilled every prompt of the workload once and generated its tokens.
+        work = prompt_flops(config, workload.prompt_lengths())
         work += row.steady.generated_tokens * flops_per_token(config, context).total
         row.achieved_flops_per_second = work / row.steady.wall_seconds
         row.floor_share = row.achieved_flops_per_second / rate

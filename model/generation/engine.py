@@ -46,12 +46,12 @@ MIN_PACK_BUCKET = 32
 STOP_ID_BUCKET = 4  # stop-id table width grows in steps of this, so a few stop ids never force a recompile
 
 
-def _bucket(n: int, minimum: int, maximum: int | None = None) -> int:
-    """The smallest power of two >= n (at least `minimum`), capped at `maximum`."""
+def _bucket(n: int, minimum: int) -> int:
+    """The smallest power of two >= n (at least `minimum`)."""
     size = minimum
     while size < n:
         size *= 2
-    return size if maximum is None else min(size, maximum)
+    return size
 
 
 def _window_bucket(pages: int, maximum: int) -> int:
@@ -155,11 +155,12 @@ class _SlotTable:
         self.entries[slot] = _Slot(request, n, frozenset(request.stop_token_ids), [])
         return True
 
-    def occupy(self, slot: int, request: Request, first_token: int, seed: int) -> _Slot:
-        """Starts decoding `slot` after its prompt was prefilled and sampled `first_token`."""
-        self.tokens[slot], self.lengths[slot], self.counts[slot] = first_token, len(request.prompt_ids), 1
-        self.budgets[slot], self.seeds[slot], self.active[slot] = request.max_new_tokens, seed, True
-        return self.entries[slot]
+    def occupy(self, slot: int, first_token: int, seed: int) -> _Slot:
+        """Starts decoding reserved `slot` after its prompt was prefilled and sampled `first_token`."""
+        state = self.entries[slot]
+        self.tokens[slot], self.lengths[slot], self.counts[slot] = first_token, state.prompt_tokens, 1
+        self.budgets[slot], self.seeds[slot], self.active[slot] = state.request.max_new_tokens, seed, True
+        return state
 
     def release(self, slot: int) -> None:
         self.entries[slot] = None
@@ -436,7 +437,7 @@ class GenerationEngine:
         self.stats.prefill_seconds += time.perf_counter() - start
         for j, (slot, request) in enumerate(pack):
             self.stats.prompt_tokens += len(request.prompt_ids)
-            state = table.occupy(slot, request, int(first[j]), seeds[j])
+            state = table.occupy(slot, int(first[j]), seeds[j])
             done = self._append(state, [int(first[j])])
             if done is None and (table.counts[slot] >= table.budgets[slot] or table.lengths[slot] + 1 >= self.max_length):
                 done = self._finish(state, "length")
