@@ -40,7 +40,7 @@ from model.generation import engine as engine_module  # noqa: E402
 from model.generation.engine import GenerationEngine  # noqa: E402
 from model.generation.paged_cache import PAGE_SIZE, PagedKVCache, PageTable  # noqa: E402
 from model.generation.requests import Request, SamplingParams  # noqa: E402
-from model.samplers import sampling  # noqa: E402
+from model.generation import sampling  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BASE = dict(num_layers=2, hidden_dim=64, intermediate_dim=128, vocabulary_size=256, max_sequence_length=128)

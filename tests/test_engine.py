@@ -129,33 +129,33 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny_backb
 
 
 def test_packs_hold_every_prompt_once_within_their_rows():
-    from model.generation.engine import PACK_TOKENS, _bucket, _plan_packs, _segments_for
+    from model.generation.scheduler import PACK_TOKENS, bucket, plan_packs, segments_for
 
     rng = np.random.default_rng(4)
     for _ in range(200):
         lengths = list(rng.integers(1, rng.choice([40, 300, 1500]), rng.integers(1, 70)))
         max_slots = int(rng.choice([1, 8, 64]))
-        packs = _plan_packs(lengths, max_slots)
+        packs = plan_packs(lengths, max_slots)
         assert sorted(i for pack in packs for i in pack) == list(range(len(lengths)))
         for pack in packs:
             total = sum(lengths[i] for i in pack)
-            row = _bucket(total, 32)
-            assert total <= max(PACK_TOKENS, row) and len(pack) <= _segments_for(row, max_slots)
+            row = bucket(total, 32)
+            assert total <= max(PACK_TOKENS, row) and len(pack) <= segments_for(row, max_slots)
             assert len(pack) == 1 or total <= PACK_TOKENS or max(lengths[i] for i in pack) > PACK_TOKENS
 
 
 def test_packing_pads_little_on_a_mixed_workload():
-    from model.generation.engine import _bucket, _plan_packs
+    from model.generation.scheduler import bucket, plan_packs
 
     rng = np.random.default_rng(5)
     lengths = list(rng.integers(30, 400, 64))
-    padded = sum(_bucket(sum(lengths[i] for i in pack), 32) for pack in _plan_packs(lengths, 64))
+    padded = sum(bucket(sum(lengths[i] for i in pack), 32) for pack in plan_packs(lengths, 64))
     assert padded < 1.15 * sum(lengths)  # a power-of-two bucket per prompt pads ~40% here
 
 
 def test_window_buckets_step_by_quarter_octaves():
-    from model.generation.engine import _window_bucket
+    from model.generation.scheduler import window_bucket
 
-    assert [_window_bucket(n, 10_000) for n in (1, 16, 17, 21, 29, 33, 100, 300)] == [16, 16, 20, 24, 32, 40, 112, 320]
-    assert _window_bucket(300, 290) == 290
-    assert all(n <= _window_bucket(n, 10_000) < 1.25 * n + 16 for n in range(1, 3000))
+    assert [window_bucket(n, 10_000) for n in (1, 16, 17, 21, 29, 33, 100, 300)] == [16, 16, 20, 24, 32, 40, 112, 320]
+    assert window_bucket(300, 290) == 290
+    assert all(n <= window_bucket(n, 10_000) < 1.25 * n + 16 for n in range(1, 3000))

@@ -26,7 +26,7 @@ from model import transformer
 from model.config import LlamaConfig
 from model.generation.kv_cache import KVCache, write_prompts, write_tokens
 from model.generation.requests import Completion
-from model.samplers.sampling import first_argmax, top_k
+from model.generation.sampling import first_argmax, top_k
 
 if TYPE_CHECKING:
     from model.backbone import LlamaBackbone

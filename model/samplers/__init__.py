@@ -1,6 +1,6 @@
 """Samplers: how `generate()` picks tokens, as objects or names (the API of `keras_hub.samplers`).
 
-The per-row hot path that the engine jits lives in `model.samplers.sampling`; beam and contrastive search in
+The per-row hot path that the engine jits lives in `model.generation.sampling`; beam and contrastive search in
 `model.generation.search`. `Greedy`, `TopK`, ... are short names for the keras-hub class names.
 """
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from model.generation.requests import STREAMING_SAMPLERS, SamplingParams
-from model.samplers import sampling
-from model.samplers.sampling import GREEDY, RANDOM, row_sampling_params, sample_next
+from model.generation import sampling
+from model.generation.sampling import GREEDY, RANDOM, row_sampling_params, sample_next
 
 _sample = jax.jit(sample_next, static_argnames="variant")
 

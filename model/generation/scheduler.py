@@ -1,0 +1,148 @@
+"""Scheduling for the generation engine: which request runs in which slot, and how prompts are packed.
+
+Host-side only (numpy and Python): the slot table handed to the jitted steps as [B] arrays, admission of a waiting
+request against the KV cache's page budget, packing of admitted prompts into prefill rows, and the buckets that
+keep the jitted steps' shapes to a small set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from model.generation.paged_cache import PageTable
+from model.generation.requests import Request, SamplingParams
+
+# A prefill call packs whole prompts into one row of up to this many tokens (a longer prompt gets a row of its
+# own length bucket): at the demo model's size a row this long runs the weight products near the machine's
+# matmul rate, and packing wastes only the tail of the last row instead of padding every prompt to a bucket.
+PACK_TOKENS = 512
+MIN_PACK_BUCKET = 32
+STOP_ID_BUCKET = 4  # stop-id table width grows in steps of this, so a few stop ids never force a recompile
+
+
+def bucket(n: int, minimum: int) -> int:
+    """The smallest power of two >= n (at least `minimum`)."""
+    size = minimum
+    while size < n:
+        size *= 2
+    return size
+
+
+def window_bucket(pages: int, maximum: int) -> int:
+    """Pages a decode call reads: quarter-octave steps (16, 20, 24, 28, 32, 40, ...), capped at the pool.
+
+    At most a fifth of a window is pages not in use, and a run meets a few sizes (one program each).
+    """
+    size = 16
+    while True:
+        for quarters in (4, 5, 6, 7):
+            if size * quarters // 4 >= pages:
+                return min(size * quarters // 4, maximum)
+        size *= 2
+
+
+def segments_for(tokens: int, max_slots: int) -> int:
+    """How many prompts a prefill call of `tokens` tokens holds at most: the rows it samples a first token for.
+
+    Each costs an LM-head row whether a prompt fills it or not; one per 32 tokens fits chat prompts (a system
+    prompt alone is ~30 tokens) and keeps the head a few percent of the call.
+    """
+    return min(max_slots, max(8, tokens // 32))
+
+
+def plan_packs(lengths: Sequence[int], max_slots: int) -> list[list[int]]:
+    """Groups prompts (by index) into prefill calls: first-fit decreasing into rows of PACK_TOKENS tokens.
+
+    A prompt longer than PACK_TOKENS opens a row of its own power-of-two length, which shorter prompts may
+    share. A call's row is then padded to the power of two above what it holds, so the padding is at most the
+    tail of each call, not the gap between every prompt and its length bucket.
+    """
+    packs: list[tuple[int, list[int]]] = []  # (capacity, members)
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        for j, (capacity, members) in enumerate(packs):
+            grown = used[j] + n
+            if grown <= capacity and len(members) < segments_for(bucket(grown, MIN_PACK_BUCKET), max_slots):
+                members.append(i)
+                used[j] = grown
+                break
+        else:
+            packs.append((max(PACK_TOKENS, bucket(n, MIN_PACK_BUCKET)), [i]))
+            used.append(n)
+    return [members for _, members in packs]
+
+
+
+@dataclasses.dataclass
+class Slot:
+    request: Request
+    prompt_tokens: int
+    stop_token_ids: frozenset[int]
+    generated: list[int]
+    prompt_text: str | None = None  # detokenized prompt, computed on first use
+
+
+@dataclasses.dataclass
+class SlotTable:
+    """Host-side state of every slot: numpy arrays [B] handed to the decode step, the request in each slot, and
+    the pages of the KV cache each slot owns."""
+
+    entries: list[Slot | None]
+    pages: PageTable
+    tokens: np.ndarray  # last token, not yet in the cache
+    lengths: np.ndarray  # tokens in the cache
+    counts: np.ndarray  # tokens generated
+    active: np.ndarray
+    budgets: np.ndarray  # max new tokens
+    seeds: np.ndarray
+
+    @classmethod
+    def empty(cls, slots: int, pages: PageTable) -> "SlotTable":
+        zeros = lambda dtype: np.zeros(slots, dtype)  # noqa: E731
+        return cls([None] * slots, pages, zeros(np.int32), zeros(np.int32), zeros(np.int32), zeros(bool),
+                   zeros(np.int32), zeros(np.uint32))
+
+    def free_slots(self) -> list[int]:
+        return [i for i, entry in enumerate(self.entries) if entry is None]
+
+    def reserve(self, slot: int, request: Request, max_length: int) -> bool:
+        """Claims `slot` and room in the cache for the request's worst case; False when the cache is full."""
+        n = len(request.prompt_ids)
+        most = min(n + request.max_new_tokens, max_length)
+        if not self.pages.can_admit(most):
+            return False
+        self.pages.admit(slot, n, most)
+        self.entries[slot] = Slot(request, n, frozenset(request.stop_token_ids), [])
+        return True
+
+    def occupy(self, slot: int, first_token: int, seed: int) -> Slot:
+        """Starts decoding reserved `slot` after its prompt was prefilled and sampled `first_token`."""
+        state = self.entries[slot]
+        self.tokens[slot], self.lengths[slot], self.counts[slot] = first_token, state.prompt_tokens, 1
+        self.budgets[slot], self.seeds[slot], self.active[slot] = state.request.max_new_tokens, seed, True
+        return state
+
+    def release(self, slot: int) -> None:
+        self.entries[slot] = None
+        self.active[slot] = False
+        self.pages.release(slot)
+
+    def sampling_rows(self) -> list[SamplingParams]:
+        """Each slot's sampling parameters; free slots borrow an occupied one's so the variant is unchanged."""
+        occupied = next(e.request.sampling for e in self.entries if e is not None)
+        return [e.request.sampling if e is not None else occupied for e in self.entries]
+
+    def stop_id_table(self) -> np.ndarray:
+        """[B, N] stop ids, -1 padded; N grows in steps of STOP_ID_BUCKET to bound the programs."""
+        width = max([len(e.stop_token_ids) for e in self.entries if e is not None] + [1])
+        table = np.full((len(self.entries), -(-width // STOP_ID_BUCKET) * STOP_ID_BUCKET), -1, np.int32)
+        for i, entry in enumerate(self.entries):
+            if entry is not None:
+                table[i, : len(entry.stop_token_ids)] = sorted(entry.stop_token_ids)
+        return table
+
+

@@ -1,0 +1,102 @@
+"""The engine's jitted steps: pure functions of (weights, KV cache, per-slot arrays, per-row sampling arrays).
+
+`prefill` runs packed prompts and samples each one's first token; `decode` advances every slot several tokens.
+Both take the cache as a donated argument and return it updated, so it is written in place; neither holds state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from model import paged_attention, transformer
+from model.config import LlamaConfig
+from model.generation import paged_cache, sampling
+from model.generation.paged_cache import PagedKVCache
+
+def row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:
+    """One PRNG key per row from (request seed, tokens generated so far): independent of the batch."""
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "variant"), donate_argnames=("cache",))
+def prefill(
+    params: transformer.Params,
+    cache: PagedKVCache,
+    token_ids: jax.Array,  # [1, T] int32: whole prompts packed one after another, then padding
+    positions: jax.Array,  # [1, T] each token's position in its own prompt
+    segment_ids: jax.Array,  # [1, T] which prompt each token belongs to; -1 for padding
+    pages: jax.Array,  # [T] the page each token's keys/values go to; N (dropped) for padding
+    offsets: jax.Array,  # [T] the offset within that page
+    last: jax.Array,  # [R] index of each prompt's last token (R = the call's prompt capacity)
+    rows: sampling.RowSamplingParams,
+    seeds: jax.Array,  # [R] uint32
+    *,
+    config: LlamaConfig,
+    variant: sampling.SamplingVariant,
+) -> tuple[PagedKVCache, jax.Array]:
+    hidden, new_k, new_v = transformer.forward(
+        params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids
+    )
+    logits = transformer.logits(params, hidden[0, last])  # only where a prompt's next token is predicted
+    first_tokens = sampling.sample_next(logits, rows, row_keys(seeds, jnp.zeros_like(seeds)), variant=variant)
+    return paged_cache.write(cache, new_k[:, 0], new_v[:, 0], pages, offsets), first_tokens
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "variant", "steps", "window", "max_length"), donate_argnames=("cache",)
+)
+def decode(
+    params: transformer.Params,
+    cache: PagedKVCache,
+    page_table: jax.Array,  # [B, pages per slot] each slot's pages in order; N where none is allocated
+    owner: jax.Array,  # [window] the slot owning each of the first pages; B for a free page
+    start: jax.Array,  # [window] the position of each page's first entry
+    tokens: jax.Array,  # [B] last token of each slot, not yet in the cache
+    lengths: jax.Array,  # [B] tokens in the cache per slot
+    counts: jax.Array,  # [B] tokens generated so far
+    active: jax.Array,  # [B] bool
+    budgets: jax.Array,  # [B] max new tokens
+    stop_ids: jax.Array,  # [B, N] int32, -1 padded
+    rows: sampling.RowSamplingParams,
+    seeds: jax.Array,  # [B] uint32
+    *,
+    config: LlamaConfig,
+    variant: sampling.SamplingVariant,
+    steps: int,
+    window: int,
+    max_length: int,
+) -> tuple[PagedKVCache, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Runs `steps` decode steps for every slot; returns the new tokens [B, steps] (-1 where a slot was idle).
+
+    Every page a slot writes during these steps was allocated before the call (see `PageTable.grow`).
+    """
+    page_size = cache.page_size
+    slots = jnp.arange(tokens.shape[0])
+
+    def step(carry, _):
+        cache, tokens, lengths, counts, active = carry
+        # Reads only the first `window` pages of the pool: every page in use lies below it.
+        view = paged_attention.PageView(owner, start, lengths)
+        hidden, new_k, new_v = transformer.forward_paged(params, config, tokens[:, None], cache.k, cache.v, view, window)
+        logits = transformer.logits(params, hidden[:, 0])
+        sampled = sampling.sample_next(logits, rows, row_keys(seeds, counts), variant=variant)
+        target = jnp.where(active, page_table[slots, lengths // page_size], cache.pages)  # idle slots: dropped
+        cache = paged_cache.write(cache, new_k[:, :, 0], new_v[:, :, 0], target, lengths % page_size)
+        lengths = lengths + active
+        counts = counts + active
+        stopped = jnp.any(sampled[:, None] == stop_ids, axis=-1)
+        finished = stopped | (counts >= budgets) | (lengths + 1 >= max_length)  # prompt + generated fill max_length
+        emitted = jnp.where(active, sampled, -1)
+        tokens = jnp.where(active, sampled, tokens)
+        active = active & ~finished
+        return (cache, tokens, lengths, counts, active), emitted
+
+    (cache, tokens, lengths, counts, active), emitted = jax.lax.scan(
+        step, (cache, tokens, lengths, counts, active), None, length=steps
+    )
+    return cache, tokens, lengths, counts, active, emitted.T
+
+
