@@ -29,7 +29,8 @@ class PageView:
 
     owner [N] int32: the slot whose positions page n holds; B (one past the last slot) for a free page.
     start [N] int32: the position of the page's first entry in its slot's sequence.
-    lengths [B] int32: entries in the cache per slot (the pages beyond are allocated but not yet written).
+    lengths [B] int32: each slot's new token's position; entries 0..lengths[b] are in the pool (the new token's
+    key and value are written before attention reads them) and visible.
     """
 
     owner: jax.Array
@@ -39,37 +40,36 @@ class PageView:
 
 def decode_attention(
     q: jax.Array,  # [B, 1, H, D] the new token's queries (rotated)
-    new_k: jax.Array,  # [B, 1, K, D] the new token's key (rotated), not yet in the pool
-    new_v: jax.Array,  # [B, 1, K, D]
     pages_k: jax.Array,  # [N, K, D, P] this layer's pool of keys, positions last (see paged_cache)
     pages_v: jax.Array,  # [N, K, P, D] this layer's pool of values
     view: PageView,
 ) -> jax.Array:
-    """Grouped-query attention of one new token per slot over its cached pages and itself: [B, 1, H, D]."""
-    b, _, h, d = q.shape
-    k_heads, page = pages_v.shape[1], pages_v.shape[2]
-    qg = (q[:, 0].astype(jnp.float32) * d**-0.5).reshape(b, k_heads, h // k_heads, d)  # [B, K, G, D]
-    owner = jnp.minimum(view.owner, b - 1)  # a free page reads some slot's query; its scores are masked below
-    positions = view.start[:, None] + jnp.arange(page)[None]  # [N, P]
-    visible = (view.owner < b)[:, None] & (positions < view.lengths[owner][:, None])
+    """Grouped-query attention of one new token per slot over its pages, the new token's own included: [B, 1, H, D].
 
-    # Scores of every page against its owner's queries: a multiply-reduce over D that XLA fuses into one pass
-    # over the pool, vectorised along the page's positions (contiguous in the key layout). A batched dot with
-    # G=3 query rows per product, or keys with D last, are ~1.8x slower on CPU (measured at the demo's shapes).
-    scores = jnp.sum(qg[owner][..., None] * pages_k[:, :, None].astype(jnp.float32), axis=-2)  # [N, K, G, P]
+    Which page belongs to which slot is a one-hot matrix [N, B]: moving queries to their pages and summing pages
+    back into slots are then small matrix products, which run as library calls at full speed on CPU, where the
+    gathers and segment sums they replace ran as scalar loops (measured at the demo's shapes, 64 slots, 272
+    pages, 30 layers: 450 -> 50 ms per step with the write-then-read order below).
+    """
+    b, _, h, d = q.shape
+    n, k_heads, _, page = pages_k.shape
+    g = h // k_heads
+    qg = (q[:, 0].astype(jnp.float32) * d**-0.5).reshape(b, h * d)
+    owned = (view.owner[:, None] == jnp.arange(b)[None, :]).astype(jnp.float32)  # [N, B]; a free page: all 0
+    page_q = (owned @ qg).reshape(n, k_heads, g, d)  # each page's owner's queries (0 for a free page)
+    page_length = owned @ view.lengths.astype(jnp.float32)  # [N] the owner's position of the new token
+    positions = view.start[:, None] + jnp.arange(page)[None]  # [N, P]
+    visible = (view.owner < b)[:, None] & (positions <= page_length[:, None])
+
+    scores = jnp.einsum("nkgd,nkdp->nkgp", page_q, pages_k.astype(jnp.float32))
     scores = jnp.where(visible[:, None, None, :], scores, _MASKED)
-    own_score = jnp.sum(qg * new_k[:, 0, :, None].astype(jnp.float32), axis=-1)  # [B, K, G]
 
     # Softmax across a slot's pages: the slot's maximum first, then each page's share relative to it.
-    segments = b + 1  # free pages go to segment B, which is dropped
     page_max = jnp.max(scores, axis=-1)  # [N, K, G]
-    slot_max = jnp.maximum(jax.ops.segment_max(page_max, view.owner, segments)[:b], own_score)  # [B, K, G]
-    weights = jnp.exp(scores - slot_max[owner][..., None])  # [N, K, G, P]; masked entries give exactly 0
+    slot_max = jnp.max(jnp.where(owned.T[:, :, None, None] > 0, page_max[None], _MASKED), axis=1)  # [B, K, G]
+    weights = jnp.exp(scores - (owned @ slot_max.reshape(b, -1)).reshape(n, k_heads, g)[..., None])  # masked: 0
     page_sum = jnp.sum(weights, axis=-1)  # [N, K, G]
-    page_out = jnp.sum(weights[..., None] * pages_v[:, :, None].astype(jnp.float32), axis=-2)  # [N, K, G, D]
-    own_weight = jnp.exp(own_score - slot_max)  # [B, K, G]
-    total = jax.ops.segment_sum(page_sum, view.owner, segments)[:b] + own_weight
-    out = jax.ops.segment_sum(page_out, view.owner, segments)[:b]
-    out = out + own_weight[..., None] * new_v[:, 0, :, None].astype(jnp.float32)
-    out = out / total[..., None]
+    page_out = jnp.einsum("nkgp,nkpd->nkgd", weights, pages_v.astype(jnp.float32))  # [N, K, G, D]
+    total = owned.T @ page_sum.reshape(n, -1)  # [B, K*G]; every slot sees at least its new token
+    out = (owned.T @ page_out.reshape(n, -1)).reshape(b, h, d) / total.reshape(b, h)[..., None]
     return out.reshape(b, 1, h, d).astype(q.dtype)

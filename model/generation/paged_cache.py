@@ -1,7 +1,7 @@
 """The engine's KV cache: a pool of fixed-size pages, and the host-side table of which slot owns which page.
 
-The pool is preallocated in grouped form: values [L, N, K, P, D] (layers, pages, KV heads, positions per page,
-head dim), keys [L, N, K, D, P]. K/V heads are stored once, never repeated to the query heads; heads before
+The pool is preallocated in grouped form, one pool per layer: values [N, K, P, D] (pages, KV heads, positions per
+page, head dim), keys [N, K, D, P]. K/V heads are stored once, never repeated to the query heads; heads before
 positions, as in the dense cache (`kv_cache.py`). Keys keep a page's positions last, so that a decode step's
 scores (a sum over D for each position) run along contiguous positions, and values keep D last, so that their
 weighted sum over positions runs along contiguous D: both reductions vectorise, 1.8x faster than keys with D
@@ -39,8 +39,15 @@ PAGE_SIZE = 32  # positions per page: a slot wastes P / 2 on average; smaller pa
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
-    k: jax.Array  # [L, N, K, D, P]: positions last
-    v: jax.Array  # [L, N, K, P, D]
+    """One pool of pages per layer: k[l] [N, K, D, P] (positions last), v[l] [N, K, P, D].
+
+    Per-layer arrays rather than one [L, ...] array: the decode step runs its layers unrolled and reads and
+    writes layer l's pool directly. A stacked pool sliced per layer inside a loop makes XLA copy the layer's
+    whole pool on every step (it cannot hand a dynamic slice to a dot or library call without materialising it).
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     # Static: a split pool's layout, restated after every write (see kv_cache.KVCache.sharding).
     sharding: jax.sharding.Sharding | None = dataclasses.field(default=None, metadata=dict(static=True))
 
@@ -48,32 +55,59 @@ class PagedKVCache:
     def allocate(
         cls, config: LlamaConfig, pages: int, page_size: int, dtype, sharding: jax.sharding.Sharding | None = None
     ) -> "PagedKVCache":
-        """Zeros; with `sharding` (`model.parallel.cache_sharding`) each device allocates only its own KV heads."""
-        values = (config.num_layers, pages, config.num_key_value_heads, page_size, config.head_dim)
-        keys = values[:3] + (config.head_dim, page_size)
-        return cls(jnp.zeros(keys, dtype, device=sharding), jnp.zeros(values, dtype, device=sharding), sharding)
+        """Zeros; with `sharding` (`model.parallel.cache_sharding`, whose layer axis is dropped here) each device
+        allocates only its own KV heads."""
+        layer_sharding = _per_layer(sharding)
+        values = (pages, config.num_key_value_heads, page_size, config.head_dim)
+        keys = values[:2] + (config.head_dim, page_size)
+        zeros = lambda shape: jnp.zeros(shape, dtype, device=layer_sharding)  # noqa: E731
+        layers = range(config.num_layers)
+        return cls(tuple(zeros(keys) for _ in layers), tuple(zeros(values) for _ in layers), layer_sharding)
 
     @property
     def pages(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def page_size(self) -> int:
-        return self.v.shape[3]
+        return self.v[0].shape[2]
+
+    @property
+    def dtype(self):
+        return self.k[0].dtype
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(a.nbytes for a in (*self.k, *self.v))
+
+
+def _per_layer(sharding: jax.sharding.Sharding | None) -> jax.sharding.Sharding | None:
+    """The layout of one layer's pool, from the layout of a stacked [L, ...] cache."""
+    if sharding is None:
+        return None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+
+
+def write_layer(
+    pool_k: jax.Array, pool_v: jax.Array, new_k: jax.Array, new_v: jax.Array, pages: jax.Array, offsets: jax.Array,
+    sharding: jax.sharding.Sharding | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Writes X tokens' keys/values [X, K, D] into one layer's pool at (pages [X], offsets [X]).
+
+    Page id N (past the end) is dropped: padding tokens and idle slots point there.
+    """
+    # Indexing pages (axis 0) and offsets (the position axis) together puts their shared X axis first.
+    k = pool_k.at[pages, :, :, offsets].set(new_k.astype(pool_k.dtype), mode="drop")
+    v = pool_v.at[pages, :, offsets].set(new_v.astype(pool_v.dtype), mode="drop")
+    return keep_layout(sharding, k, v)
 
 
 def write(cache: PagedKVCache, new_k: jax.Array, new_v: jax.Array, pages: jax.Array, offsets: jax.Array) -> PagedKVCache:
-    """Writes X tokens' keys/values [L, X, K, D] at (pages [X], offsets [X]); page id N (past the end) is dropped.
-
-    One function for both steps: a packed prefill writes its T tokens, a decode step one token per slot.
-    """
-    # Indexing pages (axis 1) and offsets (the position axis) together puts their shared X axis first: [X, L, K, D].
-    k = cache.k.at[:, pages, :, :, offsets].set(new_k.swapaxes(0, 1).astype(cache.k.dtype), mode="drop")
-    v = cache.v.at[:, pages, :, offsets].set(new_v.swapaxes(0, 1).astype(cache.v.dtype), mode="drop")
-    return PagedKVCache(*keep_layout(cache.sharding, k, v), cache.sharding)
+    """Writes X tokens' keys/values [L, X, K, D] of every layer at (pages [X], offsets [X]) (prefill)."""
+    written = [
+        write_layer(k, v, new_k[layer], new_v[layer], pages, offsets, cache.sharding)
+        for layer, (k, v) in enumerate(zip(cache.k, cache.v))
+    ]
+    return PagedKVCache(tuple(k for k, _ in written), tuple(v for _, v in written), cache.sharding)
 
 
 def pages_for(tokens: int, page_size: int) -> int:
