@@ -70,6 +70,8 @@ def decode_attention(
     weights = jnp.exp(scores - (owned @ slot_max.reshape(b, -1)).reshape(n, k_heads, g)[..., None])  # masked: 0
     page_sum = jnp.sum(weights, axis=-1)  # [N, K, G]
     page_out = jnp.einsum("nkgp,nkpd->nkgd", weights, pages_v.astype(jnp.float32))  # [N, K, G, D]
-    total = owned.T @ page_sum.reshape(n, -1)  # [B, K*G]; every slot sees at least its new token
+    # An active slot sees at least its new token; an idle one sees nothing and gets 0 (never NaN, which the
+    # one-hot products would spread to every page on the next layer).
+    total = jnp.maximum(owned.T @ page_sum.reshape(n, -1), 1e-30)  # [B, K*G]
     out = (owned.T @ page_out.reshape(n, -1)).reshape(b, h, d) / total.reshape(b, h)[..., None]
     return out.reshape(b, 1, h, d).astype(q.dtype)

@@ -106,9 +106,10 @@ def visibility(token_mask: jnp.ndarray, segment_ids: jnp.ndarray | None = None) 
     return visible
 
 
-# attend(q [B,T,H,D], k [B,T,K,D], v [B,T,K,D], layer_cache) -> [B,T,H,D]: attention of the new tokens; layer_cache
-# is whatever per-layer slice of a cache the caller scans over alongside the layer weights.
-Attend = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]
+# attend(q [B,T,H,D], k [B,T,K,D], v [B,T,K,D], layer_cache) -> ([B,T,H,D], out): attention of the new tokens, and
+# what the layer hands back (the new keys and values, or the layer's cache with them written in); layer_cache is
+# whatever per-layer part of a cache the caller passes alongside the layer weights.
+Attend = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, Any], tuple[jnp.ndarray, Any]]
 
 
 def _self_attention(qg: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:
@@ -144,8 +145,8 @@ def _decoder_layer(
     positions: jnp.ndarray,
     attend: Attend,
     layer_cache: Any,
-) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """One pre-norm block: x + attention(norm(x)), then + SwiGLU(norm(x)). Returns x and this block's new k, v."""
+) -> tuple[jnp.ndarray, Any]:
+    """One pre-norm block: x + attention(norm(x)), then + SwiGLU(norm(x)). Returns x and what `attend` handed back."""
     dtype = x.dtype
     h = rms_norm(x, layer["attention_norm"], config.layer_norm_epsilon)
     q = jnp.einsum("btm,mhd->bthd", h, kernel(layer, "query", dtype))
@@ -153,13 +154,13 @@ def _decoder_layer(
     v = jnp.einsum("btm,mkd->btkd", h, kernel(layer, "value", dtype))
     q = rope.rotate(q, positions, inv_freq)
     k = rope.rotate(k, positions, inv_freq)
-    attended = attend(q, k, v, layer_cache)
+    attended, out = attend(q, k, v, layer_cache)
     x = x + jnp.einsum("bthd,hdm->btm", attended, kernel(layer, "attention_output", dtype))
     h = rms_norm(x, layer["mlp_norm"], config.layer_norm_epsilon)
     gate = jnp.einsum("btm,mf->btf", h, kernel(layer, "gate", dtype))
     up = jnp.einsum("btm,mf->btf", h, kernel(layer, "up", dtype))
     x = x + jnp.einsum("btf,fm->btm", jax.nn.silu(gate) * up, kernel(layer, "down", dtype))
-    return x, k, v
+    return x, out
 
 
 def _run_layers(
@@ -174,20 +175,22 @@ def _run_layers(
     """Embedding, every layer as one `lax.scan` (cache: a pytree with a leading L axis, or None), final norm."""
     b, t = token_ids.shape
     assert positions.shape == (b, t), (positions.shape, token_ids.shape)
-    dtype = dtype or params["token_embedding"].dtype
-    if dtype == jnp.int8:
-        dtype = jnp.float32
+    dtype = _compute_dtype(params, dtype)
     inv_freq = rope.inverse_frequencies(config)
     x = embed(params, token_ids, dtype)
 
     def body(x, xs):
         layer, layer_cache = xs
-        x, k, v = _decoder_layer(config, inv_freq, x, layer, positions, attend, layer_cache)
-        return x, (k, v)
+        return _decoder_layer(config, inv_freq, x, layer, positions, attend, layer_cache)
 
     x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], cache))
     x = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
     return x, new_k, new_v
+
+
+def _compute_dtype(params: Params, dtype: Any) -> Any:
+    dtype = dtype or params["token_embedding"].dtype
+    return jnp.float32 if dtype == jnp.int8 else dtype
 
 
 def forward(
@@ -217,37 +220,61 @@ def forward(
 
     def attend(q, k, v, layer_cache):
         layer_cache_k, layer_cache_v = layer_cache if layer_cache is not None else (None, None)
-        return _attention(q, k, v, layer_cache_k, layer_cache_v, cache_lengths, new_visible)
+        return _attention(q, k, v, layer_cache_k, layer_cache_v, cache_lengths, new_visible), (k, v)
 
     cache = None if cache_k is None else (cache_k, cache_v)
     return _run_layers(params, config, token_ids, positions, dtype, attend, cache)
 
 
-def forward_paged(
+def unstack_layers(params: Params) -> Params:
+    """The parameters with `layers` as a list of L per-layer trees instead of stacked [L, ...] arrays.
+
+    `decode_paged` runs its layers unrolled over these: a layer body inside `lax.scan` slices each stacked weight,
+    and XLA copies every such slice before the matmul reads it (~0.4 GB per decode step for the demo model).
+    """
+    stacked = params["layers"]
+    layers = len(next(iter(stacked.values())))
+    return {**params, "layers": [{name: w[i] for name, w in stacked.items()} for i in range(layers)]}
+
+
+def decode_paged(
     params: Params,
     config: LlamaConfig,
     token_ids: jnp.ndarray,
-    pages_k: jnp.ndarray,
-    pages_v: jnp.ndarray,
+    pages_k: tuple[jnp.ndarray, ...],
+    pages_v: tuple[jnp.ndarray, ...],
     view: paged_attention.PageView,
+    write: Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]],
     window: int,
     dtype: Any = None,
-) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...], tuple[jnp.ndarray, ...]]:
     """One decode step, one new token per slot, over a paged cache (see `model.paged_attention`).
 
-    token_ids [B, 1] sit at position view.lengths; pages_k [L, N, K, D, P] and pages_v [L, N, K, P, D] (see
-    `model.generation.paged_cache`) are read, never written;
-    only the first `window` pages are read (every page in use lies below it). Returns as `forward` does.
+    params: with per-layer `layers` (`unstack_layers`); token_ids [B, 1] sit at position view.lengths; pages_k[l]
+    [N, K, D, P] and pages_v[l] [N, K, P, D] are layer l's pools (see `model.generation.paged_cache`).
+    `write(pool_k, pool_v, k [B, K, D], v [B, K, D])` puts the new token's key and value into a layer's pool;
+    attention then reads the first `window` pages, the new token's own entry among them. Writing before
+    reading lets XLA update each pool in place: a read of the old pool scheduled after the write would make it
+    copy the whole pool. Returns the final-normed hidden states [B, 1, M] and the updated pools.
     """
     positions = view.lengths[:, None]
+    dtype = _compute_dtype(params, dtype)
+    inv_freq = rope.inverse_frequencies(config)
+    x = embed(params, token_ids, dtype)
+    new_k, new_v = [], []
+    for layer, pool_k, pool_v in zip(params["layers"], pages_k, pages_v):
 
-    def attend(q, k, v, layer_pages):
-        layer_k, layer_v = layer_pages
-        # Sliced per layer, inside the loop: at most one layer's window is materialised at a time, where slicing
-        # the stacked pool before the loop would copy every layer's window at once.
-        return paged_attention.decode_attention(q, k, v, layer_k[:window], layer_v[:window], view)
+        def attend(q, k, v, pools):
+            pool_k, pool_v = write(*pools, k[:, 0], v[:, 0])
+            n = pool_k.shape[0]
+            read_k, read_v = (pool_k, pool_v) if window >= n else (pool_k[:window], pool_v[:window])
+            return paged_attention.decode_attention(q, read_k, read_v, view), (pool_k, pool_v)
 
-    return _run_layers(params, config, token_ids, positions, dtype, attend, (pages_k, pages_v))
+        x, (pool_k, pool_v) = _decoder_layer(config, inv_freq, x, layer, positions, attend, (pool_k, pool_v))
+        new_k.append(pool_k)
+        new_v.append(pool_v)
+    x = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
+    return x, tuple(new_k), tuple(new_v)
 
 
 def embed(params: Params, token_ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:

@@ -48,11 +48,11 @@ def test_admission_keeps_every_promise():
 
 
 def test_write_puts_each_token_at_its_page_and_offset_and_drops_the_rest():
-    # Keys [L, N, K, D, P] (positions last), values [L, N, K, P, D].
-    cache = paged_cache.PagedKVCache(jnp.zeros((2, 3, 1, 2, 4)), jnp.zeros((2, 3, 1, 4, 2)))
+    # Per layer: keys [N, K, D, P] (positions last), values [N, K, P, D].
+    cache = paged_cache.PagedKVCache((jnp.zeros((3, 1, 2, 4)),) * 2, (jnp.zeros((3, 1, 4, 2)),) * 2)
     new = jnp.arange(2 * 3 * 1 * 2, dtype=jnp.float32).reshape(2, 3, 1, 2) + 1  # [L, X, K, D]
     written = paged_cache.write(cache, new, -new, jnp.array([2, 0, 3]), jnp.array([1, 3, 0]))
-    k, v = np.asarray(written.k), np.asarray(written.v)
+    k, v = np.stack(written.k), np.stack(written.v)
     np.testing.assert_array_equal(k[:, 2, :, :, 1], np.asarray(new[:, 0]))
     np.testing.assert_array_equal(k[:, 0, :, :, 3], np.asarray(new[:, 1]))
     np.testing.assert_array_equal(v[:, 2, :, 1], -np.asarray(new[:, 0]))
@@ -83,11 +83,19 @@ def test_paged_decode_attention_equals_dense_attention(heads, kv_heads):
         pages, offsets = table.token_locations(slot, int(lengths[slot]))
         pool_k[pages, :, :, offsets] = dense_k[slot, :, : lengths[slot]].swapaxes(0, 1)
         pool_v[pages, :, offsets] = dense_v[slot, :, : lengths[slot]].swapaxes(0, 1)
+    # The new token goes into the pool first (at position `lengths`), then attention reads it with the rest.
+    # Slot 0 was released: it is idle, owns no page and writes nothing.
+    for slot in range(1, b):
+        table.grow(slot, int(lengths[slot]) + 1)
+        (new_page,), (offset,) = (a[-1:] for a in table.token_locations(slot, int(lengths[slot]) + 1))
+        pool_k[new_page, :, :, offset], pool_v[new_page, :, offset] = new_k[slot, 0], new_v[slot, 0]
     window = table.extent()
     view = paged_attention.PageView(jnp.asarray(table.owner[:window]), jnp.asarray(table.start[:window]), jnp.asarray(lengths))
-    paged = paged_attention.decode_attention(q, new_k, new_v, pool_k[:window], pool_v[:window], view)
+    paged = paged_attention.decode_attention(q, pool_k[:window], pool_v[:window], view)
     dense = transformer._attention(q, new_k, new_v, dense_k, dense_v, lengths, np.ones((b, 1, 1), bool))
-    np.testing.assert_allclose(np.asarray(paged), np.asarray(dense), atol=1e-5, rtol=1e-5)
+    # Slot 0 is idle (it owns no page): its output is 0, never NaN; every other slot equals dense attention.
+    np.testing.assert_array_equal(np.asarray(paged)[0], 0)
+    np.testing.assert_allclose(np.asarray(paged)[1:], np.asarray(dense)[1:], atol=1e-5, rtol=1e-5)
 
 
 def test_a_cache_smaller_than_every_slot_at_full_length_makes_requests_wait_not_fail(tiny_backbone):

@@ -49,7 +49,7 @@ def prefill(
     jax.jit, static_argnames=("config", "variant", "steps", "window", "max_length"), donate_argnames=("cache",)
 )
 def decode(
-    params: transformer.Params,
+    params: transformer.Params,  # with per-layer `layers` (transformer.unstack_layers)
     cache: PagedKVCache,
     page_table: jax.Array,  # [B, pages per slot] each slot's pages in order; N where none is allocated
     owner: jax.Array,  # [window] the slot owning each of the first pages; B for a free page
@@ -78,13 +78,19 @@ def decode(
 
     def step(carry, _):
         cache, tokens, lengths, counts, active = carry
-        # Reads only the first `window` pages of the pool: every page in use lies below it.
+        target = jnp.where(active, page_table[slots, lengths // page_size], cache.pages)  # idle slots: dropped
+
+        def write(pool_k, pool_v, k, v):
+            return paged_cache.write_layer(pool_k, pool_v, k, v, target, lengths % page_size, cache.sharding)
+
+        # Reads only the first `window` pages of each pool: every page in use lies below it.
         view = paged_attention.PageView(owner, start, lengths)
-        hidden, new_k, new_v = transformer.forward_paged(params, config, tokens[:, None], cache.k, cache.v, view, window)
+        hidden, pages_k, pages_v = transformer.decode_paged(
+            params, config, tokens[:, None], cache.k, cache.v, view, write, window
+        )
+        cache = PagedKVCache(pages_k, pages_v, cache.sharding)
         logits = transformer.logits(params, hidden[:, 0])
         sampled = sampling.sample_next(logits, rows, row_keys(seeds, counts), variant=variant)
-        target = jnp.where(active, page_table[slots, lengths // page_size], cache.pages)  # idle slots: dropped
-        cache = paged_cache.write(cache, new_k[:, :, 0], new_v[:, :, 0], target, lengths % page_size)
         lengths = lengths + active
         counts = counts + active
         stopped = jnp.any(sampled[:, None] == stop_ids, axis=-1)
