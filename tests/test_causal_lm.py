@@ -164,12 +164,13 @@ def test_int8_quantized_model_generates(tiny_lm):
     assert int8_out != [p for p in PROMPTS] and len(float_out) == 3
 
 
-def test_presets_lists_the_seed_table_and_the_demo_model():
+def test_presets_lists_the_seed_table_llama_3_1_and_3_2_and_the_demo_model():
     from model.causal_lm import LlamaCausalLM
 
     names = set(LlamaCausalLM.presets)
     assert {"llama2_7b_en", "llama3_instruct_8b_en_int8", "vicuna_1.5_7b_en", "smollm2_135m_instruct"} <= names
-    assert len(names) == 10
+    assert {"llama3.1_instruct_8b", "llama3.2_1b", "llama3.2_instruct_3b"} <= names
+    assert len(names) == 18  # 9 of the seed table, 8 of Llama 3.1 / 3.2, the demo model
 
 
 def test_contrastive_search_honours_stop_strings_and_beam_search_refuses_them(tiny_lm):
