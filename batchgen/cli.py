@@ -108,11 +108,21 @@ def status(output: str, storage_options: tuple[str, ...], as_json: bool) -> None
 
 @cli.command()
 def presets() -> None:
-    """List the built-in model presets (any local or fsspec checkpoint path works as well)."""
+    """List the built-in model presets, where each comes from and whether it loads offline here.
+
+    Any local or fsspec checkpoint path, kaggle:// or hf:// handle works as well.
+    """
+    from model.checkpoints.availability import check_preset
     from model.checkpoints.presets import list_presets
 
     for preset in list_presets():
-        click.echo(f"{preset.name:28} {preset.params / 1e9:6.2f}B  {preset.description}")
+        # No network probe: a listing should not wait on hubs; `batchgen validate` asks them.
+        found = check_preset(preset.name, probe_network=False)
+        where = "offline" if found.offline else "needs download" if found.problem is None else "not available here"
+        click.echo(f"{preset.name:28} {preset.params / 1e9:6.2f}B  {where:18}  {found.source}")
+        click.echo(f"{'':28} {preset.description}")
+        if found.problem is not None:
+            click.echo(f"{'':28} why: {found.problem}")
 
 
 from batchgen.bench.command import bench  # noqa: E402  (light: the benchmark loads when the command runs)

@@ -150,31 +150,19 @@ def _worker_resources(spec: JobSpec) -> dict[str, Any]:
 
 
 def _check_preset(spec: JobSpec) -> list[str]:
-    """Raise SpecError when model.preset names nothing that exists; warn when that cannot be checked."""
+    """Raise SpecError when model.preset cannot load here, resolved as a worker would (built-in name, hub
+    handle, local path or fsspec URL; no weights read); warn when it loads only after a download."""
+    from model.checkpoints.availability import check_preset
+    from model.checkpoints.presets import BUILTIN_PRESETS
+
     preset = spec.model.preset
     looks_like_path = "/" in preset or "\\" in preset or "://" in preset or preset.endswith(".gguf")
-    if looks_like_path and not preset.startswith(("kaggle://", "hf://")):
-        from batchgen.storage import filesystem
-
-        try:
-            fs, path = filesystem(preset)
-            exists = fs.exists(path)
-        except Exception as error:  # a filesystem that cannot even be reached is as bad as a missing file
-            raise SpecError(f"{spec.source}: model.preset {preset!r} cannot be reached: {error}") from error
-        if not exists:
-            raise SpecError(f"{spec.source}: model.preset {preset!r}: no such file or directory")
-        return []
-    if "://" in preset:
-        return [f"model.preset {preset!r} is a hub handle; it is only checked when a worker loads it"]
-    from model.checkpoints.presets import BUILTIN_PRESETS, preset_location
-
-    if preset not in BUILTIN_PRESETS:
+    if not looks_like_path and preset not in BUILTIN_PRESETS:
         names = ", ".join(BUILTIN_PRESETS)
         raise SpecError(f"{spec.source}: model.preset {preset!r} is no built-in preset ({names}) nor a path")
-    try:
-        location = preset_location(preset)
-    except FileNotFoundError as error:  # the demo model's distribution is not installed
-        raise SpecError(f"{spec.source}: model.preset {preset!r}: {error}") from error
-    if "://" in location:
-        return [f"model.preset {preset!r} is {location}; it is downloaded when a worker loads it"]
+    found = check_preset(preset)
+    if found.problem is not None:
+        raise SpecError(f"{spec.source}: model.preset {preset!r} cannot load here: {found.problem}")
+    if not found.offline:
+        return [f"model.preset {preset!r} comes from {found.source}; each worker downloads it when it loads"]
     return []

@@ -111,6 +111,7 @@ class ModelRunner:
                         stop_token_ids=self._stop_ids(config),
                         stop_strings=tuple(config.stop_strings),
                         seed=derive_seed(base_seed, row.row_id, sample),
+                        skip_special_tokens=config.skip_special_tokens,
                     )
 
     def run(self, rows: Sequence[PromptRow], configs: Sequence[SamplingConfig]) -> Iterator[OutputRecord]:

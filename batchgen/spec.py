@@ -83,6 +83,8 @@ class SamplingConfig:
     max_new_tokens: int = 128
     stop_token_ids: str | tuple[int, ...] = "auto"
     stop_strings: tuple[str, ...] = ()
+    # Special tokens (chat markers such as <|im_start|>, end tokens) are left out of completions unless false.
+    skip_special_tokens: bool = True
     n: int = 1
     seed: int = 0
 

@@ -28,8 +28,9 @@ class OutputStatus:
     shards_failed: int
     rows_ok: int
     rows_error: int
-    prompt_tokens: int
+    prompt_tokens: int  # of generated rows
     completion_tokens: int
+    error_prompt_tokens: int = 0  # of error rows: tokenized, never run
     failed: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,7 +44,8 @@ class OutputStatus:
             f"  shards  {self.shards_committed} done, {self.shards_pending} pending, {self.shards_failed} failed, "
             f"of {self.shards_total}",
             f"  rows    {self.rows_ok} ok, {self.rows_error} error",
-            f"  tokens  {self.prompt_tokens} prompt, {self.completion_tokens} generated",
+            f"  tokens  {self.prompt_tokens} prompt, {self.completion_tokens} generated; "
+            f"{self.error_prompt_tokens} prompt tokens in error rows, not run",
         ]
         lines += [f"  failed shard {f['index']} ({f['shard_id']}): {f['errors'][-1]}" for f in self.failed]
         return "\n".join(lines)
@@ -84,5 +86,6 @@ def read_status(url: str, storage_options: Mapping[str, Any] | None = None) -> O
         rows_error=sum(e["error_rows"] for e in entries),
         prompt_tokens=sum(e["prompt_tokens"] for e in entries),
         completion_tokens=sum(e["completion_tokens"] for e in entries),
+        error_prompt_tokens=sum(e.get("error_prompt_tokens", 0) for e in entries),
         failed=failed,
     )

@@ -1,6 +1,7 @@
 """The job summary: printed at the end of `batchgen run` and written to `_summary.json`.
 
-Row and token counts cover the whole output (shards committed by earlier runs included); throughput and
+Row and token counts cover the whole output (`prompt_tokens` counts the prompts of generated rows only; the
+prompts of error rows, which were tokenized but never run, are `error_prompt_tokens`) (shards committed by earlier runs included); throughput and
 wall time cover this run, which is also given without its start-up (until the first worker had loaded and
 compiled its model). The error rate is the share of expected output rows that are error rows or belong
 to failed shards; the job succeeds when it is at most `execution.max_error_rate`.
@@ -31,6 +32,7 @@ class JobSummary:
     rows_ok: int
     rows_error: int
     prompt_tokens: int
+    error_prompt_tokens: int
     completion_tokens: int
     shards_total: int
     shards_committed: int
@@ -57,7 +59,8 @@ class JobSummary:
             f"job {self.status} (exit {self.exit_code}) -> {self.output_url}",
             f"  rows        {self.rows_ok} ok, {self.rows_error} error, of {self.expected_rows} expected "
             f"({self.input_rows} input rows)",
-            f"  tokens      {self.prompt_tokens} prompt, {self.completion_tokens} generated",
+            f"  tokens      {self.prompt_tokens} prompt, {self.completion_tokens} generated; "
+            f"{self.error_prompt_tokens} prompt tokens in error rows, not run",
             f"  throughput  {self.tokens_per_second:.1f} generated tokens/s over {self.wall_seconds:.1f} s wall "
             f"({self.run_completion_tokens} tokens this run); {self.generation_tokens_per_second:.1f} tokens/s "
             f"after {self.startup_seconds:.1f} s of start-up (Ray, model load, compilation)",
@@ -105,6 +108,8 @@ def summarize(
         rows_ok=sum(e["ok_rows"] for e in entries),
         rows_error=rows_error,
         prompt_tokens=sum(e["prompt_tokens"] for e in entries),
+        # Shards committed before this counter existed have none (their prompt_tokens include error rows).
+        error_prompt_tokens=sum(e.get("error_prompt_tokens", 0) for e in entries),
         completion_tokens=sum(e["completion_tokens"] for e in entries),
         shards_total=len(plan.shards),
         shards_committed=len(entries),

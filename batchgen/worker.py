@@ -40,11 +40,13 @@ class ShardResult:
     output_rows: int
     ok_rows: int
     error_rows: int
-    prompt_tokens: int
+    prompt_tokens: int  # of the rows that were generated
     completion_tokens: int
     seconds: float
     worker_pid: int
     part_file: str
+    # Of the error rows: prompts that were tokenized (e.g. too long for the context) but never run.
+    error_prompt_tokens: int = 0
 
     def manifest_entry(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,7 +118,8 @@ class ShardWorker:
             output_rows=len(records),
             ok_rows=len(records) - errors,
             error_rows=errors,
-            prompt_tokens=sum(r.prompt_tokens for r in records),
+            prompt_tokens=sum(r.prompt_tokens for r in records if r.finish_reason != "error"),
+            error_prompt_tokens=sum(r.prompt_tokens for r in records if r.finish_reason == "error"),
             completion_tokens=sum(r.completion_tokens for r in records),
             seconds=time.monotonic() - started,
             worker_pid=os.getpid(),

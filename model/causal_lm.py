@@ -174,6 +174,7 @@ class LlamaCausalLM(keras.Model):
         stop: str | Sequence[str] | None = None,
         strip_prompt: bool = False,
         seed: int | None = None,
+        skip_special_tokens: bool = True,
     ) -> Any:
         """Generates text (or token ids, without a preprocessor) from prompts.
 
@@ -186,6 +187,10 @@ class LlamaCausalLM(keras.Model):
             stop: stop strings; generation ends when one appears, and it is cut from the returned text.
             strip_prompt: return only the completion, not the prompt followed by it.
             seed: makes sampling reproducible; each row's randomness depends on (seed, row index) alone.
+            skip_special_tokens: leave special tokens (chat markers, end tokens) out of the generated text; stop
+                strings are matched against the text as returned. The prompt's text is returned as given.
+
+        Stop strings work with every sampler but beam search, which raises ValueError when given any.
         """
         stop_ids = self._resolve_stop_token_ids(stop_token_ids)
         stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
@@ -194,7 +199,8 @@ class LlamaCausalLM(keras.Model):
                 raise ValueError("without a preprocessor, generate() takes {'token_ids', 'padding_mask'} arrays")
             return self._generate_packed(inputs, stop_ids, seed)
         options = dict(max_length=max_length, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
-                       stop_strings=stop_strings, strip_prompt=strip_prompt, seed=seed)
+                       stop_strings=stop_strings, strip_prompt=strip_prompt, seed=seed,
+                       skip_special_tokens=skip_special_tokens)
         if isinstance(inputs, str):
             return self._generate_texts([inputs], **options)[0]
         if isinstance(inputs, (list, tuple)) and all(isinstance(x, str) for x in inputs):
@@ -222,14 +228,18 @@ class LlamaCausalLM(keras.Model):
         seed = seed if seed is not None else getattr(self.sampler, "seed", None)
         return int(np.random.SeedSequence().entropy % 2**32) if seed is None else int(seed)
 
-    def _run_requests(self, prompts: list[list[int]], budgets: list[int], stop_ids, stop_strings, seed, length):
+    def _run_requests(
+        self, prompts: list[list[int]], budgets: list[int], stop_ids, stop_strings, seed, length,
+        skip_special_tokens: bool = True,
+    ):
         """Runs prompts through the engine (or beam / contrastive search); returns their Completions."""
         base_seed = self._base_seed(seed)
         if not self.sampler.streaming:
-            return self.sampler.search(self, prompts, budgets, stop_ids, length)
+            return self.sampler.search(self, prompts, budgets, stop_ids, length, stop_strings, skip_special_tokens)
         params = self.sampler.to_sampling_params()
         requests = [
-            Request(i, ids, max(budget, 1), params, stop_ids, stop_strings, row_seed(base_seed, i))
+            Request(i, ids, max(budget, 1), params, stop_ids, stop_strings, row_seed(base_seed, i),
+                    skip_special_tokens)
             for i, (ids, budget) in enumerate(zip(prompts, budgets))
         ]
         slots = 1
@@ -239,13 +249,15 @@ class LlamaCausalLM(keras.Model):
         cache_length = min(-(-length // 128) * 128, self.backbone.config.max_sequence_length)
         return self.engine(slots, cache_length).generate(requests)
 
-    def _generate_texts(self, texts, *, max_length, stop_ids, max_new_tokens, stop_strings, strip_prompt, seed):
+    def _generate_texts(
+        self, texts, *, max_length, stop_ids, max_new_tokens, stop_strings, strip_prompt, seed, skip_special_tokens
+    ):
         length = max_length or self.preprocessor.sequence_length
         prompts = [self.preprocessor._ids(text, add_end=False) for text in texts]
         budgets = [length - len(ids) for ids in prompts]
         if max_new_tokens is not None:
             budgets = [min(b, max_new_tokens) for b in budgets]
-        completions = self._run_requests(prompts, budgets, stop_ids, stop_strings, seed, length)
+        completions = self._run_requests(prompts, budgets, stop_ids, stop_strings, seed, length, skip_special_tokens)
         outputs = []
         for text, budget, completion in zip(texts, budgets, completions):
             if completion.finish_reason == "error" or budget < 1:

@@ -27,6 +27,7 @@ def test_defaults_fill_a_minimal_spec():
     assert spec.input.prompt_column == "prompt" and spec.input.id_column is None
     assert [c.name for c in spec.sampling] == ["default"]
     assert spec.sampling[0].stop_token_ids == "auto" and spec.outputs_per_row == 1
+    assert spec.sampling[0].skip_special_tokens is True
     assert spec.execution.max_attempts == 3 and spec.output.compression == "zstd"
 
 
@@ -81,6 +82,7 @@ def test_overrides_are_coerced_to_the_type_each_key_expects(tmp_path):
             "output.url=s3://bucket/out/{date}",  # not TOML at all: taken as a string
             "sampling.stop_token_ids=[2, 3]",
             'sampling.stop_strings=["\\n\\n"]',  # a TOML basic string: escapes work
+            "sampling.skip_special_tokens=false",
             "execution.shard_timeout=30",
         ],
     )
@@ -89,6 +91,7 @@ def test_overrides_are_coerced_to_the_type_each_key_expects(tmp_path):
     assert spec.input.url.endswith("/in/2024-05-01.parquet") and spec.input.id_column == "42"
     assert spec.output.url == "s3://bucket/out/2024-05-01"
     assert config.stop_token_ids == (2, 3) and config.stop_strings == ("\n\n",)
+    assert config.skip_special_tokens is False  # special tokens are skipped unless a spec asks for them
     assert spec.execution.shard_timeout == 30.0
 
 

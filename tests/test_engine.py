@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -159,3 +161,55 @@ def test_window_buckets_step_by_quarter_octaves():
     assert [window_bucket(n, 10_000) for n in (1, 16, 17, 21, 29, 33, 100, 300)] == [16, 16, 20, 24, 32, 40, 112, 320]
     assert window_bucket(300, 290) == 290
     assert all(n <= window_bucket(n, 10_000) < 1.25 * n + 16 for n in range(1, 3000))
+
+
+
+def _token_texts(tokenizer, prompt: list[int], generated: list[int]) -> list[str]:
+    """The text each generated token adds after the prompt (decoded in context)."""
+    base = len(tokenizer.detokenize(prompt))
+    texts = [tokenizer.detokenize([*prompt, *generated[: k + 1]])[base:] for k in range(len(generated))]
+    return [after[len(before) :] for before, after in zip(["", *texts], texts)]
+
+
+def test_a_stop_string_followed_by_a_stop_token_in_the_same_decode_call_ends_the_text_at_the_string(tiny_lm):
+    # The leak: a decode call returned the stop string's token and, later in the same call, a stop token; the
+    # engine finished on the token and never looked for the string, so the text ran on past it.
+    tokenizer = tiny_lm.preprocessor.tokenizer
+    engine = GenerationEngine(tiny_lm.backbone, tokenizer, max_slots=2, max_length=64, steps_per_call=8)
+    for prompt_text in ["The ocean is", "Once upon a time", "1 2 3", "Hello there, friend"]:
+        prompt = tokenizer.tokenize(prompt_text)
+        free = engine.generate([Request(0, prompt, 12)])[0]
+        generated, texts = list(free.token_ids), _token_texts(tokenizer, prompt, list(free.token_ids))
+        # Token k (1..5: the first decode call returns tokens 1..8) adds text that appears nowhere before it;
+        # token k + 2, new so far, is made a stop token.
+        for k in range(1, 6):
+            stop, before = texts[k].strip(), "".join(texts[:k])
+            if not stop or "\ufffd" in stop or stop in before + texts[k][: texts[k].find(stop)] or generated[k + 2] in generated[: k + 2]:
+                continue
+            completion = engine.generate([Request(1, prompt, 12, stop_token_ids=(generated[k + 2],), stop_strings=(stop,))])[0]
+            expected = free.text[: free.text.find(stop)]
+            assert completion.text == expected and stop not in completion.text
+            assert completion.finish_reason == "stop" and completion.stop_token_id is None
+            assert completion.completion_tokens == k + 1 and list(completion.token_ids) == generated[:k]
+            return
+    pytest.fail("no generated text of the tiny model gave a stop string to test")
+
+
+def test_special_tokens_stay_out_of_the_text_unless_the_request_keeps_them(tiny_lm):
+    tokenizer = tiny_lm.preprocessor.tokenizer
+    special = set(tokenizer.special_tokens.values())
+    engine = GenerationEngine(tiny_lm.backbone, tokenizer, max_slots=16, max_length=64)
+    hot = SamplingParams("random", temperature=5.0)  # near uniform: the 11 special ids of 711 come out too
+    keep = [Request(i, tokenizer.tokenize("Hi"), 24, hot, seed=i, skip_special_tokens=False) for i in range(16)]
+    kept = engine.generate(keep)
+    skipped = engine.generate([dataclasses.replace(r, skip_special_tokens=True) for r in keep])
+    with_special = [i for i, c in enumerate(kept) if special & set(c.token_ids)]
+    assert with_special, "no special token sampled; raise the token count"
+    for i in with_special:
+        assert kept[i].token_ids == skipped[i].token_ids
+        names = [tokenizer.id_to_token(t) for t in kept[i].token_ids if t in special]
+        assert all(name in kept[i].text for name in names)
+        assert not any(name in skipped[i].text for name in tokenizer.special_tokens)
+        assert skipped[i].text == tokenizer.detokenize(
+            [*keep[i].prompt_ids, *kept[i].token_ids], skip_special_tokens=True
+        )[len(tokenizer.detokenize(keep[i].prompt_ids, skip_special_tokens=True)) :]

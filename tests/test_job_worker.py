@@ -124,3 +124,29 @@ def plan_prompt_row(messages):
     from batchgen.prompts import PromptRow
 
     return PromptRow(index=0, row_id=1, messages=messages)
+
+
+def test_prompt_tokens_of_error_rows_are_counted_apart_in_the_shard_summary_and_status(tmp_path, runner):
+    from batchgen.driver import DriverReport
+    from batchgen.sink import Sink, job_record
+    from batchgen.status import read_status
+    from batchgen.summary import summarize
+
+    # One over-long row (an error row whose prompt was tokenized but never run) beside two good ones.
+    path = write_prompts(tmp_path / "in.parquet", ["Hello there", "x" * 400, "why?"], ids=["a", "long", "b"])
+    spec = make_spec(path, str(tmp_path / "out"), sampling={"max_new_tokens": 3})
+    plan = plan_job(spec)
+    sink = Sink(spec.output.url)
+    sink.prepare(job_record(spec.fingerprint(), spec.to_dict(), spec.source, [{"shard_id": plan.shards[0].shard_id}]), False)
+    worker = ShardWorker(spec, plan.schema, runner=runner)
+    result = worker.run_shard(plan.shards[0], attempt=1)
+    rows = {r["id"]: r for r in pq.read_table(f"{spec.output.url}/part-{plan.shards[0].shard_id}.parquet").to_pylist()}
+    assert rows["long"]["finish_reason"] == "error" and rows["long"]["prompt_tokens"] > 64
+    assert result.prompt_tokens == rows["a"]["prompt_tokens"] + rows["b"]["prompt_tokens"]
+    assert result.error_prompt_tokens == rows["long"]["prompt_tokens"]
+    sink.commit(result.manifest_entry())
+    summary = summarize(spec, plan, {result.shard_id: result.manifest_entry()}, 0, DriverReport(), 0.0, 1.0)
+    assert (summary.prompt_tokens, summary.error_prompt_tokens) == (result.prompt_tokens, result.error_prompt_tokens)
+    assert f"{result.error_prompt_tokens} prompt tokens in error rows" in summary.render()
+    status = read_status(spec.output.url)
+    assert (status.prompt_tokens, status.error_prompt_tokens) == (result.prompt_tokens, result.error_prompt_tokens)

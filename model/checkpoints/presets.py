@@ -1,4 +1,4 @@
-"""Built-in presets: keras-hub's Llama 2 / Llama 3 seed table (Kaggle handles) plus the offline demo model.
+"""Built-in presets: keras-hub's Llama 2 / 3 / 3.1 / 3.2 table (Kaggle handles) plus the offline demo model.
 
 The Kaggle handles are keras-hub's own (`keras_hub/src/models/llama/llama_presets.py` and
 `llama3/llama3_presets.py`, keras-hub 0.32), so `from_preset("llama3_8b_en")` loads what keras-hub would, through
@@ -52,6 +52,25 @@ _SEED_TABLE = [
     ("llama3_instruct_8b_en_int8", 8031894016,
      "8 billion parameter, 32-layer, instruction tuned LLaMA 3 model with activation and weights quantized to int8.",
      "kaggle://keras/llama3/keras/llama3_instruct_8b_en_int8/2"),
+    # Llama 3.1 and 3.2, from the same keras-hub table (llama3_presets.py).
+    ("llama3.1_8b", 8030261248, "8 billion parameter, 32-layer, base LLaMA 3.1 model.",
+     "kaggle://keras/llama3/keras/llama3.1_8b/2"),
+    ("llama3.1_instruct_8b", 8030261248, "8 billion parameter, 32-layer, instruction tuned LLaMA 3.1.",
+     "kaggle://keras/llama3/keras/llama3.1_instruct_8b/2"),
+    ("llama3.1_guard_8b", 8030261248,
+     "8 billion parameter, 32-layer, LLaMA 3.1 fine-tuned for consent safety classification.",
+     "kaggle://keras/llama3/keras/llama3.1_guard_8b/2"),
+    ("llama3.2_1b", 1498482688, "1 billion parameter, 16-layer, base LLaMA 3.2 model.",
+     "kaggle://keras/llama3/keras/llama3.2_1b/1"),
+    ("llama3.2_instruct_1b", 1498482688, "1 billion parameter, 16-layer, instruction tuned LLaMA 3.2.",
+     "kaggle://keras/llama3/keras/llama3.2_instruct_1b/1"),
+    ("llama3.2_3b", 3606752256, "3 billion parameter, 26-layer, base LLaMA 3.2 model.",
+     "kaggle://keras/llama3/keras/llama3.2_3b/1"),
+    ("llama3.2_instruct_3b", 3606752256, "3 billion parameter, 28-layer, instruction tuned LLaMA 3.2.",
+     "kaggle://keras/llama3/keras/llama3.2_instruct_3b/1"),
+    ("llama3.2_guard_1b", 1498482688,
+     "1 billion parameter, 16-layer, LLaMA 3.2 fine-tuned for consent safety classification.",
+     "kaggle://keras/llama3/keras/llama3.2_guard_1b/1"),
 ]  # fmt: skip
 
 BUILTIN_PRESETS: dict[str, BuiltinPreset] = {

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import time
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -32,6 +31,7 @@ import numpy as np
 from model import parallel, transformer
 from model.backbone import LlamaBackbone
 from model.generation import compile_counter, paged_cache, sampling, steps
+from model.generation.detokenizer import IncrementalDetokenizer
 from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
 from model.generation.requests import Completion, Request
 from model.generation.scheduler import MIN_PACK_BUCKET, Slot, SlotTable, bucket, plan_packs, segments_for, window_bucket
@@ -277,53 +277,35 @@ class GenerationEngine:
                 yield done
 
     def _append(self, state: Slot, new: list[int]) -> Completion | None:
-        """Adds generated tokens to a slot; returns its Completion if a stop token or stop string ended it."""
+        """Adds generated tokens to a slot; returns its Completion if a stop token or stop string ended it.
+
+        Tokens are taken in order, each checked against the stop strings before a later one may end the
+        sequence: a decode call can return a stop string and, a few tokens on, a stop token, and the text must
+        end at the stop string, not at the token.
+        """
         self.stats.generated_tokens += len(new)
-        for j, token in enumerate(new):
+        detokenizer = state.detokenizer
+        if detokenizer is None and self.tokenizer is not None:
+            request = state.request
+            detokenizer = state.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_ids, request.stop_strings, request.skip_special_tokens
+            )
+        for token in new:
             if token in state.stop_token_ids:
-                state.generated.extend(new[:j])
                 return self._finish(state, "stop", counted=len(state.generated) + 1, stop_token_id=token)
-        state.generated.extend(new)
-        if state.request.stop_strings and self.tokenizer is not None:
-            return self._check_stop_strings(state)
+            state.generated.append(token)
+            if detokenizer is not None and detokenizer.add((token,)):
+                # completion_tokens counts up to the token that completed the stop string (it was generated);
+                # token_ids and text end where the stop string begins.
+                del state.generated[detokenizer.kept_tokens :]
+                return self._finish(state, "stop", counted=detokenizer.consumed_tokens)
         return None
 
-    def _check_stop_strings(self, state: Slot) -> Completion | None:
-        stops = state.request.stop_strings
-        detokenize = functools.partial(self._text, state)
-        text = detokenize(state.generated)
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if cut < 0:
-            return None
-        # completion_tokens counts up to the token that completed the stop string (it was generated);
-        # token_ids and text end where the stop string begins.
-        counted = next(k for k in range(1, len(state.generated) + 1) if any(s in detokenize(state.generated[:k]) for s in stops))
-        kept = 0
-        while kept < counted and len(detokenize(state.generated[: kept + 1])) <= cut:
-            kept += 1
-        state.generated = state.generated[:kept]
-        return self._finish(state, "stop", counted=counted, text=text[:cut])
-
-    def _text(self, state: Slot, generated: Sequence[int]) -> str:
-        """The text of generated tokens as they read after the prompt.
-
-        Detokenizing them alone can differ (SentencePiece drops the leading space of a sequence), so the
-        prompt and completion are detokenized together and the prompt's text is cut off.
-        """
-        if state.prompt_text is None:
-            state.prompt_text = self.tokenizer.detokenize(list(state.request.prompt_ids))
-        full = self.tokenizer.detokenize([*state.request.prompt_ids, *generated])
-        if full.startswith(state.prompt_text):
-            return full[len(state.prompt_text) :]
-        return self.tokenizer.detokenize(list(generated))
-
     def _finish(
-        self, state: Slot, reason: str, counted: int | None = None, text: str | None = None,
-        stop_token_id: int | None = None,
+        self, state: Slot, reason: str, counted: int | None = None, stop_token_id: int | None = None
     ) -> Completion:
         generated = tuple(state.generated)
-        if text is None and self.tokenizer is not None:
-            text = self._text(state, generated)
+        text = state.detokenizer.text if state.detokenizer is not None else None
         return Completion(
             state.request.request_id,
             generated,

@@ -62,6 +62,9 @@ class Request:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     seed: int = 0
+    # Special tokens (chat markers, start / end tokens) are left out of the text, and stop strings are matched
+    # against the text as returned; False keeps them, as they are spelled in the vocabulary.
+    skip_special_tokens: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +72,8 @@ class Completion:
     """The result of one request.
 
     `token_ids` are the generated tokens only, without the stop token or the tokens of a stop string;
-    `text` is their detokenization (None when the engine has no tokenizer). `finish_reason` is "stop" (a stop
+    `text` is their detokenization (None when the engine has no tokenizer), cut where a stop string begins,
+    without special tokens unless the request keeps them. `finish_reason` is "stop" (a stop
     token or string), "length" (`max_new_tokens` or the context ran out) or "error" (then `error` says why
     and nothing was generated).
     """

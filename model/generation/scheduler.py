@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from model.generation.detokenizer import IncrementalDetokenizer
 from model.generation.paged_cache import PageTable
 from model.generation.requests import Request, SamplingParams
 
@@ -83,7 +84,7 @@ class Slot:
     prompt_tokens: int
     stop_token_ids: frozenset[int]
     generated: list[int]
-    prompt_text: str | None = None  # detokenized prompt, computed on first use
+    detokenizer: IncrementalDetokenizer | None = None  # the completion's text; made by the first `_append`
 
 
 @dataclasses.dataclass

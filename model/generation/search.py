@@ -24,6 +24,7 @@ import numpy as np
 
 from model import transformer
 from model.config import LlamaConfig
+from model.generation.detokenizer import IncrementalDetokenizer
 from model.generation.kv_cache import KVCache, write_prompts, write_tokens
 from model.generation.requests import Completion
 from model.generation.sampling import first_argmax, top_k
@@ -288,8 +289,13 @@ def search_completions(
     stop_token_ids: tuple[int, ...],
     max_length: int,
     search: SearchFunction,
+    stop_strings: tuple[str, ...] = (),
+    skip_special_tokens: bool = True,
 ) -> list[Completion]:
     """Runs `search` over the prompts as one padded batch; one Completion per prompt, in order.
+
+    Stop strings cut each searched sequence where the first of them begins (exact for a search whose
+    tokens never depend on later ones, as contrastive search's; the beam sampler refuses them).
 
     A prompt that is empty or leaves no room for a new token gets an "error" Completion; the others go on.
     Rows and prompt width are padded to powers of two so that nearby batches share a compiled program.
@@ -314,7 +320,7 @@ def search_completions(
             ids[row, : len(prompts[i])] = prompts[i]
             lengths[row], row_budgets[row] = len(prompts[i]), budgets[i]
         params, dtype = _compute_params(lm.backbone)
-        token_ids, out_lengths, stopped = jax.device_get(
+        token_ids, out_lengths, stopped_rows = jax.device_get(
             search(params, lm.backbone.config, ids, lengths, row_budgets, max_length=max_length,
                    stop_token_ids=tuple(stop_token_ids), dtype=dtype)
         )
@@ -322,14 +328,23 @@ def search_completions(
         for row, i in enumerate(runnable):
             prompt = list(prompts[i])
             generated = [int(t) for t in token_ids[row, len(prompt) : out_lengths[row]]]
-            stop_id = int(token_ids[row, out_lengths[row]]) if stopped[row] else None
+            stopped = bool(stopped_rows[row])
+            stop_id = int(token_ids[row, out_lengths[row]]) if stopped else None
+            counted = len(generated) + stopped
+            text = None
+            if tokenizer is not None:
+                detokenizer = IncrementalDetokenizer(tokenizer, prompt, stop_strings, skip_special_tokens)
+                if detokenizer.add(generated):
+                    counted, stopped, stop_id = detokenizer.consumed_tokens, True, None
+                    generated = generated[: detokenizer.kept_tokens]
+                text = detokenizer.text
             completions[i] = Completion(
                 request_id=i,
                 token_ids=tuple(generated),
-                text=_completion_text(tokenizer, prompt, generated),
-                finish_reason="stop" if stopped[row] else "length",
+                text=text,
+                finish_reason="stop" if stopped else "length",
                 prompt_tokens=len(prompt),
-                completion_tokens=len(generated) + bool(stopped[row]),
+                completion_tokens=counted,
                 stop_token_id=stop_id,
             )
     return completions
@@ -349,13 +364,3 @@ def _compute_params(backbone: "LlamaBackbone") -> tuple[transformer.Params, Any]
     if params["token_embedding"].dtype != dtype and "token_embedding_scale" not in params:
         params = jax.tree.map(lambda w: w.astype(dtype), params)
     return params, dtype
-
-
-def _completion_text(tokenizer: Any, prompt: list[int], generated: list[int]) -> str | None:
-    """The generated text as it reads after the prompt (detokenized together: SentencePiece drops a leading
-    space when a sequence is detokenized alone)."""
-    if tokenizer is None:
-        return None
-    prompt_text = tokenizer.detokenize(prompt)
-    full = tokenizer.detokenize(prompt + generated)
-    return full[len(prompt_text) :] if full.startswith(prompt_text) else tokenizer.detokenize(generated)

@@ -40,9 +40,22 @@ class BeamSampler(SearchSampler):
         budgets: Sequence[int],
         stop_token_ids: tuple[int, ...],
         max_length: int,
+        stop_strings: tuple[str, ...] = (),
+        skip_special_tokens: bool = True,
     ) -> list[Completion]:
+        if stop_strings:
+            # A stop string would have to finish a hypothesis inside the search, where the beams compete on
+            # their whole score; cutting the best beam afterwards could return a beam the search would not
+            # have chosen. Refused rather than silently approximated.
+            raise ValueError(
+                f"BeamSampler does not support stop strings (got {list(stop_strings)!r}): use stop_token_ids, or "
+                "a streaming sampler (greedy, top_k, top_p, random, min_p) or ContrastiveSampler with `stop`"
+            )
+
         def best_beam(*args, **kwargs):
             out = search.beam_search(*args, num_beams=self.num_beams, temperature=self.temperature, **kwargs)
             return out.token_ids[:, 0], out.lengths[:, 0], out.stopped[:, 0]
 
-        return search.search_completions(lm, prompts, budgets, stop_token_ids, max_length, best_beam)
+        return search.search_completions(
+            lm, prompts, budgets, stop_token_ids, max_length, best_beam, skip_special_tokens=skip_special_tokens
+        )

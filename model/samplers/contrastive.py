@@ -41,8 +41,14 @@ class ContrastiveSampler(SearchSampler):
         budgets: Sequence[int],
         stop_token_ids: tuple[int, ...],
         max_length: int,
+        stop_strings: tuple[str, ...] = (),
+        skip_special_tokens: bool = True,
     ) -> list[Completion]:
+        # Stop strings are exact here: the one sequence's tokens never depend on later ones, so cutting the
+        # searched sequence where a stop string begins gives what stopping there would have given.
         def contrastive(*args, **kwargs):
             return search.contrastive_search(*args, k=self.k, alpha=self.alpha, temperature=self.temperature, **kwargs)
 
-        return search.search_completions(lm, prompts, budgets, stop_token_ids, max_length, contrastive)
+        return search.search_completions(
+            lm, prompts, budgets, stop_token_ids, max_length, contrastive, stop_strings, skip_special_tokens
+        )

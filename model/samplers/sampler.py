@@ -54,9 +54,13 @@ class SearchSampler(Sampler):
         budgets: Sequence[int],
         stop_token_ids: tuple[int, ...],
         max_length: int,
+        stop_strings: tuple[str, ...] = (),
+        skip_special_tokens: bool = True,
     ) -> list[Completion]:
         """One Completion per prompt (request id = its index), generating at most `budgets[i]` tokens and
-        at most `max_length` tokens in all (prompt included)."""
+        at most `max_length` tokens in all (prompt included); its text is cut where a stop string begins.
+
+        A sampler that cannot honour stop strings raises ValueError when given any, never ignores them."""
 
 
 def check_temperature(temperature: float, allow_zero: bool) -> None:
