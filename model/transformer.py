@@ -155,7 +155,10 @@ def _decoder_layer(
     q = rope.rotate(q, positions, inv_freq)
     k = rope.rotate(k, positions, inv_freq)
     attended, out = attend(q, k, v, layer_cache)
-    x = x + jnp.einsum("bthd,hdm->btm", attended, kernel(layer, "attention_output", dtype))
+    # As one [B*T, H*D] x [H*D, M] product: contracting (h, d) as two axes made XLA copy the weight on every call.
+    b, t, h, d = attended.shape
+    w_out = kernel(layer, "attention_output", dtype)
+    x = x + (attended.reshape(b, t, h * d) @ w_out.reshape(h * d, w_out.shape[-1]))
     h = rms_norm(x, layer["mlp_norm"], config.layer_norm_epsilon)
     gate = jnp.einsum("btm,mf->btf", h, kernel(layer, "gate", dtype))
     up = jnp.einsum("btm,mf->btf", h, kernel(layer, "up", dtype))

@@ -213,3 +213,28 @@ def test_special_tokens_stay_out_of_the_text_unless_the_request_keeps_them(tiny_
         assert skipped[i].text == tokenizer.detokenize(
             [*keep[i].prompt_ids, *kept[i].token_ids], skip_special_tokens=True
         )[len(tokenizer.detokenize(keep[i].prompt_ids, skip_special_tokens=True)) :]
+
+
+def test_compaction_packs_occupied_slots_low_and_decode_computes_only_their_rows(tiny_backbone):
+    from model.generation.paged_cache import PageTable
+    from model.generation.scheduler import SlotTable, rows_bucket
+
+    table = SlotTable.empty(32, PageTable(64, 8, 32, 32))
+    for slot in (3, 17, 30):
+        table.reserve(slot, Request(slot, [1, 2, 3], 4), 32)
+        table.occupy(slot, first_token=slot, seed=slot)
+    table.compact()
+    assert [e.request.request_id if e else None for e in table.entries[:4]] == [30, 17, 3, None]
+    assert list(table.tokens[:3]) == [30, 17, 3] and table.active[:3].all() and not table.active[3:].any()
+    assert rows_bucket(table.occupied(), 32) == 8 and rows_bucket(20, 32) == 32 and rows_bucket(0, 32) == 8
+
+    # Sequences of very different lengths: the engine runs its calls at 8, 16 and 32 rows as slots free up,
+    # and every request's tokens equal those it gets alone.
+    rng = np.random.default_rng(3)
+    requests = [Request(i, list(rng.integers(1, 90, 5)), int(n)) for i, n in enumerate(rng.integers(1, 40, 30))]
+    engine = GenerationEngine(tiny_backbone, max_slots=32, max_length=64, steps_per_call=4)
+    together = engine.generate(requests)
+    assert {shape[1] for shape in engine.stats.shapes if shape[0] == "decode"} >= {8, 32}
+    alone = GenerationEngine(tiny_backbone, max_slots=32, max_length=64, steps_per_call=4)
+    for request, completion in zip(requests[::7], together[::7]):
+        assert alone.generate([request])[0].token_ids == completion.token_ids

@@ -109,3 +109,18 @@ def test_a_cache_smaller_than_every_slot_at_full_length_makes_requests_wait_not_
     assert [c.token_ids for c in completions] == [c.token_ids for c in roomy]
     with pytest.raises(ValueError, match="cannot hold one sequence"):
         GenerationEngine(tiny_backbone, max_slots=8, max_length=64, cache_tokens=32)
+
+
+def test_moving_a_slot_hands_over_its_pages_and_its_promise():
+    table = PageTable(pages=8, page_size=4, slots=3, max_length=16)
+    table.admit(2, prompt_tokens=6, max_tokens=12)  # 2 pages now, 3 promised
+    pages = list(table.table[2, :2])
+    table.move(2, 0)
+    assert list(table.table[0, :2]) == pages and (table.table[2] == 8).all()
+    assert list(table.owner[pages]) == [0, 0]
+    table.grow(0, 12)  # the promise moved too: a third page is granted to slot 0
+    assert (table.owner < 3).sum() == 3 and not table.can_admit(24)
+    with pytest.raises(ValueError, match="still in use"):
+        table.move(1, 0)
+    table.release(0)
+    assert (table.owner == 3).all() and table.can_admit(32)

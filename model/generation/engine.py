@@ -34,7 +34,9 @@ from model.generation import compile_counter, paged_cache, sampling, steps
 from model.generation.detokenizer import IncrementalDetokenizer
 from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
 from model.generation.requests import Completion, Request
-from model.generation.scheduler import MIN_PACK_BUCKET, Slot, SlotTable, bucket, plan_packs, segments_for, window_bucket
+from model.generation.scheduler import (
+    MIN_PACK_BUCKET, Slot, SlotTable, bucket, plan_packs, rows_bucket, segments_for, window_bucket,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,23 +252,26 @@ class GenerationEngine:
                 yield done
 
     def _decode_once(self, params, table: "SlotTable"):
+        table.compact()
+        b = rows_bucket(table.occupied(), self.max_slots)  # slots b.. are free: the call computes rows 0..b-1
         pages = table.pages
         for slot in np.flatnonzero(table.active):  # pages for every position these steps may write
             pages.grow(int(slot), int(table.lengths[slot]) + self.steps_per_call)
         window = window_bucket(pages.extent(), self.cache_pages)
-        rows, variant = sampling.row_sampling_params(table.sampling_rows())
+        rows, variant = sampling.row_sampling_params(table.sampling_rows()[:b])
         start = time.perf_counter()
-        self.stats.shapes.add(("decode", window, variant))
+        self.stats.shapes.add(("decode", b, window, variant))
         self._cache, tokens, lengths, counts, active, emitted = steps.decode(
-            params, self._cache, pages.table, pages.owner[:window], pages.start[:window], table.tokens,
-            table.lengths, table.counts, table.active, table.budgets, table.stop_id_table(), rows, table.seeds,
-            config=self.config, variant=variant, steps=self.steps_per_call, window=window, max_length=self.max_length,
+            params, self._cache, pages.table[:b], pages.owner[:window], pages.start[:window], table.tokens[:b],
+            table.lengths[:b], table.counts[:b], table.active[:b], table.budgets[:b], table.stop_id_table()[:b], rows,
+            table.seeds[:b], config=self.config, variant=variant, steps=self.steps_per_call, window=window,
+            max_length=self.max_length,
         )
         emitted = np.asarray(emitted)
         self.stats.decode_seconds += time.perf_counter() - start
         self.stats.decode_calls += 1
         was_active = np.flatnonzero(table.active)
-        table.tokens[:], table.lengths[:], table.counts[:], table.active[:] = tokens, lengths, counts, active
+        table.tokens[:b], table.lengths[:b], table.counts[:b], table.active[:b] = tokens, lengths, counts, active
         for i in was_active:
             state = table.entries[i]
             done = self._append(state, [int(t) for t in emitted[i] if t >= 0])

@@ -169,6 +169,16 @@ class PageTable:
         self._promised -= self._reserved[slot]
         self._reserved[slot] = 0
 
+    def move(self, source: int, target: int) -> None:
+        """Hands every page and the promise of slot `source` to the free slot `target`."""
+        if self._reserved[target]:
+            raise ValueError(f"slot {target} is still in use")
+        held = self._held[source]
+        self.table[target], self.table[source] = self.table[source], self.pages
+        self.owner[self.table[target, :held]] = target
+        self._held[target], self._held[source] = held, 0
+        self._reserved[target], self._reserved[source] = self._reserved[source], 0
+
     def extent(self) -> int:
         """One past the highest page in use: a decode step reads pages [0, extent)."""
         used = np.flatnonzero(self.owner < self.slots)

@@ -77,6 +77,14 @@ def plan_packs(lengths: Sequence[int], max_slots: int) -> list[list[int]]:
     return [members for _, members in packs]
 
 
+def rows_bucket(occupied: int, max_slots: int) -> int:
+    """Rows a decode call computes for `occupied` slots (packed at the low end): powers of two from 8, capped.
+
+    Every row costs a row of every weight product, busy or idle, so a call computes only as many rows as the slots
+    in use need; powers of two keep the programs few (at most log2(max_slots / 8) + 1 sizes).
+    """
+    return min(bucket(max(occupied, 1), 8), max_slots)
+
 
 @dataclasses.dataclass
 class Slot:
@@ -131,6 +139,26 @@ class SlotTable:
         self.entries[slot] = None
         self.active[slot] = False
         self.pages.release(slot)
+
+    def occupied(self) -> int:
+        return sum(entry is not None for entry in self.entries)
+
+    def compact(self) -> None:
+        """Moves occupied slots down into free ones, so that slots 0..n-1 are the n occupied ones.
+
+        A decode call then computes only the first `rows_bucket(n)` rows. Moving a slot moves host state only
+        (its arrays' entries and its row of the page table): its keys and values stay in the pages they are in.
+        A row's tokens do not depend on the slot it runs in (its seed and its own pages decide them).
+        """
+        free = [i for i, entry in enumerate(self.entries) if entry is None]
+        busy = [i for i, entry in enumerate(self.entries) if entry is not None]
+        while free and busy and free[0] < busy[-1]:
+            source, target = busy.pop(), free.pop(0)
+            self.entries[target], self.entries[source] = self.entries[source], None
+            for array in (self.tokens, self.lengths, self.counts, self.active, self.budgets, self.seeds):
+                array[target] = array[source]
+            self.active[source] = False
+            self.pages.move(source, target)
 
     def sampling_rows(self) -> list[SamplingParams]:
         """Each slot's sampling parameters; free slots borrow an occupied one's so the variant is unchanged."""
