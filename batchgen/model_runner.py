@@ -33,7 +33,7 @@ class ModelRunner:
         self.stop_token_ids = stop_token_ids
 
     @classmethod
-    def load(cls, model: ModelSpec, max_slots: int, compilation_cache: str = "") -> ModelRunner:
+    def load(cls, model: ModelSpec, max_slots: int | str, compilation_cache: str = "") -> ModelRunner:
         """Load the checkpoint `model.preset` and build the streaming engine over it.
 
         `compilation_cache`, a directory, keeps compiled XLA programs on disk, so that a replacement worker

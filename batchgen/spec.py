@@ -108,7 +108,7 @@ class ExecutionSpec:
     max_attempts: int = 3
     shard_timeout: float = 3600.0
     max_error_rate: float = 0.0
-    max_slots: int = 32
+    max_slots: int | str = 32  # or "auto": from model.cache_tokens (see model.generation.engine.auto_slots)
     compilation_cache: str = "~/.cache/batchgen/xla"
 
 
@@ -441,5 +441,11 @@ def _check_values(spec: JobSpec) -> None:
         fail("execution.shard_timeout", execution.shard_timeout, "must be >= 0 seconds (0: no timeout)")
     if not 0 <= execution.max_error_rate <= 1:
         fail("execution.max_error_rate", execution.max_error_rate, "must be in [0, 1]")
-    if execution.max_slots < 1:
+    if isinstance(execution.max_slots, str):
+        if execution.max_slots != "auto":
+            fail("execution.max_slots", execution.max_slots, "must be an integer >= 1 or \"auto\"")
+        if not model.cache_tokens:
+            fail("execution.max_slots", execution.max_slots,
+                 "\"auto\" picks the slots from the cache's size: set model.cache_tokens too")
+    elif execution.max_slots < 1:
         fail("execution.max_slots", execution.max_slots, "must be >= 1")

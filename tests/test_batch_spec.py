@@ -187,3 +187,18 @@ def test_relative_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatc
     assert spec.input.url == f"{tmp_path}/data/*.parquet" and spec.output.url == "s3://b/out"
     assert spec.model.preset == str(tmp_path / "ckpt")
     assert parse_spec(raw(model={"preset": "smollm2_135m_instruct"})).model.preset == "smollm2_135m_instruct"
+
+
+def test_max_slots_auto_needs_a_cache_size(tmp_path):
+    from batchgen.spec import SpecError, load_spec
+
+    base = 'model = {preset = "p", cache_tokens = 4096}\ninput = {url = "in"}\noutput = {url = "out"}\n'
+    path = tmp_path / "job.toml"
+    path.write_text(base + 'execution = {max_slots = "auto"}\n')
+    assert load_spec(str(path)).execution.max_slots == "auto"
+    path.write_text(base.replace(", cache_tokens = 4096", "") + 'execution = {max_slots = "auto"}\n')
+    with pytest.raises(SpecError, match="set model.cache_tokens"):
+        load_spec(str(path))
+    path.write_text(base + 'execution = {max_slots = "many"}\n')
+    with pytest.raises(SpecError, match="max_slots"):
+        load_spec(str(path))

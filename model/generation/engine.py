@@ -39,6 +39,16 @@ from model.generation.scheduler import (
 )
 
 
+# 'auto' slots: one per two pages of cache (a sequence of up to 64 positions), at most this many. Slots are cheap:
+# admission still waits for room in the cache, and a decode call computes only the rows of occupied slots.
+AUTO_MAX_SLOTS = 256
+
+
+def auto_slots(cache_tokens: int) -> int:
+    """The slots an engine with `cache_tokens` positions of KV cache runs when asked for max_slots='auto'."""
+    return max(1, min(AUTO_MAX_SLOTS, paged_cache.pages_for(cache_tokens, PAGE_SIZE) // 2))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Weights:
     """The weights as the jitted steps take them: stacked [L, ...] layers for prefill (one `lax.scan`, compiled
@@ -72,7 +82,7 @@ class GenerationEngine:
     Args:
         backbone: the model; its current weights are read at the start of each `generate_stream` call.
         tokenizer: used to detokenize completions and to find stop strings; None gives token ids only.
-        max_slots: sequences decoded together (B).
+        max_slots: sequences decoded together at most (B), or "auto": from `cache_tokens` (see `auto_slots`).
         max_length: cache length per slot (prompt + generated tokens), at most the model's context.
         steps_per_call: decode steps per jitted call; more amortises dispatch, fewer refills sooner.
         cache_tokens: positions the paged KV cache holds over all slots (default max_slots x max_length, room
@@ -87,7 +97,7 @@ class GenerationEngine:
         backbone: LlamaBackbone,
         tokenizer: Any = None,
         *,
-        max_slots: int = 32,
+        max_slots: int | str = 32,
         max_length: int | None = None,
         steps_per_call: int = 8,
         cache_dtype: Any = None,
@@ -100,8 +110,12 @@ class GenerationEngine:
             raise ValueError(
                 f"max_length {max_length} exceeds the model's context of {config.max_sequence_length} tokens"
             )
-        if max_slots < 1 or steps_per_call < 1:
-            raise ValueError(f"max_slots and steps_per_call must be >= 1, got {max_slots}, {steps_per_call}")
+        if max_slots == "auto":
+            if not cache_tokens:
+                raise ValueError("max_slots='auto' picks the slots from the cache: give cache_tokens too")
+            max_slots = auto_slots(cache_tokens)
+        if not isinstance(max_slots, int) or max_slots < 1 or steps_per_call < 1:
+            raise ValueError(f"max_slots (an int or 'auto') and steps_per_call must be >= 1, got {max_slots!r}, {steps_per_call}")
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.config = config
