@@ -57,7 +57,8 @@ class ModelRunner:
         max_length = min(model.max_length, lm.backbone.config.max_sequence_length)
         # The spec checked cache_tokens >= its max_length; 0 is the engine's default (every slot at full length).
         engine = GenerationEngine(
-            lm.backbone, tokenizer, max_slots=max_slots, max_length=max_length, cache_tokens=model.cache_tokens or None
+            lm.backbone, tokenizer, max_slots=max_slots, max_length=max_length, cache_tokens=model.cache_tokens or None,
+            cache_dtype=None if model.cache_dtype == "auto" else model.cache_dtype,
         )
         # The model's own list: the tokenizer's end-of-turn tokens plus the checkpoint's generation config.
         return cls(tokenizer, engine, tuple(lm.stop_token_ids or tokenizer.stop_token_ids))

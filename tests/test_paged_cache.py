@@ -124,3 +124,15 @@ def test_moving_a_slot_hands_over_its_pages_and_its_promise():
         table.move(1, 0)
     table.release(0)
     assert (table.owner == 3).all() and table.can_admit(32)
+
+
+def test_a_bfloat16_cache_for_a_float32_model_halves_the_pool_and_keeps_greedy_close(tiny_backbone):
+    rng = np.random.default_rng(5)
+    requests = [Request(i, list(rng.integers(1, 90, rng.integers(3, 30))), 16) for i in range(8)]
+    full = GenerationEngine(tiny_backbone, max_slots=8, max_length=64)
+    half = GenerationEngine(tiny_backbone, max_slots=8, max_length=64, cache_dtype="bfloat16")
+    a, b = full.generate(requests), half.generate(requests)
+    assert half._cache.dtype == jnp.bfloat16 and half._cache.nbytes() * 2 == full._cache.nbytes()
+    same = sum(x == y for ca, cb in zip(a, b) for x, y in zip(ca.token_ids, cb.token_ids))
+    assert same >= 0.9 * sum(len(c.token_ids) for c in a)
+    assert [c.token_ids[0] for c in a] == [c.token_ids[0] for c in b]  # prefill attends in float32 either way
