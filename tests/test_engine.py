@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -238,3 +239,26 @@ def test_compaction_packs_occupied_slots_low_and_decode_computes_only_their_rows
     alone = GenerationEngine(tiny_backbone, max_slots=32, max_length=64, steps_per_call=4)
     for request, completion in zip(requests[::7], together[::7]):
         assert alone.generate([request])[0].token_ids == completion.token_ids
+
+
+def test_logprobs_are_the_models_log_softmax_at_each_generated_token(tiny_backbone):
+    rng = np.random.default_rng(11)
+    prompts = [list(rng.integers(1, 90, n)) for n in (5, 17, 9)]
+    engine = GenerationEngine(tiny_backbone, max_slots=4, max_length=64, steps_per_call=4)
+    requests = [Request(0, prompts[0], 10, logprobs=3), Request(1, prompts[1], 7, logprobs=0), Request(2, prompts[2], 6)]
+    completions = engine.generate(requests)
+    assert completions[2].token_logprobs is None and completions[2].top_logprobs is None
+    params = tiny_backbone.params()
+    for request, completion in zip(requests[:2], completions[:2]):
+        ids = [*request.prompt_ids, *completion.token_ids]
+        hidden, _, _ = transformer.forward(params, tiny_backbone.config, jnp.asarray([ids]), jnp.arange(len(ids))[None])
+        log_probs = np.asarray(jax.nn.log_softmax(transformer.logits(params, hidden[0]), axis=-1))
+        n = len(request.prompt_ids)
+        assert len(completion.token_logprobs) == len(completion.token_ids) == request.max_new_tokens
+        for t, token in enumerate(completion.token_ids):
+            expected = log_probs[n - 1 + t]
+            assert completion.token_logprobs[t] == pytest.approx(expected[token], abs=1e-4)
+            top = completion.top_logprobs[t]
+            assert len(top) == request.logprobs
+            assert [i for i, _ in top] == list(np.argsort(-expected, kind="stable")[: request.logprobs])
+            assert [lp for _, lp in top] == pytest.approx(list(np.sort(expected)[::-1][: request.logprobs]), abs=1e-4)

@@ -30,7 +30,7 @@ import numpy as np
 
 from model import parallel, transformer
 from model.backbone import LlamaBackbone
-from model.generation import compile_counter, paged_cache, sampling, steps
+from model.generation import compile_counter, logprobs, paged_cache, sampling, steps
 from model.generation.detokenizer import IncrementalDetokenizer
 from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
 from model.generation.requests import Completion, Request
@@ -249,16 +249,18 @@ class GenerationEngine:
         rows, variant = sampling.row_sampling_params(row_sampling + [row_sampling[0]] * (capacity - len(pack)))
         start = time.perf_counter()
         self.stats.shapes.add(("prefill", t, capacity, variant))
-        self._cache, first = steps.prefill(
+        k = _logprobs_width(request for _, request in pack)
+        self._cache, first, first_logprobs = steps.prefill(
             params, self._cache, ids, positions, segments, pages, offsets, last, rows, seeds,
-            config=self.config, variant=variant,
+            config=self.config, variant=variant, logprobs_k=k,
         )
         first = np.asarray(first)
+        first_logprobs = None if first_logprobs is None else [np.asarray(a)[:, None] for a in first_logprobs]
         self.stats.prefill_seconds += time.perf_counter() - start
         for j, (slot, request) in enumerate(pack):
             self.stats.prompt_tokens += len(request.prompt_ids)
             state = table.occupy(slot, int(first[j]), seeds[j])
-            done = self._append(state, [int(first[j])])
+            done = self._append(state, [int(first[j])], _entries(first_logprobs, j, 1, request))
             if done is None and (table.counts[slot] >= table.budgets[slot] or table.lengths[slot] + 1 >= self.max_length):
                 done = self._finish(state, "length")
             if done is not None:
@@ -275,27 +277,30 @@ class GenerationEngine:
         rows, variant = sampling.row_sampling_params(table.sampling_rows()[:b])
         start = time.perf_counter()
         self.stats.shapes.add(("decode", b, window, variant))
-        self._cache, tokens, lengths, counts, active, emitted = steps.decode(
+        k = _logprobs_width(entry.request for entry in table.entries[:b] if entry is not None)
+        self._cache, tokens, lengths, counts, active, emitted, token_logprobs = steps.decode(
             params, self._cache, pages.table[:b], pages.owner[:window], pages.start[:window], table.tokens[:b],
             table.lengths[:b], table.counts[:b], table.active[:b], table.budgets[:b], table.stop_id_table()[:b], rows,
             table.seeds[:b], config=self.config, variant=variant, steps=self.steps_per_call, window=window,
-            max_length=self.max_length,
+            max_length=self.max_length, logprobs_k=k,
         )
         emitted = np.asarray(emitted)
+        token_logprobs = None if token_logprobs is None else [np.asarray(a) for a in token_logprobs]
         self.stats.decode_seconds += time.perf_counter() - start
         self.stats.decode_calls += 1
         was_active = np.flatnonzero(table.active)
         table.tokens[:b], table.lengths[:b], table.counts[:b], table.active[:b] = tokens, lengths, counts, active
         for i in was_active:
             state = table.entries[i]
-            done = self._append(state, [int(t) for t in emitted[i] if t >= 0])
+            new = [int(t) for t in emitted[i] if t >= 0]
+            done = self._append(state, new, _entries(token_logprobs, i, len(new), state.request))
             if done is None and not table.active[i]:
                 done = self._finish(state, "length")
             if done is not None:
                 table.release(i)
                 yield done
 
-    def _append(self, state: Slot, new: list[int]) -> Completion | None:
+    def _append(self, state: Slot, new: list[int], logprobs: list | None = None) -> Completion | None:
         """Adds generated tokens to a slot; returns its Completion if a stop token or stop string ended it.
 
         Tokens are taken in order, each checked against the stop strings before a later one may end the
@@ -309,10 +314,12 @@ class GenerationEngine:
             detokenizer = state.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, request.prompt_ids, request.stop_strings, request.skip_special_tokens
             )
-        for token in new:
+        for j, token in enumerate(new):
             if token in state.stop_token_ids:
                 return self._finish(state, "stop", counted=len(state.generated) + 1, stop_token_id=token)
             state.generated.append(token)
+            if logprobs is not None:
+                state.logprobs.append(logprobs[j])
             if detokenizer is not None and detokenizer.add((token,)):
                 # completion_tokens counts up to the token that completed the stop string (it was generated);
                 # token_ids and text end where the stop string begins.
@@ -325,6 +332,8 @@ class GenerationEngine:
     ) -> Completion:
         generated = tuple(state.generated)
         text = state.detokenizer.text if state.detokenizer is not None else None
+        wanted = state.request.logprobs is not None
+        kept = state.logprobs[: len(generated)]  # a stop string cut the tokens after its start
         return Completion(
             state.request.request_id,
             generated,
@@ -334,4 +343,24 @@ class GenerationEngine:
             counted if counted is not None else len(generated),
             None,
             stop_token_id,
+            tuple(lp for lp, _ in kept) if wanted else None,
+            tuple(top for _, top in kept) if wanted else None,
         )
+
+
+def _logprobs_width(requests: Iterable[Request]) -> int | None:
+    """The static top-k width a step computes for these requests: None when none asks for log-probabilities."""
+    asked = [r.logprobs for r in requests if r.logprobs is not None]
+    return logprobs.bucket_k(max(asked)) if asked else None
+
+
+def _entries(arrays: list[np.ndarray] | None, row: int, count: int, request: Request) -> list | None:
+    """Per-token (log-prob, ((id, log-prob) x the request's k)) of a row's first `count` tokens, or None."""
+    if arrays is None or request.logprobs is None:
+        return None
+    chosen, ids, top = (a[row] for a in arrays)
+    k = request.logprobs
+    return [
+        (float(chosen[t]), tuple((int(i), float(lp)) for i, lp in zip(ids[t, :k], top[t, :k])))
+        for t in range(count)
+    ]

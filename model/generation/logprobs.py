@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from model.generation import sampling
+
 # The top-k width a step computes, rounded up to a multiple of this: a few values of k share one program.
 LOGPROBS_BUCKET = 4
 MAX_LOGPROBS = 20
@@ -32,5 +34,7 @@ def token_logprobs(logits: jax.Array, chosen: jax.Array, k: int) -> tuple[jax.Ar
     assert logits.ndim == 2 and chosen.shape == logits.shape[:1], (logits.shape, chosen.shape)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     chosen_lp = jnp.take_along_axis(log_probs, chosen[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(log_probs, k)
+    if k == 0:  # the chosen token's log-prob only
+        return chosen_lp, jnp.zeros((logits.shape[0], 0), jnp.int32), jnp.zeros((logits.shape[0], 0), jnp.float32)
+    top_lp, top_ids = sampling.top_k(log_probs, k)  # the fast TopK kernel (see sampling.top_k)
     return chosen_lp, top_ids.astype(jnp.int32), top_lp

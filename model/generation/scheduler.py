@@ -93,6 +93,7 @@ class Slot:
     stop_token_ids: frozenset[int]
     generated: list[int]
     detokenizer: IncrementalDetokenizer | None = None  # the completion's text; made by the first `_append`
+    logprobs: list = dataclasses.field(default_factory=list)  # per kept token, when the request asks for them
 
 
 @dataclasses.dataclass

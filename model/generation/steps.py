@@ -7,13 +7,14 @@ Both take the cache as a donated argument and return it updated, so it is writte
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from model import paged_attention, transformer
 from model.config import LlamaConfig
-from model.generation import paged_cache, sampling
+from model.generation import logprobs, paged_cache, sampling
 from model.generation.paged_cache import PagedKVCache
 
 def row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:
@@ -21,7 +22,12 @@ def row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:
     return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "variant"), donate_argnames=("cache",))
+def _logprobs(logits: jax.Array, chosen: jax.Array, k: int | None):
+    """What a step returns about its tokens' log-probabilities: None, or (chosen [R], top ids [R, k], top [R, k])."""
+    return None if k is None else logprobs.token_logprobs(logits, chosen, k)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "variant", "logprobs_k"), donate_argnames=("cache",))
 def prefill(
     params: transformer.Params,
     cache: PagedKVCache,
@@ -36,17 +42,23 @@ def prefill(
     *,
     config: LlamaConfig,
     variant: sampling.SamplingVariant,
-) -> tuple[PagedKVCache, jax.Array]:
+    logprobs_k: int | None = None,
+) -> tuple[PagedKVCache, jax.Array, Any]:
+    """Prefills packed prompts into their pages; returns the cache, each prompt's first token [R] and, with
+    `logprobs_k` (None: none), the log-probabilities of those tokens (see `model.generation.logprobs`)."""
     hidden, new_k, new_v = transformer.forward(
         params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids
     )
     logits = transformer.logits(params, hidden[0, last])  # only where a prompt's next token is predicted
     first_tokens = sampling.sample_next(logits, rows, row_keys(seeds, jnp.zeros_like(seeds)), variant=variant)
-    return paged_cache.write(cache, new_k[:, 0], new_v[:, 0], pages, offsets), first_tokens
+    cache = paged_cache.write(cache, new_k[:, 0], new_v[:, 0], pages, offsets)
+    return cache, first_tokens, _logprobs(logits, first_tokens, logprobs_k)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "variant", "steps", "window", "max_length"), donate_argnames=("cache",)
+    jax.jit,
+    static_argnames=("config", "variant", "steps", "window", "max_length", "logprobs_k"),
+    donate_argnames=("cache",),
 )
 def decode(
     params: transformer.Params,  # with per-layer `layers` (transformer.unstack_layers)
@@ -68,8 +80,10 @@ def decode(
     steps: int,
     window: int,
     max_length: int,
-) -> tuple[PagedKVCache, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Runs `steps` decode steps for every slot; returns the new tokens [B, steps] (-1 where a slot was idle).
+    logprobs_k: int | None = None,
+) -> tuple[PagedKVCache, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, Any]:
+    """Runs `steps` decode steps for every slot; returns the new tokens [B, steps] (-1 where a slot was idle) and,
+    with `logprobs_k`, their log-probabilities, each array with a [B, steps] lead (see `model.generation.logprobs`).
 
     Every page a slot writes during these steps was allocated before the call (see `PageTable.grow`).
     """
@@ -98,11 +112,12 @@ def decode(
         emitted = jnp.where(active, sampled, -1)
         tokens = jnp.where(active, sampled, tokens)
         active = active & ~finished
-        return (cache, tokens, lengths, counts, active), emitted
+        return (cache, tokens, lengths, counts, active), (emitted, _logprobs(logits, sampled, logprobs_k))
 
-    (cache, tokens, lengths, counts, active), emitted = jax.lax.scan(
+    (cache, tokens, lengths, counts, active), (emitted, token_logprobs) = jax.lax.scan(
         step, (cache, tokens, lengths, counts, active), None, length=steps
     )
-    return cache, tokens, lengths, counts, active, emitted.T
+    token_logprobs = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), token_logprobs)  # [steps, B, ...] -> [B, steps, ...]
+    return cache, tokens, lengths, counts, active, emitted.T, token_logprobs
 
 
