@@ -30,7 +30,7 @@ import numpy as np
 
 from model import parallel, transformer
 from model.backbone import LlamaBackbone
-from model.generation import compile_counter, logprobs, paged_cache, sampling, steps
+from model.generation import compile_counter, logprobs, paged_cache, penalties, sampling, steps
 from model.generation.detokenizer import IncrementalDetokenizer
 from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
 from model.generation.requests import Completion, Request
@@ -250,8 +250,12 @@ class GenerationEngine:
         start = time.perf_counter()
         self.stats.shapes.add(("prefill", t, capacity, variant))
         k = _logprobs_width(request for _, request in pack)
+        padded = [request for _, request in pack] + [pack[0][1]] * (capacity - len(pack))
+        row_penalties = penalties.build(
+            [r.sampling for r in padded], [r.prompt_ids for r in padded], [()] * capacity, self.config.vocabulary_size
+        )
         self._cache, first, first_logprobs = steps.prefill(
-            params, self._cache, ids, positions, segments, pages, offsets, last, rows, seeds,
+            params, self._cache, ids, positions, segments, pages, offsets, last, rows, seeds, row_penalties,
             config=self.config, variant=variant, logprobs_k=k,
         )
         first = np.asarray(first)
@@ -278,10 +282,15 @@ class GenerationEngine:
         start = time.perf_counter()
         self.stats.shapes.add(("decode", b, window, variant))
         k = _logprobs_width(entry.request for entry in table.entries[:b] if entry is not None)
+        entries = [entry if entry is not None else next(e for e in table.entries if e is not None) for entry in table.entries[:b]]
+        slot_penalties = penalties.build(
+            [e.request.sampling for e in entries], [e.request.prompt_ids for e in entries],
+            [e.generated for e in entries], self.config.vocabulary_size,
+        )
         self._cache, tokens, lengths, counts, active, emitted, token_logprobs = steps.decode(
             params, self._cache, pages.table[:b], pages.owner[:window], pages.start[:window], table.tokens[:b],
             table.lengths[:b], table.counts[:b], table.active[:b], table.budgets[:b], table.stop_id_table()[:b], rows,
-            table.seeds[:b], config=self.config, variant=variant, steps=self.steps_per_call, window=window,
+            table.seeds[:b], slot_penalties, config=self.config, variant=variant, steps=self.steps_per_call, window=window,
             max_length=self.max_length, logprobs_k=k,
         )
         emitted = np.asarray(emitted)

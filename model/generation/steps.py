@@ -15,7 +15,9 @@ import jax.numpy as jnp
 from model import paged_attention, transformer
 from model.config import LlamaConfig
 from model.generation import logprobs, paged_cache, sampling
+from model.generation import penalties as penalty_kernel
 from model.generation.paged_cache import PagedKVCache
+from model.generation.penalties import Penalties
 
 def row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:
     """One PRNG key per row from (request seed, tokens generated so far): independent of the batch."""
@@ -39,6 +41,7 @@ def prefill(
     last: jax.Array,  # [R] index of each prompt's last token (R = the call's prompt capacity)
     rows: sampling.RowSamplingParams,
     seeds: jax.Array,  # [R] uint32
+    penalties: Penalties | None = None,  # rows [R]; None when no prompt of the call has any
     *,
     config: LlamaConfig,
     variant: sampling.SamplingVariant,
@@ -50,7 +53,8 @@ def prefill(
         params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids
     )
     logits = transformer.logits(params, hidden[0, last])  # only where a prompt's next token is predicted
-    first_tokens = sampling.sample_next(logits, rows, row_keys(seeds, jnp.zeros_like(seeds)), variant=variant)
+    shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
+    first_tokens = sampling.sample_next(shaped, rows, row_keys(seeds, jnp.zeros_like(seeds)), variant=variant)
     cache = paged_cache.write(cache, new_k[:, 0], new_v[:, 0], pages, offsets)
     return cache, first_tokens, _logprobs(logits, first_tokens, logprobs_k)
 
@@ -74,6 +78,7 @@ def decode(
     stop_ids: jax.Array,  # [B, N] int32, -1 padded
     rows: sampling.RowSamplingParams,
     seeds: jax.Array,  # [B] uint32
+    penalties: Penalties | None = None,  # None when no slot of the call has any
     *,
     config: LlamaConfig,
     variant: sampling.SamplingVariant,
@@ -91,7 +96,7 @@ def decode(
     slots = jnp.arange(tokens.shape[0])
 
     def step(carry, _):
-        cache, tokens, lengths, counts, active = carry
+        cache, tokens, lengths, counts, active, penalties = carry
         target = jnp.where(active, page_table[slots, lengths // page_size], cache.pages)  # idle slots: dropped
 
         def write(pool_k, pool_v, k, v):
@@ -104,7 +109,10 @@ def decode(
         )
         cache = PagedKVCache(pages_k, pages_v, cache.sharding)
         logits = transformer.logits(params, hidden[:, 0])
-        sampled = sampling.sample_next(logits, rows, row_keys(seeds, counts), variant=variant)
+        shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
+        sampled = sampling.sample_next(shaped, rows, row_keys(seeds, counts), variant=variant)
+        if penalties is not None:
+            penalties = penalty_kernel.count(penalties, sampled, active)
         lengths = lengths + active
         counts = counts + active
         stopped = jnp.any(sampled[:, None] == stop_ids, axis=-1)
@@ -112,10 +120,10 @@ def decode(
         emitted = jnp.where(active, sampled, -1)
         tokens = jnp.where(active, sampled, tokens)
         active = active & ~finished
-        return (cache, tokens, lengths, counts, active), (emitted, _logprobs(logits, sampled, logprobs_k))
+        return (cache, tokens, lengths, counts, active, penalties), (emitted, _logprobs(logits, sampled, logprobs_k))
 
-    (cache, tokens, lengths, counts, active), (emitted, token_logprobs) = jax.lax.scan(
-        step, (cache, tokens, lengths, counts, active), None, length=steps
+    (cache, tokens, lengths, counts, active, _), (emitted, token_logprobs) = jax.lax.scan(
+        step, (cache, tokens, lengths, counts, active, penalties), None, length=steps
     )
     token_logprobs = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), token_logprobs)  # [steps, B, ...] -> [B, steps, ...]
     return cache, tokens, lengths, counts, active, emitted.T, token_logprobs
