@@ -16,12 +16,13 @@ import datetime
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,12 @@ from batchgen.overrides import apply_overrides
 
 # The samplers the streaming engine runs with per-request parameters (model.generation.requests
 # STREAMING_SAMPLERS; a test keeps the two equal). Kept here so that checking a spec does not import Keras.
-SAMPLERS = ("greedy", "top_k", "top_p", "random", "min_p")
+STREAMING_SAMPLERS = ("greedy", "top_k", "top_p", "random", "min_p")
+# Deterministic searches over several hypotheses per prompt; workers run them through model.generation.search.
+SEARCH_SAMPLERS = ("beam", "contrastive")
+SAMPLERS = STREAMING_SAMPLERS + SEARCH_SAMPLERS
+INPUT_FORMATS = ("parquet", "jsonl", "openai_batch")
+OUTPUT_FORMATS = ("parquet", "jsonl", "openai_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
 COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "brotli", "none")
@@ -68,6 +74,11 @@ class InputSpec:
     id_column: str | None = None
     date: str = "today"
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # parquet | jsonl (one JSON object per line; .gz files too) | openai_batch (an OpenAI Batch request file).
+    format: str = "parquet"
+    # A system message put first in every conversation that has none (chat input only). One prompt prefix
+    # shared by all rows, which the engine's prefix sharing computes once.
+    system_prompt: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +98,14 @@ class SamplingConfig:
     skip_special_tokens: bool = True
     n: int = 1
     seed: int = 0
+    # Applied to the logits before temperature (model.generation.requests.SamplingParams has the semantics).
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Token id (a TOML key is a string: "128009" = -100) -> bias added to that token's logit.
+    logit_bias: dict[str, float] = dataclasses.field(default_factory=dict)
+    num_beams: int = 4  # for sampler "beam"
+    alpha: float = 0.6  # for sampler "contrastive" (which takes its candidates from top_k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +116,8 @@ class OutputSpec:
     carry_columns: tuple[str, ...] = ()
     compression: str = "zstd"
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # parquet | jsonl (one JSON object per output row) | openai_batch (one OpenAI Batch output line per request).
+    format: str = "parquet"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +160,13 @@ class JobSpec:
         affecting = {
             "model": {k: v for k, v in dataclasses.asdict(self.model).items() if k not in how_it_runs},
             # The date is left out: where it matters, it is part of the URL already.
-            "input": {k: v for k, v in dataclasses.asdict(self.input).items() if k not in ("storage_options", "date")},
-            "sampling": [dataclasses.asdict(config) for config in self.sampling],
-            "output": {"carry_columns": list(self.output.carry_columns)},
+            "input": _without_later_defaults(
+                {k: v for k, v in dataclasses.asdict(self.input).items() if k not in ("storage_options", "date")}
+            ),
+            "sampling": [_without_later_defaults(dataclasses.asdict(config)) for config in self.sampling],
+            "output": _without_later_defaults(
+                {"carry_columns": list(self.output.carry_columns), "format": self.output.format}
+            ),
             "rows_per_shard": self.execution.rows_per_shard,
         }
         encoded = json.dumps(affecting, sort_keys=True, default=list).encode()
@@ -158,6 +183,24 @@ class JobSpec:
         }
         del data["input"]["storage_options"], data["output"]["storage_options"]
         return json.loads(json.dumps(data, default=list))
+
+
+# Keys added after jobs were already running, at their defaults: left out of the fingerprint, so that an
+# output written before they existed still resumes (a non-default value does change the fingerprint).
+_LATER_DEFAULTS: dict[str, Any] = {
+    "format": "parquet",
+    "system_prompt": None,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "logit_bias": {},
+    "num_beams": 4,
+    "alpha": 0.6,
+}
+
+
+def _without_later_defaults(table: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in table.items() if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
 
 
 _SECTIONS: dict[str, type] = {
@@ -193,6 +236,12 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>", today: datetim
     output = _build(OutputSpec, tables["output"], "output", source)
     execution = _build(ExecutionSpec, tables["execution"], "execution", source)
     sampling = _build_sampling(tables["sampling"], source)
+    if input.format == "openai_batch":
+        input = _openai_batch_input(input, source)
+    if output.format == "jsonl" and "compression" not in tables["output"]:
+        output = dataclasses.replace(output, compression="none")  # zstd, the Parquet default, is no JSONL codec
+    if output.format == "openai_batch" and "compression" not in tables["output"]:
+        output = dataclasses.replace(output, compression="none")
     if not input.prompt_column and not input.messages_column:
         input = dataclasses.replace(input, prompt_column="prompt")
     input, output = _fill_placeholders(input, output, source, today)
@@ -204,6 +253,19 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>", today: datetim
     spec = JobSpec(model, input, sampling, output, execution, source)
     _check_values(spec)
     return spec
+
+
+def _openai_batch_input(input: InputSpec, source: str) -> InputSpec:
+    """An OpenAI Batch file has fixed columns: its rows are chat `messages` with ids in `custom_id`."""
+    for key in ("prompt_column", "messages_column", "id_column"):
+        if getattr(input, key):
+            raise SpecError(
+                f"{source}: input.{key} must be unset with input.format = \"openai_batch\" (requests carry "
+                f"custom_id and body.messages), got {getattr(input, key)!r}"
+            )
+    if input.apply_chat_template:
+        raise SpecError(f"{source}: input.apply_chat_template does not apply to openai_batch input (messages always use it)")
+    return dataclasses.replace(input, messages_column="messages", id_column="custom_id")
 
 
 def field_type(path: Sequence[str]) -> Any:
@@ -393,6 +455,11 @@ def _check_values(spec: JobSpec) -> None:
         )
     if input.messages_column and input.apply_chat_template:
         fail("input.apply_chat_template", True, "applies to input.prompt_column only (messages always use it)")
+    if input.system_prompt is not None and not (input.messages_column or input.apply_chat_template):
+        fail("input.system_prompt", input.system_prompt, "needs chat input (input.messages_column or "
+             "input.apply_chat_template = true): a plain prompt has no place for a system message")
+    if input.format not in INPUT_FORMATS:
+        fail("input.format", input.format, f"must be one of {INPUT_FORMATS}")
 
     for config in spec.sampling:
         where = "sampling" if config.name == DEFAULT_CONFIG_NAME else f"sampling.configs.{config.name}"
@@ -418,6 +485,7 @@ def _check_values(spec: JobSpec) -> None:
             fail(f"{where}.n", config.n, "must be >= 1")
         if config.seed < 0:
             fail(f"{where}.seed", config.seed, "must be >= 0")
+        _check_search_and_penalties(config, where, fail)
 
     if not output.url:
         fail("output.url", output.url, "must not be empty")
@@ -430,6 +498,13 @@ def _check_values(spec: JobSpec) -> None:
         fail("output.carry_columns", list(output.carry_columns), "must not name a column twice")
     if output.compression not in COMPRESSIONS:
         fail("output.compression", output.compression, f"must be one of {COMPRESSIONS}")
+    if output.format not in OUTPUT_FORMATS:
+        fail("output.format", output.format, f"must be one of {OUTPUT_FORMATS}")
+    if output.format != "parquet" and output.compression not in ("none", "gzip"):
+        fail("output.compression", output.compression, f"must be 'none' or 'gzip' for {output.format} output")
+    if output.format == "openai_batch" and len(spec.sampling) > 1:
+        fail("output.format", output.format, "holds one response per request: it takes one sampling configuration, "
+             f"not {len(spec.sampling)}")
 
     if execution.replicas < 1:
         fail("execution.replicas", execution.replicas, "must be >= 1")
@@ -443,3 +518,33 @@ def _check_values(spec: JobSpec) -> None:
         fail("execution.max_error_rate", execution.max_error_rate, "must be in [0, 1]")
     if execution.max_slots < 1:
         fail("execution.max_slots", execution.max_slots, "must be >= 1")
+
+
+def _check_search_and_penalties(config: SamplingConfig, where: str, fail: Callable[[str, Any, str], Any]) -> None:
+    """The keys of penalties, logit bias and beam / contrastive search (model.generation.requests' ranges)."""
+    if not (math.isfinite(config.repetition_penalty) and config.repetition_penalty > 0):
+        fail(f"{where}.repetition_penalty", config.repetition_penalty, "must be > 0 (1 = off)")
+    for key in ("presence_penalty", "frequency_penalty"):
+        value = getattr(config, key)
+        if not (math.isfinite(value) and -2 <= value <= 2):
+            fail(f"{where}.{key}", value, "must be in [-2, 2] (0 = off)")
+    for token, bias in config.logit_bias.items():
+        if not token.isdigit():
+            fail(f"{where}.logit_bias", token, "keys must be token ids (digits, e.g. \"128009\" = -100)")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            fail(f"{where}.logit_bias.{token}", bias, "must be a number in [-100, 100]")
+    if config.num_beams < 1:
+        fail(f"{where}.num_beams", config.num_beams, "must be >= 1")
+    if not 0 <= config.alpha <= 1:
+        fail(f"{where}.alpha", config.alpha, "must be in [0, 1]")
+    if config.sampler in SEARCH_SAMPLERS:
+        penalties = (config.repetition_penalty, config.presence_penalty, config.frequency_penalty) != (1.0, 0.0, 0.0)
+        if penalties or config.logit_bias:
+            fail(f"{where}.sampler", config.sampler, "does not apply penalties or logit_bias (use a streaming sampler)")
+        if config.sampler == "beam" and config.stop_strings:
+            fail(f"{where}.stop_strings", list(config.stop_strings), "cannot be honoured by the beam sampler")
+        if config.temperature == 0:
+            fail(f"{where}.temperature", config.temperature, f"must be > 0 for the {config.sampler} sampler")
+        if config.n > 1:
+            fail(f"{where}.n", config.n, f"must be 1: the {config.sampler} sampler is deterministic, so every "
+                 "sample would be the same")

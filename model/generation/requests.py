@@ -7,7 +7,8 @@ a `Request` per sequence to generate, a `Completion` per request, in the order t
 from __future__ import annotations
 
 import dataclasses
-from typing import Hashable, Literal, Sequence
+import math
+from typing import Hashable, Literal, Mapping, Sequence
 
 FinishReason = Literal["stop", "length", "error"]
 
@@ -22,6 +23,16 @@ class SamplingParams:
 
     `temperature` 0 means greedy whatever the sampler. `top_k`, `top_p` and `min_p` apply only to the
     sampler of that name; "random" samples from the whole (temperature-scaled) distribution.
+
+    Penalties and biases change the raw logits before temperature and the sampler see them, in this order
+    (`model.generation.penalties_reference.apply_penalties` is the reference):
+    - `repetition_penalty` (> 0; 1 = off, as in transformers and vLLM): a token seen in the prompt or the
+      generated tokens has its logit divided by it where positive, multiplied by it where negative;
+    - `frequency_penalty` (in [-2, 2], as OpenAI's): subtracted once per time the token was generated;
+    - `presence_penalty` (in [-2, 2]): subtracted once if the token was generated at all;
+    - `logit_bias` ((token id, bias) pairs, bias in [-100, 100]): added last, so an explicit bias of -100
+      bans a token whatever the penalties did. Given as a mapping or pairs; kept sorted by token id so that
+      equal settings compare (and hash) equal.
     """
 
     sampler: str = "greedy"
@@ -29,6 +40,10 @@ class SamplingParams:
     top_k: int = 5
     top_p: float = 0.9
     min_p: float = 0.05
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.sampler not in STREAMING_SAMPLERS:
@@ -41,10 +56,52 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -2 <= value <= 2):
+                raise ValueError(f"{name} must be in [-2, 2] (0 = off), got {value}")
+        object.__setattr__(self, "logit_bias", normalize_logit_bias(self.logit_bias))
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any penalty or bias changes the logits (the engine must then apply them)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or bool(self.logit_bias)
+        )
 
     @property
     def is_greedy(self) -> bool:
         return self.sampler == "greedy" or self.temperature == 0
+
+
+def normalize_logit_bias(
+    bias: Mapping[int, float] | Sequence[tuple[int, float]],
+) -> tuple[tuple[int, float], ...]:
+    """`bias` as (token id, bias) pairs sorted by id; raises ValueError naming a bad id or value.
+
+    Example:
+        >>> normalize_logit_bias({7: -100, 3: 2.5})
+        ((3, 2.5), (7, -100.0))
+    """
+    pairs = list(bias.items()) if isinstance(bias, Mapping) else list(bias)
+    result: dict[int, float] = {}
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(f"logit_bias must map token ids to numbers, got the entry {pair!r}")
+        token, value = pair
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise ValueError(f"logit_bias[{token}] must be a number in [-100, 100], got {value!r}")
+        if token in result:
+            raise ValueError(f"logit_bias names token {token} twice")
+        result[token] = float(value)
+    return tuple(sorted(result.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +122,10 @@ class Request:
     # Special tokens (chat markers, start / end tokens) are left out of the text, and stop strings are matched
     # against the text as returned; False keeps them, as they are spelled in the vocabulary.
     skip_special_tokens: bool = True
+    # An OpenAI-style response_format ({"type": "json_object"} or {"type": "json_schema", ...}) as canonical
+    # JSON text, or None. Honouring it needs structured-output decoding (a per-row token mask); an engine
+    # that cannot must fail such requests with an error, never generate unconstrained text instead.
+    response_format: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
