@@ -129,19 +129,20 @@ def _plan_jsonl(spec: JobSpec) -> Plan:
     if first is None:
         raise InputError(f"input.url {spec.input.url!r}: the JSONL files hold no rows")
     schema = jsonl_input.infer_schema(first, storage)
+    needed = list(spec.output.carry_columns)
     if spec.input.format == "openai_batch":
         # Requests' ids are strings; the output id column is typed from here.
         schema = _with_field(schema, pa.field("custom_id", pa.string()))
     else:
-        needed = [spec.input.prompt_column or spec.input.messages_column, spec.input.id_column, *spec.output.carry_columns]
-        missing = [name for name in needed if name and name not in schema.names]
-        if missing:
-            raise InputError(
-                f"{first.url}: columns {missing} named by the spec are in none of the first "
-                f"{jsonl_input.SCHEMA_SAMPLE_ROWS} rows (keys found: {schema.names})"
-            )
-        if spec.input.id_column and pa.types.is_null(schema.field(spec.input.id_column).type):
-            schema = _with_field(schema, pa.field(spec.input.id_column, pa.string()))
+        needed += [spec.input.prompt_column or spec.input.messages_column, spec.input.id_column]
+    missing = [name for name in needed if name and name not in schema.names]
+    if missing:
+        raise InputError(
+            f"{first.url}: columns {missing} named by the spec are in none of the first "
+            f"{jsonl_input.SCHEMA_SAMPLE_ROWS} rows (keys found: {schema.names})"
+        )
+    if spec.input.id_column and pa.types.is_null(schema.field(spec.input.id_column).type):
+        schema = _with_field(schema, pa.field(spec.input.id_column, pa.string()))
     return Plan(tuple(files), schema, shards, ())
 
 

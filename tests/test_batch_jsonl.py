@@ -82,7 +82,8 @@ def test_openai_requests_become_messages_ids_and_overrides_and_bad_ones_error_ro
         "not an object",
     ]
     path = write_jsonl(tmp_path / "batch.jsonl", lines)
-    spec = make_spec(path, str(tmp_path / "out"), input={"format": "openai_batch", "prompt_column": "", "id_column": ""})
+    spec = make_spec(path, str(tmp_path / "out"), input={"format": "openai_batch", "prompt_column": "", "id_column": ""},
+                     execution={"rows_per_shard": 10})
     assert (spec.input.messages_column, spec.input.id_column) == ("messages", "custom_id")
     plan = plan_job(spec)
     source = read_shard(spec, plan.shards[0], [])
@@ -96,7 +97,7 @@ def test_openai_requests_become_messages_ids_and_overrides_and_bad_ones_error_ro
     assert "url '/v1/embeddings' is not supported" in c.error
     assert d.overrides["response_format"] == '{"type":"json_object"}' and d.overrides["logit_bias"] == ((5, -100.0),)
     assert e.error == "row 'e': column 'max_new_tokens' holds 0: must be an integer >= 1"
-    assert "not an object" in f.error or "not valid JSON" in f.error or "a JSON str" in f.error
+    assert f.error.endswith("row 5: a JSON str, not an object") and f.row_id is None
 
 
 def test_openai_spec_refuses_columns_it_fixes_and_multiple_configs_for_openai_output():

@@ -64,7 +64,7 @@ def test_bad_shapes_and_ids_are_refused():
     [
         ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
         ({"repetition_penalty": float("nan")}, "repetition_penalty"),
-        ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\], got 2.5"),
+        ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\] \(0 = off\), got 2.5"),
         ({"frequency_penalty": -3}, "frequency_penalty"),
         ({"logit_bias": {-1: 1.0}}, "token ids"),
         ({"logit_bias": {3: 101}}, r"logit_bias\[3\] must be a number in \[-100, 100\], got 101"),
