@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from batchgen.model_runner import ModelRunner
 from batchgen.planning import plan_job
-from batchgen.sink import Sink
 from batchgen.spec import JobSpec
 from batchgen.worker import ShardWorker
 from tests.batch_fixtures import make_spec, tiny_preset, write_prompts  # noqa: F401 (a fixture)
@@ -26,14 +23,13 @@ def runner(tiny_preset) -> ModelRunner:
 def run_all(spec: JobSpec, runner: ModelRunner) -> list[dict]:
     plan = plan_job(spec)
     worker = ShardWorker(spec, plan.schema, runner=runner)
-    for shard in plan.shards:
-        worker.run_shard(shard, attempt=1)
     sink = worker.sink
-    if spec.output.format == "parquet":
-        return pa.concat_tables([pq.read_table(f"{spec.output.url}/part-{s.shard_id}.parquet") for s in plan.shards]).to_pylist()
     sink.prepare({"fingerprint": spec.fingerprint(), "shards": [{"shard_id": s.shard_id} for s in plan.shards]}, False)
     for shard in plan.shards:
+        worker.run_shard(shard, attempt=1)
         sink.commit({"shard_id": shard.shard_id})
+    if spec.output.format == "parquet":
+        return sink.read_output().to_pylist()
     return list(sink.read_lines())
 
 
