@@ -14,9 +14,11 @@ from typing import Any
 import jinja2
 
 from batchgen.prompts import PromptRow
+from batchgen.row_sampling import RowSampling, resolve
 from batchgen.rows import OutputRecord, error_record
+from batchgen.search_runner import SearchRun, run_searches
 from batchgen.seeds import derive_seed
-from batchgen.spec import ModelSpec, SamplingConfig
+from batchgen.spec import SEARCH_SAMPLERS, ModelSpec, SamplingConfig
 
 
 class ModelRunner:
@@ -27,10 +29,11 @@ class ModelRunner:
         >>> records = list(runner.run(rows, spec.sampling))  # doctest: +SKIP
     """
 
-    def __init__(self, tokenizer: Any, engine: Any, stop_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, tokenizer: Any, engine: Any, stop_token_ids: tuple[int, ...], lm: Any = None) -> None:
         self.tokenizer = tokenizer
         self.engine = engine
         self.stop_token_ids = stop_token_ids
+        self.lm = lm  # the LlamaCausalLM, for beam and contrastive search (outside the streaming engine)
 
     @classmethod
     def load(cls, model: ModelSpec, max_slots: int | str, compilation_cache: str = "") -> ModelRunner:
@@ -61,7 +64,7 @@ class ModelRunner:
             cache_dtype=None if model.cache_dtype == "auto" else model.cache_dtype,
         )
         # The model's own list: the tokenizer's end-of-turn tokens plus the checkpoint's generation config.
-        return cls(tokenizer, engine, tuple(lm.stop_token_ids or tokenizer.stop_token_ids))
+        return cls(tokenizer, engine, tuple(lm.stop_token_ids or tokenizer.stop_token_ids), lm)
 
     def prompt_ids(self, row: PromptRow) -> list[int]:
         """The token ids of a row's prompt; chat messages go through the model's chat template first.
@@ -91,37 +94,69 @@ class ModelRunner:
                 except (ValueError, TypeError, jinja2.TemplateError) as template_error:
                     error = f"chat template failed: {template_error}"
             for config in configs:
-                for sample in range(config.n):
-                    if error is not None or ids is None:
-                        errors.append(error_record(row.index, config.name, sample, error or "no prompt"))
+                settings = resolve(config, row.overrides) if error is None else None
+                problem = error or (self._problem(settings, row) if settings else None)
+                for sample in range(row.samples(config.n)):
+                    if problem is not None or ids is None or settings is None:
+                        errors.append(error_record(row.index, config.name, sample, problem or "no prompt"))
                         continue
-                    temperature = config.temperature if row.temperature is None else float(row.temperature)
-                    base_seed = config.seed if row.seed is None else row.seed
                     assert row.row_id is not None  # a null id makes an error row
                     yield Request(
                         request_id=(row.index, config.name, sample),
                         prompt_ids=ids,
-                        max_new_tokens=config.max_new_tokens if row.max_new_tokens is None else row.max_new_tokens,
-                        sampling=SamplingParams(
-                            sampler=config.sampler,
-                            temperature=temperature,
-                            top_k=config.top_k,
-                            top_p=config.top_p,
-                            min_p=config.min_p,
+                        max_new_tokens=settings.max_new_tokens,
+                        # Search samplers never reach the engine; their requests only carry their settings.
+                        sampling=SamplingParams() if settings.is_search else SamplingParams(
+                            sampler=settings.sampler,
+                            temperature=settings.temperature,
+                            top_k=settings.top_k,
+                            top_p=settings.top_p,
+                            min_p=settings.min_p,
+                            repetition_penalty=settings.repetition_penalty,
+                            presence_penalty=settings.presence_penalty,
+                            frequency_penalty=settings.frequency_penalty,
+                            logit_bias=settings.logit_bias,
                         ),
                         stop_token_ids=self._stop_ids(config),
-                        stop_strings=tuple(config.stop_strings),
-                        seed=derive_seed(base_seed, row.row_id, sample),
+                        stop_strings=settings.stop_strings,
+                        seed=derive_seed(settings.seed, row.row_id, sample),
                         skip_special_tokens=config.skip_special_tokens,
-                    )
+                        response_format=settings.response_format,
+                    ), settings
+
+    def _problem(self, settings: RowSampling, row: PromptRow) -> str | None:
+        """Why the row cannot run with these settings here; said in its error rows, never silently ignored."""
+        where = f"row {row.row_id!r}"
+        problem = settings.problem()
+        if problem:
+            return f"{where}: {problem}"
+        vocabulary = self.tokenizer.vocabulary_size()
+        beyond = [token for token, _ in settings.logit_bias if token >= vocabulary]
+        if beyond:
+            return f"{where}: logit_bias names token ids {beyond[:5]} beyond the vocabulary of {vocabulary}"
+        if settings.response_format is not None and not getattr(self.engine, "supports_response_format", False):
+            return (
+                f"{where}: response_format {settings.response_format} needs structured-output decoding, which "
+                "this engine does not support yet"
+            )
+        if settings.has_penalties and not getattr(self.engine, "supports_penalties", False):
+            return f"{where}: penalties / logit_bias need an engine that applies them, which this one does not yet"
+        if settings.is_search and self.lm is None:
+            return f"{where}: the {settings.sampler} sampler needs the loaded model, which this runner lacks"
+        return None
 
     def run(self, rows: Sequence[PromptRow], configs: Sequence[SamplingConfig]) -> Iterator[OutputRecord]:
         """Output records of every (row, configuration, sample), in the order they finish."""
         errors: list[OutputRecord] = []
         # Built up front so that the error records of bad rows are known before generation starts.
-        requests = list(self.requests(rows, configs, errors))
+        pairs = list(self.requests(rows, configs, errors))
         yield from errors
-        for completion in self.engine.generate_stream(requests):
+        streaming = [request for request, settings in pairs if not settings.is_search]
+        searches = [SearchRun(request, settings) for request, settings in pairs if settings.is_search]
+        if searches:
+            for completion in run_searches(self.lm, searches, self.engine.max_length, self.engine.max_slots):
+                yield self.record(completion)
+        for completion in self.engine.generate_stream(streaming):
             yield self.record(completion)
 
     def warm_up(self, configs: Sequence[SamplingConfig]) -> None:
@@ -132,7 +167,11 @@ class ModelRunner:
         """
         row = PromptRow(index=0, row_id="warm-up", text="Hello")
         samples = self.engine.max_slots + 1
-        short = [dataclasses.replace(c, n=samples, max_new_tokens=min(c.max_new_tokens, 4)) for c in configs]
+        # A search sampler is deterministic and runs outside the engine: one sample compiles its program.
+        short = [
+            dataclasses.replace(c, n=1 if c.sampler in SEARCH_SAMPLERS else samples, max_new_tokens=min(c.max_new_tokens, 4))
+            for c in configs
+        ]
         for _ in self.run([row], short):
             pass
 

@@ -5,6 +5,10 @@ and nothing else; consecutive small row groups are packed into one shard up to `
 group larger than that is split by row range into near-equal pieces. A shard's id is a hash of the file URL,
 the row range and the job fingerprint, so the same job over the same files gives the same shard ids, and a
 part file named by shard id is never written twice by one job.
+
+JSONL input (and OpenAI Batch files) has no footers: each file is read once to count its rows (see
+batchgen.jsonl_input), then cut as one row group of that many rows; a plain file's shards note the byte offset
+of their first row, so workers seek to it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Shard:
     row_start: int
     row_stop: int
     first_position: int
+    byte_start: int | None = None  # JSONL only: where row_start begins in a plain (uncompressed) file
 
     @property
     def num_rows(self) -> int:
@@ -87,6 +92,8 @@ def cut_shards(files: Sequence[InputFile], rows_per_shard: int, fingerprint: str
 
 def plan_job(spec: JobSpec) -> Plan:
     """List the input files, read their footers, check their columns against the spec, and cut shards."""
+    if spec.input.format != "parquet":
+        return _plan_jsonl(spec)
     urls = list_input_files(spec.input.url, spec.input.storage_options)
     files, schemas = read_footers(urls, spec.input.storage_options)
     warnings: list[str] = []
@@ -101,3 +108,44 @@ def plan_job(spec: JobSpec) -> Plan:
         )
     shards = cut_shards(files, spec.execution.rows_per_shard, spec.fingerprint())
     return Plan(tuple(files), schemas[0], shards, tuple(warnings))
+
+
+def _plan_jsonl(spec: JobSpec) -> Plan:
+    """Plan JSONL or OpenAI Batch input: count each file's rows, cut shards by row range, note byte offsets."""
+    from batchgen import jsonl_input  # here: Parquet jobs never need it
+
+    storage = spec.input.storage_options
+    scanned = [jsonl_input.scan_file(url, storage) for url in jsonl_input.list_jsonl_files(spec.input.url, storage)]
+    files, position = [], 0
+    for file in scanned:
+        files.append(InputFile(file.url, (file.num_rows,) if file.num_rows else (), position))
+        position += file.num_rows
+    offsets = {file.url: file.offsets for file in scanned}
+    shards = tuple(
+        dataclasses.replace(shard, byte_start=None if offsets[shard.file_url] is None else offsets[shard.file_url][shard.row_start])
+        for shard in cut_shards(files, spec.execution.rows_per_shard, spec.fingerprint())
+    )
+    first = next((file for file in scanned if file.num_rows), None)
+    if first is None:
+        raise InputError(f"input.url {spec.input.url!r}: the JSONL files hold no rows")
+    schema = jsonl_input.infer_schema(first, storage)
+    needed = list(spec.output.carry_columns)
+    if spec.input.format == "openai_batch":
+        # Requests' ids are strings; the output id column is typed from here.
+        schema = _with_field(schema, pa.field("custom_id", pa.string()))
+    else:
+        needed += [spec.input.prompt_column or spec.input.messages_column, spec.input.id_column]
+    missing = [name for name in needed if name and name not in schema.names]
+    if missing:
+        raise InputError(
+            f"{first.url}: columns {missing} named by the spec are in none of the first "
+            f"{jsonl_input.SCHEMA_SAMPLE_ROWS} rows (keys found: {schema.names})"
+        )
+    if spec.input.id_column and pa.types.is_null(schema.field(spec.input.id_column).type):
+        schema = _with_field(schema, pa.field(spec.input.id_column, pa.string()))
+    return Plan(tuple(files), schema, shards, ())
+
+
+def _with_field(schema: pa.Schema, field: pa.Field) -> pa.Schema:
+    index = schema.get_field_index(field.name)
+    return schema.set(index, field) if index >= 0 else schema.append(field)

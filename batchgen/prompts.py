@@ -8,32 +8,40 @@ set, and later one error output row per sample.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
 
 from batchgen.errors import InputError
+from batchgen.row_sampling import OVERRIDE_COLUMNS, check_row_overrides
 from batchgen.spec import InputSpec, JobSpec
 
-# Per-row overrides: a column of this name, where the input has one, replaces the sampling value for its row
-# (a null keeps the spec's value).
-OVERRIDE_COLUMNS: dict[str, str] = {"max_new_tokens": "integer", "temperature": "number", "seed": "integer"}
+# Override columns whose Parquet type is checked up front (the others are checked per value, row by row).
+_SCALAR_KINDS = ("integer", "number")
+# A column of per-row sample counts; only OpenAI Batch requests (their `n`) fill it.
+N_COLUMN = "n"
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptRow:
-    """One input row: its position in the shard, its id, its prompt (text or chat messages) and overrides."""
+    """One input row: its position in the shard, its id, its prompt (text or chat messages) and overrides.
+
+    `overrides` holds the row's checked, non-null per-row sampling values (batchgen.row_sampling); `n`, when
+    set, replaces every configuration's samples per prompt for this row.
+    """
 
     index: int
     row_id: int | str | None
     text: str | None = None
     messages: list[dict[str, str]] | None = None
     error: str | None = None
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    seed: int | None = None
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    n: int | None = None
+
+    def samples(self, configured_n: int) -> int:
+        """How many samples this row gets under a configuration of `configured_n`."""
+        return configured_n if self.n is None else self.n
 
 
 def prompt_column(spec: InputSpec) -> str:
@@ -48,7 +56,8 @@ def columns_to_read(spec: JobSpec, schema: pa.Schema) -> list[str]:
     wanted = [prompt_column(spec.input)]
     if spec.input.id_column:
         wanted.append(spec.input.id_column)
-    wanted += [name for name in OVERRIDE_COLUMNS if name in schema.names]
+    # JSONL's schema comes from its first rows only: a key that appears later must still be read.
+    wanted += [name for name in OVERRIDE_COLUMNS if name in schema.names or spec.input.format != "parquet"]
     wanted += list(spec.output.carry_columns)
     return list(dict.fromkeys(wanted))
 
@@ -73,7 +82,7 @@ def check_schema(schema: pa.Schema, spec: JobSpec, url: str) -> list[str]:
         if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
             raise InputError(f"{url}: id column {spec.input.id_column!r} must be integers or strings, not {id_type}")
     for name, kind in OVERRIDE_COLUMNS.items():
-        if name in names:
+        if name in names and kind in _SCALAR_KINDS:
             type_ = schema.field(name).type
             ok = pa.types.is_integer(type_) or (kind == "number" and pa.types.is_floating(type_))
             if not ok:
@@ -90,21 +99,33 @@ def check_schema(schema: pa.Schema, spec: JobSpec, url: str) -> list[str]:
     return warnings
 
 
-def prompt_rows(table: pa.Table, spec: JobSpec, first_position: int) -> list[PromptRow]:
-    """One PromptRow per row of `table` (a shard's rows; `first_position` is its first row's input position)."""
+def prompt_rows(
+    table: pa.Table | Mapping[str, Sequence[Any]],
+    spec: JobSpec,
+    first_position: int,
+    row_errors: Sequence[str | None] | None = None,
+) -> list[PromptRow]:
+    """One PromptRow per row of `table` (a shard's rows; `first_position` is its first row's input position).
+
+    `table` is an Arrow table or its columns as Python lists (JSONL input). `row_errors` marks rows already
+    known bad (a line that is not JSON, a malformed OpenAI request): they become error rows with that reason.
+    """
     input = spec.input
-    prompts = table.column(prompt_column(input)).to_pylist()
+    columns = _pylists(table)
+    num_rows = len(columns[prompt_column(input)])
+    prompts = columns[prompt_column(input)]
     if input.id_column:
-        ids: list[Any] = table.column(input.id_column).to_pylist()
+        ids: list[Any] = list(columns[input.id_column])
     else:
-        ids = list(range(first_position, first_position + table.num_rows))
-    overrides = {
-        name: table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
-        for name in OVERRIDE_COLUMNS
-    }
+        ids = list(range(first_position, first_position + num_rows))
+    names = list(OVERRIDE_COLUMNS) + ([N_COLUMN] if input.format == "openai_batch" else [])
+    overrides = {name: columns[name] for name in names if name in columns}
     rows = []
     for index, (row_id, prompt) in enumerate(zip(ids, prompts)):
-        values = {name: overrides[name][index] for name in OVERRIDE_COLUMNS}
+        if row_errors is not None and row_errors[index] is not None:
+            rows.append(PromptRow(index, row_id, error=row_errors[index]))
+            continue
+        values, override_error = check_row_overrides({name: v[index] for name, v in overrides.items()}, row_id)
         if input.messages_column:
             messages, error = _messages(prompt, input.messages_column)
             text = None
@@ -112,14 +133,23 @@ def prompt_rows(table: pa.Table, spec: JobSpec, first_position: int) -> list[Pro
             text, error = _text(prompt, input.prompt_column or "prompt")
             messages = [{"role": "user", "content": text}] if input.apply_chat_template and text else None
             text = None if messages else text
-        error = error or _check_overrides(values)
+        if messages and input.system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": input.system_prompt}, *messages]
+        error = error or override_error
         if row_id is None:
             error = f"the id column {input.id_column!r} is null"
         if error:
             rows.append(PromptRow(index, row_id, error=error))
         else:
-            rows.append(PromptRow(index, row_id, text=text, messages=messages, **values))
+            n = values.pop(N_COLUMN, None)
+            rows.append(PromptRow(index, row_id, text=text, messages=messages, overrides=values, n=n))
     return rows
+
+
+def _pylists(table: pa.Table | Mapping[str, Sequence[Any]]) -> Mapping[str, Sequence[Any]]:
+    if isinstance(table, pa.Table):
+        return {name: table.column(name).to_pylist() for name in table.column_names}
+    return table
 
 
 def _text(value: Any, column: str) -> tuple[str | None, str | None]:
@@ -150,17 +180,6 @@ def _messages(value: Any, column: str) -> tuple[list[dict[str, str]] | None, str
             return None, f"messages[{position}] ({role}) has no string content (got {content!r:.60})"
         messages.append({"role": role, "content": content})
     return messages, None
-
-
-def _check_overrides(values: dict[str, Any]) -> str | None:
-    max_new_tokens, temperature, seed = values["max_new_tokens"], values["temperature"], values["seed"]
-    if max_new_tokens is not None and max_new_tokens < 1:
-        return f"per-row max_new_tokens must be >= 1, got {max_new_tokens}"
-    if temperature is not None and (math.isnan(temperature) or temperature < 0):
-        return f"per-row temperature must be >= 0, got {temperature}"
-    if seed is not None and seed < 0:
-        return f"per-row seed must be >= 0, got {seed}"
-    return None
 
 
 def _is_messages_type(type_: pa.DataType) -> bool:

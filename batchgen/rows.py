@@ -68,14 +68,25 @@ def output_schema(id_type: pa.DataType, carried: Sequence[pa.Field]) -> pa.Schem
 
 
 def check_exactly_once(
-    records: Sequence[OutputRecord], num_rows: int, samples: Sequence[tuple[str, int]], shard_id: str
+    records: Sequence[OutputRecord],
+    num_rows: int,
+    samples: Sequence[tuple[str, int]],
+    shard_id: str,
+    row_n: Sequence[int | None] | None = None,
 ) -> None:
     """Raise RowContractError unless `records` hold each (row, config, sample) of the shard exactly once.
 
-    `samples` lists (configuration name, n) pairs; the shard has `num_rows` input rows.
+    `samples` lists (configuration name, n) pairs; the shard has `num_rows` input rows. `row_n`, where given,
+    holds each row's own sample count (an OpenAI request's `n`), or None to keep the configuration's.
     """
     counts = collections.Counter(record.key for record in records)
-    expected = {(row, name, index) for row in range(num_rows) for name, n in samples for index in range(n)}
+
+    def samples_of(row: int, n: int) -> int:
+        return n if row_n is None or row_n[row] is None else row_n[row]
+
+    expected = {
+        (row, name, index) for row in range(num_rows) for name, n in samples for index in range(samples_of(row, n))
+    }
     missing = sorted(expected - counts.keys())
     duplicated = sorted(key for key, count in counts.items() if count > 1)
     unexpected = sorted(counts.keys() - expected)

@@ -3,7 +3,8 @@
 Layout of an output directory (at any fsspec URL):
 
     _job.json                  which job writes here (its fingerprint), its spec and its plan of shards
-    part-<shard id>.parquet    one per committed shard, published only when complete
+    part-<shard id>.parquet    one per committed shard, published only when complete (.jsonl / .jsonl.gz for
+                               JSONL and OpenAI Batch output)
     _manifest/<shard id>.json  the commit record of a shard: rows, tokens, attempts (written after its part)
     _tmp/                      local disk only: part files being written (removed when the job ends)
     _summary.json              the job summary, written when the job ends
@@ -17,11 +18,12 @@ committed shards.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import time
 import uuid
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -39,9 +41,16 @@ PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 
 
-def part_name(shard_id: str) -> str:
+def part_name(shard_id: str, suffix: str = PART_SUFFIX) -> str:
     """The part file's name for a shard."""
-    return f"{PART_PREFIX}{shard_id}{PART_SUFFIX}"
+    return f"{PART_PREFIX}{shard_id}{suffix}"
+
+
+def part_suffix(output_format: str, compression: str | None) -> str:
+    """The part files' suffix: .parquet, or .jsonl (.jsonl.gz under gzip) for JSONL and OpenAI Batch output."""
+    if output_format == "parquet":
+        return PART_SUFFIX
+    return ".jsonl.gz" if compression == "gzip" else ".jsonl"
 
 
 class Sink:
@@ -52,10 +61,18 @@ class Sink:
         >>> sink.write_part("0123abcd", table.schema, table.to_batches())  # doctest: +SKIP
     """
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, compression: str = "zstd") -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        compression: str = "zstd",
+        output_format: str = "parquet",
+    ) -> None:
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.compression = None if compression == "none" else compression
+        self.format = output_format
+        self.suffix = part_suffix(output_format, self.compression)
         self.fs, self.path = filesystem(url, self.storage_options)
 
     # ---- worker side --------------------------------------------------------------------------------------
@@ -67,19 +84,38 @@ class Sink:
         _tmp/ and renamed into place at the end; on object stores it is built in memory and written once at
         its final name (a rename there would be a copy, and a failed upload could leave a partial object).
         """
-        final = join(self.path, part_name(shard_id))
+        return self._publish(shard_id, lambda where: self._write_parquet(where, schema, batches))
+
+    def write_lines(self, shard_id: str, lines: Iterable[str]) -> str:
+        """Write a shard's JSONL part file (one line per item of `lines`, gzipped under gzip) whole or not at
+        all, as `write_part`; returns its URL."""
+
+        def write(where: Any) -> None:
+            data = "".join(f"{line}\n" for line in lines).encode()
+            if self.compression == "gzip":
+                data = gzip.compress(data, mtime=0)  # mtime 0: a rerun writes the same bytes
+            if isinstance(where, str):
+                with open(where, "wb") as handle:
+                    handle.write(data)
+            else:
+                where.write(data)
+
+        return self._publish(shard_id, write)
+
+    def _publish(self, shard_id: str, write: Any) -> str:
+        final = join(self.path, part_name(shard_id, self.suffix))
         if is_local(self.fs):
-            temporary = join(self.path, TMP_DIR, f"{part_name(shard_id)}.{uuid.uuid4().hex}")
+            temporary = join(self.path, TMP_DIR, f"{part_name(shard_id, self.suffix)}.{uuid.uuid4().hex}")
             os.makedirs(os.path.dirname(temporary), exist_ok=True)
             try:
-                self._write_parquet(temporary, schema, batches)
+                write(temporary)
                 os.replace(temporary, final)
             finally:
                 if os.path.exists(temporary):
                     os.remove(temporary)
         else:
             buffer = pa.BufferOutputStream()
-            self._write_parquet(buffer, schema, batches)
+            write(buffer)
             self.fs.pipe_file(final, buffer.getvalue().to_pybytes())
         return url_of(self.fs, final)
 
@@ -147,7 +183,7 @@ class Sink:
             if not name.endswith(".json"):
                 continue
             entry = self._read_json(f"{MANIFEST_DIR}/{name}")
-            if entry is not None and part_name(entry["shard_id"]) in names:
+            if entry is not None and part_name(entry["shard_id"], self.suffix) in names:
                 entries[entry["shard_id"]] = entry
         return entries
 
@@ -160,8 +196,8 @@ class Sink:
         then `_SUCCESS` when `success`."""
         committed = set(self.committed()) & set(planned)
         for name in self._listing():
-            if name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX):
-                if name[len(PART_PREFIX) : -len(PART_SUFFIX)] not in committed:
+            if name.startswith(PART_PREFIX) and name.endswith(self.suffix):
+                if name[len(PART_PREFIX) : -len(self.suffix)] not in committed:
                     self.fs.rm(join(self.path, name))
         if MANIFEST_DIR in self._listing():
             for path in self._ls(join(self.path, MANIFEST_DIR)):
@@ -188,11 +224,24 @@ class Sink:
         tables = []
         for shard in job["shards"]:
             if shard["shard_id"] in committed:
-                with self.fs.open(join(self.path, part_name(shard["shard_id"])), "rb") as handle:
+                with self.fs.open(join(self.path, part_name(shard["shard_id"], self.suffix)), "rb") as handle:
                     tables.append(pq.read_table(handle))
         if not tables:
             raise FileNotFoundError(f"output {self.url} has no committed part files")
         return pa.concat_tables(tables)
+
+    def read_lines(self) -> Iterator[dict[str, Any]]:
+        """Every line of the committed JSONL part files, in plan order, parsed."""
+        job = self.read_job() or {"shards": []}
+        committed = self.committed()
+        for shard in job["shards"]:
+            if shard["shard_id"] in committed:
+                with self.fs.open(join(self.path, part_name(shard["shard_id"], self.suffix)), "rb") as handle:
+                    data = handle.read()
+                if self.suffix.endswith(".gz"):
+                    data = gzip.decompress(data)
+                for line in data.decode().splitlines():
+                    yield json.loads(line)
 
     # ---- helpers ------------------------------------------------------------------------------------------
 

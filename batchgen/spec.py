@@ -27,10 +27,14 @@ from typing import Any
 
 from batchgen.errors import SpecError
 from batchgen.overrides import apply_overrides
+from batchgen.sampling_checks import SEARCH_SAMPLERS, check_search_and_penalties
 
 # The samplers the streaming engine runs with per-request parameters (model.generation.requests
 # STREAMING_SAMPLERS; a test keeps the two equal). Kept here so that checking a spec does not import Keras.
-SAMPLERS = ("greedy", "top_k", "top_p", "random", "min_p")
+STREAMING_SAMPLERS = ("greedy", "top_k", "top_p", "random", "min_p")
+SAMPLERS = STREAMING_SAMPLERS + SEARCH_SAMPLERS
+INPUT_FORMATS = ("parquet", "jsonl", "openai_batch")
+OUTPUT_FORMATS = ("parquet", "jsonl", "openai_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
 COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "brotli", "none")
@@ -71,6 +75,11 @@ class InputSpec:
     id_column: str | None = None
     date: str = "today"
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # parquet | jsonl (one JSON object per line; .gz files too) | openai_batch (an OpenAI Batch request file).
+    format: str = "parquet"
+    # A system message put first in every conversation that has none (chat input only). One prompt prefix
+    # shared by all rows, which the engine's prefix sharing computes once.
+    system_prompt: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +99,14 @@ class SamplingConfig:
     skip_special_tokens: bool = True
     n: int = 1
     seed: int = 0
+    # Applied to the logits before temperature (model.generation.requests.SamplingParams has the semantics).
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Token id (a TOML key is a string: "128009" = -100) -> bias added to that token's logit.
+    logit_bias: dict[str, float] = dataclasses.field(default_factory=dict)
+    num_beams: int = 4  # for sampler "beam"
+    alpha: float = 0.6  # for sampler "contrastive" (which takes its candidates from top_k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +117,8 @@ class OutputSpec:
     carry_columns: tuple[str, ...] = ()
     compression: str = "zstd"
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # parquet | jsonl (one JSON object per output row) | openai_batch (one OpenAI Batch output line per request).
+    format: str = "parquet"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +161,13 @@ class JobSpec:
         affecting = {
             "model": {k: v for k, v in dataclasses.asdict(self.model).items() if k not in how_it_runs},
             # The date is left out: where it matters, it is part of the URL already.
-            "input": {k: v for k, v in dataclasses.asdict(self.input).items() if k not in ("storage_options", "date")},
-            "sampling": [dataclasses.asdict(config) for config in self.sampling],
-            "output": {"carry_columns": list(self.output.carry_columns)},
+            "input": _without_later_defaults(
+                {k: v for k, v in dataclasses.asdict(self.input).items() if k not in ("storage_options", "date")}
+            ),
+            "sampling": [_without_later_defaults(dataclasses.asdict(config)) for config in self.sampling],
+            "output": _without_later_defaults(
+                {"carry_columns": list(self.output.carry_columns), "format": self.output.format}
+            ),
             "rows_per_shard": self.execution.rows_per_shard,
         }
         encoded = json.dumps(affecting, sort_keys=True, default=list).encode()
@@ -161,6 +184,24 @@ class JobSpec:
         }
         del data["input"]["storage_options"], data["output"]["storage_options"]
         return json.loads(json.dumps(data, default=list))
+
+
+# Keys added after jobs were already running, at their defaults: left out of the fingerprint, so that an
+# output written before they existed still resumes (a non-default value does change the fingerprint).
+_LATER_DEFAULTS: dict[str, Any] = {
+    "format": "parquet",
+    "system_prompt": None,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "logit_bias": {},
+    "num_beams": 4,
+    "alpha": 0.6,
+}
+
+
+def _without_later_defaults(table: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in table.items() if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
 
 
 _SECTIONS: dict[str, type] = {
@@ -196,6 +237,12 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>", today: datetim
     output = _build(OutputSpec, tables["output"], "output", source)
     execution = _build(ExecutionSpec, tables["execution"], "execution", source)
     sampling = _build_sampling(tables["sampling"], source)
+    if input.format == "openai_batch":
+        input = _openai_batch_input(input, source)
+    if output.format == "jsonl" and "compression" not in tables["output"]:
+        output = dataclasses.replace(output, compression="none")  # zstd, the Parquet default, is no JSONL codec
+    if output.format == "openai_batch" and "compression" not in tables["output"]:
+        output = dataclasses.replace(output, compression="none")
     if not input.prompt_column and not input.messages_column:
         input = dataclasses.replace(input, prompt_column="prompt")
     input, output = _fill_placeholders(input, output, source, today)
@@ -207,6 +254,19 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>", today: datetim
     spec = JobSpec(model, input, sampling, output, execution, source)
     _check_values(spec)
     return spec
+
+
+def _openai_batch_input(input: InputSpec, source: str) -> InputSpec:
+    """An OpenAI Batch file has fixed columns: its rows are chat `messages` with ids in `custom_id`."""
+    for key in ("prompt_column", "messages_column", "id_column"):
+        if getattr(input, key):
+            raise SpecError(
+                f"{source}: input.{key} must be unset with input.format = \"openai_batch\" (requests carry "
+                f"custom_id and body.messages), got {getattr(input, key)!r}"
+            )
+    if input.apply_chat_template:
+        raise SpecError(f"{source}: input.apply_chat_template does not apply to openai_batch input (messages always use it)")
+    return dataclasses.replace(input, messages_column="messages", id_column="custom_id")
 
 
 def field_type(path: Sequence[str]) -> Any:
@@ -398,6 +458,11 @@ def _check_values(spec: JobSpec) -> None:
         )
     if input.messages_column and input.apply_chat_template:
         fail("input.apply_chat_template", True, "applies to input.prompt_column only (messages always use it)")
+    if input.system_prompt is not None and not (input.messages_column or input.apply_chat_template):
+        fail("input.system_prompt", input.system_prompt, "needs chat input (input.messages_column or "
+             "input.apply_chat_template = true): a plain prompt has no place for a system message")
+    if input.format not in INPUT_FORMATS:
+        fail("input.format", input.format, f"must be one of {INPUT_FORMATS}")
 
     for config in spec.sampling:
         where = "sampling" if config.name == DEFAULT_CONFIG_NAME else f"sampling.configs.{config.name}"
@@ -423,6 +488,7 @@ def _check_values(spec: JobSpec) -> None:
             fail(f"{where}.n", config.n, "must be >= 1")
         if config.seed < 0:
             fail(f"{where}.seed", config.seed, "must be >= 0")
+        check_search_and_penalties(config, where, fail)
 
     if not output.url:
         fail("output.url", output.url, "must not be empty")
@@ -435,6 +501,13 @@ def _check_values(spec: JobSpec) -> None:
         fail("output.carry_columns", list(output.carry_columns), "must not name a column twice")
     if output.compression not in COMPRESSIONS:
         fail("output.compression", output.compression, f"must be one of {COMPRESSIONS}")
+    if output.format not in OUTPUT_FORMATS:
+        fail("output.format", output.format, f"must be one of {OUTPUT_FORMATS}")
+    if output.format != "parquet" and output.compression not in ("none", "gzip"):
+        fail("output.compression", output.compression, f"must be 'none' or 'gzip' for {output.format} output")
+    if output.format == "openai_batch" and len(spec.sampling) > 1:
+        fail("output.format", output.format, "holds one response per request: it takes one sampling configuration, "
+             f"not {len(spec.sampling)}")
 
     if execution.replicas < 1:
         fail("execution.replicas", execution.replicas, "must be >= 1")
@@ -454,3 +527,4 @@ def _check_values(spec: JobSpec) -> None:
                  "\"auto\" picks the slots from the cache's size: set model.cache_tokens too")
     elif execution.max_slots < 1:
         fail("execution.max_slots", execution.max_slots, "must be >= 1")
+

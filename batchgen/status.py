@@ -57,6 +57,9 @@ def read_status(url: str, storage_options: Mapping[str, Any] | None = None) -> O
     job = sink.read_job()
     if job is None:
         return OutputStatus(url, "empty", None, None, 0, 0, 0, 0, 0, 0, 0, 0)
+    # Part files are named by the job's output format (.parquet or .jsonl[.gz]); its spec says which.
+    output = job.get("spec", {}).get("output", {})
+    sink = Sink(url, storage_options, output.get("compression", "zstd"), output.get("format", "parquet"))
     planned = [shard["shard_id"] for shard in job["shards"]]
     committed = sink.committed()
     entries = [committed[shard_id] for shard_id in planned if shard_id in committed]

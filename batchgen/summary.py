@@ -89,7 +89,10 @@ def summarize(
     """
     entries: Iterable[Mapping[str, Any]] = [committed[s.shard_id] for s in plan.shards if s.shard_id in committed]
     entries = list(entries)
-    expected = plan.total_rows * spec.outputs_per_row
+    # Committed shards say how many rows they wrote (OpenAI requests choose their own n); the rest are estimated.
+    done = {e["shard_id"] for e in entries}
+    pending_rows = sum(s.num_rows for s in plan.shards if s.shard_id not in done)
+    expected = sum(e["output_rows"] for e in entries) + pending_rows * spec.outputs_per_row
     rows_error = sum(e["error_rows"] for e in entries)
     failed_rows = sum(f.shard.num_rows for f in report.failed) * spec.outputs_per_row
     error_rate = (rows_error + failed_rows) / expected if expected else 0.0

@@ -14,16 +14,13 @@ from typing import Any
 import pyarrow as pa
 
 from batchgen.faults import FaultPlan
-from batchgen.inputs import read_rows
 from batchgen.model_runner import ModelRunner
 from batchgen.planning import Shard
 from batchgen.prompts import carried_fields, columns_to_read, prompt_rows, row_ids_type
-from batchgen.rows import OutputRecord, build_table, check_exactly_once, output_schema
+from batchgen.rows import OutputRecord, check_exactly_once, output_schema
+from batchgen.shard_io import WRITE_BATCH_ROWS, read_shard, write_shard  # noqa: F401 (WRITE_BATCH_ROWS re-exported)
 from batchgen.sink import Sink, part_name
 from batchgen.spec import JobSpec
-
-# Rows per record batch of a part file (and per Parquet row group written).
-WRITE_BATCH_ROWS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +67,7 @@ class ShardWorker:
         self.columns = columns_to_read(spec, input_schema)
         carried = carried_fields(input_schema, spec.output.carry_columns)
         self.schema = output_schema(row_ids_type(input_schema, spec.input), carried)
-        self.sink = Sink(spec.output.url, spec.output.storage_options, spec.output.compression)
+        self.sink = Sink(spec.output.url, spec.output.storage_options, spec.output.compression, spec.output.format)
         if runner is None:
             runner = ModelRunner.load(spec.model, spec.execution.max_slots, spec.execution.compilation_cache)
             runner.warm_up(spec.sampling)
@@ -84,27 +81,19 @@ class ShardWorker:
         """Read the shard's rows, generate every sample, check the row contract, and publish the part file."""
         started = time.monotonic()
         self.faults.at_shard_start(shard.index, attempt)
-        storage = self.spec.input.storage_options
-        table = read_rows(shard.file_url, shard.row_start, shard.row_stop, self.columns, storage)
-        rows = prompt_rows(table, self.spec, shard.first_position)
-        expected = len(rows) * self.spec.outputs_per_row
+        source = read_shard(self.spec, shard, self.columns)
+        rows = prompt_rows(source.table if source.table is not None else source.columns, self.spec, shard.first_position, source.row_errors)
+        expected = sum(row.samples(config.n) for row in rows for config in self.spec.sampling)
         records: list[OutputRecord] = []
         for record in self.runner.run(rows, self.spec.sampling):
             records.append(record)
             if len(records) == max(expected // 2, 1):
                 self.faults.at_shard_middle(shard.index, attempt)
         samples = [(config.name, config.n) for config in self.spec.sampling]
-        check_exactly_once(records, len(rows), samples, shard.shard_id)
+        check_exactly_once(records, len(rows), samples, shard.shard_id, [row.n for row in rows])
 
-        if self.spec.input.id_column:
-            ids = table.column(self.spec.input.id_column).combine_chunks()
-        else:
-            ids = pa.array(range(shard.first_position, shard.first_position + table.num_rows), pa.int64())
-        carried = table.select(list(self.spec.output.carry_columns))
-        config_order = [config.name for config in self.spec.sampling]
-        output = build_table(records, ids, carried, self.schema, config_order)
-        batches = self.faults.wrap_batches(output.to_batches(max_chunksize=WRITE_BATCH_ROWS), shard.index, attempt)
-        part = self.sink.write_part(shard.shard_id, self.schema, batches)
+        wrap = lambda items: self.faults.wrap_batches(items, shard.index, attempt)  # noqa: E731
+        part = write_shard(self.spec, self.sink, shard, source, records, self.schema, wrap)
 
         errors = sum(1 for r in records if r.finish_reason == "error")
         return ShardResult(
@@ -123,5 +112,5 @@ class ShardWorker:
             completion_tokens=sum(r.completion_tokens for r in records),
             seconds=time.monotonic() - started,
             worker_pid=os.getpid(),
-            part_file=part.rsplit("/", 1)[-1] if part else part_name(shard.shard_id),
+            part_file=part.rsplit("/", 1)[-1] if part else part_name(shard.shard_id, self.sink.suffix),
         )

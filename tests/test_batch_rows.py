@@ -75,8 +75,8 @@ def test_bad_prompts_become_error_rows_with_the_reason(tmp_path):
     assert [r.error is None for r in rows] == [True, False, False, False, False, False, True]
     assert "is null" in rows[1].error and "is empty" in rows[2].error and "is empty" in rows[3].error
     assert "id column 'id' is null" in rows[4].error
-    assert "per-row max_new_tokens must be >= 1, got 0" in rows[5].error
-    assert rows[6].max_new_tokens == 5 and rows[6].row_id == 7 and rows[6].text == "ok"
+    assert rows[5].error == "row 6: column 'max_new_tokens' holds 0: must be an integer >= 1"
+    assert rows[6].overrides == {"max_new_tokens": 5} and rows[6].row_id == 7 and rows[6].text == "ok"
 
 
 def test_rows_without_an_id_column_use_their_input_position():

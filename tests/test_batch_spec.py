@@ -37,7 +37,7 @@ def test_defaults_fill_a_minimal_spec():
         ({"model": {"dtyp": "float32"}}, "unknown key model.dtyp (did you mean model.dtype?)"),
         ({"sampling": {"temperature": "hot"}}, "sampling.temperature must be a number, got 'hot'"),
         ({"sampling": {"top_p": 1.5}}, "sampling.top_p must be in (0, 1], got 1.5"),
-        ({"sampling": {"sampler": "beam"}}, "sampling.sampler must be one of"),
+        ({"sampling": {"sampler": "nucleus"}}, "sampling.sampler must be one of"),
         ({"sampling": {"stop_token_ids": "eos"}}, "sampling.stop_token_ids must be 'auto' or a list of token ids"),
         ({"sampling": {"stop_strings": [1]}}, "sampling.stop_strings must be a list of strings, got [1]"),
         ({"sampling": {"n": 0}}, "sampling.n must be >= 1, got 0"),
@@ -162,10 +162,14 @@ def test_to_dict_leaves_credentials_out():
     assert "s3cr3t" not in repr(spec.to_dict()) and "storage_options" not in spec.to_dict()["output"]
 
 
-def test_samplers_match_the_engine():
+def test_samplers_match_the_engine_and_the_search_path():
     from model.generation.requests import STREAMING_SAMPLERS
+    from model.samplers import SAMPLERS as MODEL_SAMPLERS
 
-    assert SAMPLERS == STREAMING_SAMPLERS
+    from batchgen.spec import SEARCH_SAMPLERS, STREAMING_SAMPLERS as SPEC_STREAMING
+
+    assert SPEC_STREAMING == STREAMING_SAMPLERS
+    assert set(SAMPLERS) == set(MODEL_SAMPLERS) and set(SEARCH_SAMPLERS) == {"beam", "contrastive"}
 
 
 @pytest.mark.parametrize("job", sorted(p.name for p in JOBS.glob("*.toml")))
@@ -175,7 +179,7 @@ def test_the_bundled_jobs_are_valid(job):
     if job == "eval_sweep.toml":
         assert len(spec.sampling) > 1 and all(dataclasses.asdict(c)["name"] != "default" for c in spec.sampling)
     if job == "synthesis.toml":
-        assert spec.sampling[0].n > 1 and spec.sampling[0].temperature > 0
+        assert spec.sampling[0].n == 8 and spec.sampling[0].temperature > 0 and spec.input.system_prompt
     if job == "nightly.toml":
         assert "2024-05-01" in spec.input.url and "2024-05-01" in spec.output.url
 

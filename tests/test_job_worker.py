@@ -85,7 +85,7 @@ def test_per_row_overrides_apply_where_the_column_exists(tmp_path, runner):
     spec = make_spec(path, str(tmp_path / "out"), sampling={"max_new_tokens": 6, "stop_token_ids": []})
     rows = run_all(spec, runner).to_pylist()
     assert [r["completion_tokens"] for r in rows[:2]] == [2, 6]
-    assert rows[2]["finish_reason"] == "error" and "per-row max_new_tokens must be >= 1, got -1" in rows[2]["error"]
+    assert rows[2]["finish_reason"] == "error" and "row 3: column 'max_new_tokens' holds -1: must be an integer >= 1" in rows[2]["error"]
 
 
 def test_a_per_row_seed_column_reseeds_only_its_rows(tmp_path, runner):

@@ -1,0 +1,47 @@
+"""Spec checks of the sampling keys for penalties, logit bias and beam / contrastive search.
+
+The ranges are model.generation.requests.SamplingParams' (kept here so that checking a spec imports no Keras);
+`fail(key, value, why)` raises the spec's SpecError naming the file, the key and the value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from batchgen.spec import SamplingConfig
+
+# Deterministic searches over several hypotheses per prompt; workers run them through model.generation.search.
+SEARCH_SAMPLERS = ("beam", "contrastive")
+
+
+def check_search_and_penalties(config: SamplingConfig, where: str, fail: Callable[[str, Any, str], Any]) -> None:
+    """The keys of penalties, logit bias and beam / contrastive search (model.generation.requests' ranges)."""
+    if not (math.isfinite(config.repetition_penalty) and config.repetition_penalty > 0):
+        fail(f"{where}.repetition_penalty", config.repetition_penalty, "must be > 0 (1 = off)")
+    for key in ("presence_penalty", "frequency_penalty"):
+        value = getattr(config, key)
+        if not (math.isfinite(value) and -2 <= value <= 2):
+            fail(f"{where}.{key}", value, "must be in [-2, 2] (0 = off)")
+    for token, bias in config.logit_bias.items():
+        if not token.isdigit():
+            fail(f"{where}.logit_bias", token, "keys must be token ids (digits, e.g. \"128009\" = -100)")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            fail(f"{where}.logit_bias.{token}", bias, "must be a number in [-100, 100]")
+    if config.num_beams < 1:
+        fail(f"{where}.num_beams", config.num_beams, "must be >= 1")
+    if not 0 <= config.alpha <= 1:
+        fail(f"{where}.alpha", config.alpha, "must be in [0, 1]")
+    if config.sampler in SEARCH_SAMPLERS:
+        penalties = (config.repetition_penalty, config.presence_penalty, config.frequency_penalty) != (1.0, 0.0, 0.0)
+        if penalties or config.logit_bias:
+            fail(f"{where}.sampler", config.sampler, "does not apply penalties or logit_bias (use a streaming sampler)")
+        if config.sampler == "beam" and config.stop_strings:
+            fail(f"{where}.stop_strings", list(config.stop_strings), "cannot be honoured by the beam sampler")
+        if config.temperature == 0:
+            fail(f"{where}.temperature", config.temperature, f"must be > 0 for the {config.sampler} sampler")
+        if config.n > 1:
+            fail(f"{where}.n", config.n, f"must be 1: the {config.sampler} sampler is deterministic, so every "
+                 "sample would be the same")

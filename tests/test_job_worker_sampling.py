@@ -1,0 +1,102 @@
+"""A worker in-process on a tiny model: per-row sampler overrides, beam / contrastive search through the model's
+search path, what the engine cannot honour yet as error rows, and JSONL / OpenAI Batch shards end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batchgen.model_runner import ModelRunner
+from batchgen.planning import plan_job
+from batchgen.spec import JobSpec
+from batchgen.worker import ShardWorker
+from tests.batch_fixtures import make_spec, tiny_preset, write_prompts  # noqa: F401 (a fixture)
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_preset) -> ModelRunner:
+    spec = make_spec("x", "y", preset=tiny_preset)
+    return ModelRunner.load(spec.model, spec.execution.max_slots, spec.execution.compilation_cache)
+
+
+def run_all(spec: JobSpec, runner: ModelRunner) -> list[dict]:
+    plan = plan_job(spec)
+    worker = ShardWorker(spec, plan.schema, runner=runner)
+    sink = worker.sink
+    sink.prepare({"fingerprint": spec.fingerprint(), "shards": [{"shard_id": s.shard_id} for s in plan.shards]}, False)
+    for shard in plan.shards:
+        worker.run_shard(shard, attempt=1)
+        sink.commit({"shard_id": shard.shard_id})
+    if spec.output.format == "parquet":
+        return sink.read_output().to_pylist()
+    return list(sink.read_lines())
+
+
+def test_a_per_row_sampler_column_switches_only_its_rows(tmp_path, runner):
+    prompts = ["Once upon a time", "Once upon a time"]
+    hot = {"sampler": "random", "temperature": 1.5, "max_new_tokens": 6, "stop_token_ids": [], "seed": 3}
+    greedy_path = write_prompts(tmp_path / "g.parquet", prompts, ids=[1, 2])
+    greedy = run_all(make_spec(greedy_path, str(tmp_path / "g"), sampling={**hot, "sampler": "greedy"}), runner)
+    mixed_path = write_prompts(tmp_path / "m.parquet", prompts, ids=[1, 2], extra={"sampler": ["greedy", None]})
+    mixed = run_all(make_spec(mixed_path, str(tmp_path / "m"), sampling=hot), runner)
+    assert mixed[0]["completion"] == greedy[0]["completion"]  # the overridden row is greedy
+    assert mixed[1]["completion"] != greedy[1]["completion"]  # the other keeps the spec's hot sampler
+
+
+@pytest.mark.parametrize("sampling", [{"sampler": "beam", "num_beams": 3}, {"sampler": "contrastive", "top_k": 3, "alpha": 0.4}])
+def test_search_samplers_run_through_the_models_search_path(tmp_path, runner, sampling):
+    from model.samplers import BeamSampler, ContrastiveSampler
+
+    prompts = ["Hello there", "Tell me", "Why is the sky"]
+    path = write_prompts(tmp_path / "in.parquet", prompts, ids=[1, 2, 3])
+    spec = make_spec(path, str(tmp_path / "out"), sampling={**sampling, "max_new_tokens": 5})
+    rows = run_all(spec, runner)
+    sampler = BeamSampler(num_beams=3) if sampling["sampler"] == "beam" else ContrastiveSampler(k=3, alpha=0.4)
+    ids = [runner.tokenizer.tokenize(p) for p in prompts]
+    expected = sampler.search(runner.lm, ids, [5] * 3, runner.stop_token_ids, runner.engine.max_length)
+    assert [r["completion"] for r in rows] == [c.text for c in expected]
+    assert [r["completion_tokens"] for r in rows] == [c.completion_tokens for c in expected]
+    assert all(r["error"] is None for r in rows)
+
+
+def test_what_the_engine_cannot_honour_yet_is_an_error_row_that_says_so(tmp_path, runner):
+    path = write_prompts(
+        tmp_path / "in.parquet", ["a", "b", "c", "d"], ids=[1, 2, 3, 4],
+        extra={
+            "response_format": [None, '{"type": "json_object"}', None, '{"type": "text"}'],
+            "presence_penalty": [None, None, 0.5, None],
+        },
+    )
+    rows = run_all(make_spec(path, str(tmp_path / "out")), runner)
+    assert rows[0]["error"] is None and rows[3]["error"] is None  # {"type": "text"} is plain generation
+    assert "row 2: response_format" in rows[1]["error"] and "structured-output" in rows[1]["error"]
+    assert "row 3: penalties" in rows[2]["error"]
+    assert rows[1]["finish_reason"] == rows[2]["finish_reason"] == "error" and rows[1]["completion"] is None
+
+
+def test_a_jsonl_shard_writes_jsonl_rows_with_carried_values(tmp_path, runner):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Hi {i}", "meta": {"k": i}}) + "\n" for i in range(5)))
+    spec = make_spec(str(path), str(tmp_path / "out"), input={"format": "jsonl"}, output={"format": "jsonl", "carry_columns": ["meta"]},
+                     sampling={"n": 2, "sampler": "random"}, execution={"rows_per_shard": 2})
+    rows = run_all(spec, runner)
+    assert [(r["id"], r["sample_index"]) for r in rows] == [(f"r{i}", s) for i in range(5) for s in range(2)]
+    assert [r["meta"] for r in rows] == [{"k": i} for i in range(5) for _ in range(2)]
+    assert all(r["error"] is None and isinstance(r["completion"], str) for r in rows)
+
+
+def test_an_openai_batch_shard_answers_each_custom_id_once_with_its_n(tmp_path, runner):
+    requests = [
+        {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "x", "messages": [{"role": "user", "content": f"Hello {i}"}], "max_tokens": 3, "n": i + 1}}
+        for i in range(3)
+    ]
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    spec = make_spec(str(path), str(tmp_path / "out"), input={"format": "openai_batch", "prompt_column": "", "id_column": ""},
+                     output={"format": "openai_batch"}, sampling={"sampler": "random"})
+    lines = run_all(spec, runner)
+    assert [line["custom_id"] for line in lines] == ["c0", "c1", "c2"]
+    assert [len(line["response"]["body"]["choices"]) for line in lines] == [1, 2, 3]
+    assert all(c["finish_reason"] in ("stop", "length") for line in lines for c in line["response"]["body"]["choices"])
