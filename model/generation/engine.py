@@ -92,6 +92,10 @@ class GenerationEngine:
             only when every slot is free), kept to measure what continuous batching gains.
     """
 
+    # What the engine honours beyond plain sampling (the batch workers turn rows asking for more into error rows).
+    supports_penalties = True  # repetition / presence / frequency penalties and logit_bias (penalties.py)
+    supports_response_format = False  # structured output (a per-row token mask) is not built yet
+
     def __init__(
         self,
         backbone: LlamaBackbone,
