@@ -59,3 +59,11 @@ def test_bench_command_rejects_a_bad_dtype_before_running_anything():
     result = CliRunner().invoke(cli, ["bench", "--quick", "--dtypes", "float32,float16"])
     assert result.exit_code == 2
     assert "float16" in result.output
+
+
+def test_bench_command_names_an_unknown_peer_before_running_anything():
+    from batchgen.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", "--quick", "--skip-peers", "keras-hub,llama.cpp"])
+    assert result.exit_code == 2
+    assert "llama.cpp" in result.output and "keras-hub" not in result.output.split("unknown peers")[1].split("known")[0]

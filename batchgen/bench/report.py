@@ -296,7 +296,8 @@ def _render(report: BenchReport) -> list[Any]:
     if report.peers:
         peers = Table(title="peers (same weights, same prompt ids, greedy; same run)")
         for column, justify in (
-            ("system", "left"), ("workload", "left"), ("batch", "right"), ("gen tok/s", "right"), ("1st result s", "right"),
+            ("system", "left"), ("workload", "left"), ("batch", "right"), ("gen tok/s", "right"),
+            ("1st result s", "right"),
             ("warm-up s", "right"), ("peak RSS MB", "right"), ("= ours f32", "right"), ("ours f32 / peer", "right"),
             ("load", "right"),
         ):

