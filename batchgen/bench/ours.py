@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.bench.report import EngineRow, PassFigures
-from batchgen.bench.workloads import Workload, main_workload, variable_workload
+from batchgen.bench.workloads import Workload, main_workload, short_workload, variable_workload
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,9 @@ class PrepareWorkloads:
     variable_prompts: int
     variable_max_new_tokens: int
     seed: int
+    short_path: str | None = None  # None: no short workload
+    short_prompts: int = 0
+    short_max_new_tokens: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +86,11 @@ def _prepare(prepare: PrepareWorkloads, tokenizer: Any, stop_token_ids: tuple[in
         tokenizer, prompts=prepare.main_prompts, max_new_tokens=prepare.main_max_new_tokens,
         stop_token_ids=stop_token_ids, seed=prepare.seed,
     ).write(prepare.main_path)
+    if prepare.short_path is not None:
+        short_workload(
+            tokenizer, prompts=prepare.short_prompts, max_new_tokens=prepare.short_max_new_tokens,
+            stop_token_ids=stop_token_ids, seed=prepare.seed,
+        ).write(prepare.short_path)
     if prepare.variable_path is not None:
         variable_workload(
             tokenizer, prompts=prepare.variable_prompts, max_new_tokens=prepare.variable_max_new_tokens,

@@ -84,7 +84,7 @@ class EngineRow:
 
 @dataclasses.dataclass
 class PeerRun:
-    """One peer system at one batch size on the main workload (after its warm-up)."""
+    """One peer system at one batch size on one workload (after its warm-up)."""
 
     batch: int
     wall_seconds: float
@@ -92,7 +92,8 @@ class PeerRun:
     prompt_tokens: int
     generated_tokens: int
     outputs: dict[str, list[int]] = dataclasses.field(default_factory=dict, repr=False)
-    identical_share: float | None = None  # against our float32 outputs: the same work was done
+    workload: str = "main"
+    identical_share: float | None = None  # against our float32 outputs on the same workload: the same work was done
     mean_prefix_tokens: float | None = None
 
     @property
@@ -123,7 +124,13 @@ class PeerResult:
 
     @property
     def best(self) -> PeerRun | None:
-        return max(self.runs, key=lambda r: r.tokens_per_second, default=None)
+        """The fastest run on the main workload."""
+        return self.best_on("main")
+
+    def best_on(self, workload: str) -> PeerRun | None:
+        """The fastest run on `workload` (None when the peer did not run it)."""
+        runs = [r for r in self.runs if r.workload == workload]
+        return max(runs, key=lambda r: r.tokens_per_second, default=None)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -172,12 +179,13 @@ class BenchReport:
     def row(self, name: str) -> EngineRow | None:
         return next((r for r in self.engine_rows if r.name == name), None)
 
-    def ratios(self) -> dict[str, float]:
-        """Our float32 main-workload tokens/s over each peer's best batch."""
-        ours = self.row("main float32")
+    def ratios(self, workload: str = "main") -> dict[str, float]:
+        """Our float32 tokens/s on `workload` over each peer's best batch there."""
+        ours = self.row(f"{workload} float32")
         if ours is None:
             return {}
-        return {p.system: ours.tokens_per_second / p.best.tokens_per_second for p in self.peers if p.best is not None}
+        best = {p.system: p.best_on(workload) for p in self.peers}
+        return {system: ours.tokens_per_second / run.tokens_per_second for system, run in best.items() if run}
 
     def continuous_speedup(self) -> float | None:
         """Continuous over static batching on the variable workload, in generated tokens/s."""
@@ -201,6 +209,7 @@ class BenchReport:
             "floor": floor,
             "peers": [p.to_dict() for p in self.peers],
             "ratios": self.ratios(),
+            "ratios_by_workload": {name: self.ratios(name) for name in self.workloads},
             "continuous_speedup": self.continuous_speedup(),
             "wall_seconds": self.wall_seconds,
         }
@@ -285,23 +294,24 @@ def _render(report: BenchReport) -> list[Any]:
         ))
 
     if report.peers:
-        peers = Table(title="peers (same weights, same prompt ids, greedy, main workload; same run)")
+        peers = Table(title="peers (same weights, same prompt ids, greedy; same run)")
         for column, justify in (
-            ("system", "left"), ("batch", "right"), ("gen tok/s", "right"), ("1st result s", "right"),
+            ("system", "left"), ("workload", "left"), ("batch", "right"), ("gen tok/s", "right"),
+            ("1st result s", "right"),
             ("warm-up s", "right"), ("peak RSS MB", "right"), ("= ours f32", "right"), ("ours f32 / peer", "right"),
             ("load", "right"),
         ):
             peers.add_column(column, justify=justify)
-        ours = report.row("main float32")
         for p in report.peers:
             if p.status != "ran":
-                peers.add_row(p.system, "-", p.status, "", "", "", "", "", "", style="dim")
+                peers.add_row(p.system, "-", "-", p.status, "", "", "", "", "", "", style="dim")
                 continue
-            best = p.best
             for run in p.runs:
+                ours = report.row(f"{run.workload} float32")
                 ratio = "" if ours is None else f"{ours.tokens_per_second / run.tokens_per_second:.2f}x"
+                several = sum(r.workload == run.workload for r in p.runs) > 1
                 peers.add_row(
-                    p.system + (" (best)" if run is best and len(p.runs) > 1 else ""),
+                    p.system + (" (best)" if several and run is p.best_on(run.workload) else ""), run.workload,
                     str(run.batch), f"{run.tokens_per_second:.1f}", f"{run.first_result_seconds:.2f}",
                     f"{p.warmup_seconds:.1f}", _mb(p.peak_rss_bytes), _share(run.identical_share), ratio,
                     _load(p.load_average),

@@ -1,9 +1,9 @@
 """`run_benchmark`: our engine's rows, the floor and the peers, measured in one run, one process per row.
 
-Order: the first row (main workload, float32) also builds the workloads and, when the keras-hub peer will run,
-saves its model as a keras-hub preset; the float32 matmul rate is measured right after it (its config is then
-known) and again after the last peer, and the floor uses their mean; then the other rows, then the peers. Rows run
-one after another, never side by side, so they do not compete for the cores.
+Order: the first row (main workload, float32) also builds the workloads (main, short, variable) and, when the
+keras-hub peer will run, saves its model as a keras-hub preset; the float32 matmul rate is measured right after it
+(its config is then known) and again after the last peer, and the floor uses their mean; then the other rows, then
+the peers. Rows run one after another, never side by side, so they do not compete for the cores.
 """
 
 from __future__ import annotations
@@ -66,13 +66,24 @@ def generated_counts(workload: Workload, outputs: Mapping[str, Sequence[int]]) -
     return counts
 
 
+def _workload_paths(options: BenchOptions, work: Path) -> dict[str, Path]:
+    """The workloads this run builds, by name, and where their JSON goes."""
+    paths = {"main": work / "workload_main.json"}
+    if options.short_prompts:
+        paths["short"] = work / "workload_short.json"
+    if options.variable_prompts:
+        paths["variable"] = work / "workload_variable.json"
+    return paths
+
+
 def _engine_runs(options: BenchOptions, work: Path, keras_hub_preset: Path | None) -> list[EngineRun]:
-    main_path, variable_path = work / "workload_main.json", work / "workload_variable.json"
+    paths = _workload_paths(options, work)
     prepare = PrepareWorkloads(
-        main_path=str(main_path), main_prompts=options.prompts, main_max_new_tokens=options.max_new_tokens,
-        variable_path=str(variable_path) if options.variable_prompts else None,
+        main_path=str(paths["main"]), main_prompts=options.prompts, main_max_new_tokens=options.max_new_tokens,
+        variable_path=str(paths["variable"]) if "variable" in paths else None,
         variable_prompts=options.variable_prompts, variable_max_new_tokens=options.variable_max_new_tokens,
-        seed=options.seed,
+        seed=options.seed, short_path=str(paths["short"]) if "short" in paths else None,
+        short_prompts=options.short_prompts, short_max_new_tokens=options.short_max_new_tokens,
     )
 
     def run(name: str, path: Path, **kwargs) -> EngineRun:
@@ -82,15 +93,21 @@ def _engine_runs(options: BenchOptions, work: Path, keras_hub_preset: Path | Non
             steps_per_call=options.steps_per_call, cache_tokens=options.cache_tokens, **kwargs,
         )
 
-    runs = [run(REFERENCE_ROW, main_path, prepare=prepare,
+    runs = [run(REFERENCE_ROW, paths["main"], prepare=prepare,
                 save_preset_to=str(keras_hub_preset) if keras_hub_preset else None)]
-    if "bfloat16" in options.dtypes:
-        runs.append(run("main bfloat16", main_path, dtype="bfloat16"))
-    if "int8" in options.dtypes:
-        runs.append(run("main int8", main_path, quantization="int8"))
-    if options.variable_prompts:
-        runs.append(run("variable continuous", variable_path, continuous=True))
-        runs.append(run("variable static", variable_path, continuous=False))
+    # One row per dtype on each workload that stops at end of turn; "<workload> float32" is each one's reference.
+    for workload in ("main", "short"):
+        if workload not in paths:
+            continue
+        for dtype in options.dtypes:
+            name = f"{workload} {dtype}"
+            if name == REFERENCE_ROW:
+                continue
+            settings = {"quantization": "int8"} if dtype == "int8" else {"dtype": dtype}
+            runs.append(run(name, paths[workload], **settings))
+    if "variable" in paths:
+        runs.append(run("variable continuous", paths["variable"], continuous=True))
+        runs.append(run("variable static", paths["variable"], continuous=False))
     return runs
 
 
@@ -108,7 +125,7 @@ def _run_engine(run: EngineRun, work: Path, timeout: float) -> tuple[EngineRow, 
 def _run_peer(
     peer: peer_registry.Peer, python: str, spec: dict, work: Path, timeout: float
 ) -> PeerResult:
-    stem = peer.system.replace("-", "_")
+    stem = peer.system.replace("-", "_").replace(" ", "_")
     spec_path, out = work / f"peer_{stem}.spec.json", work / f"peer_{stem}.result.json"
     spec_path.write_text(json.dumps({**spec, "out": str(out)}), encoding="utf-8")
     try:
@@ -118,6 +135,43 @@ def _run_peer(
         return PeerResult(peer.system, "failed", reason=" | ".join(str(e).strip().splitlines()[-3:])[:600])
     runs = [PeerRun(**run) for run in data.pop("runs")]
     return PeerResult(**data, runs=runs)
+
+
+def peer_specs(
+    options: BenchOptions, work: Path, keras_hub_preset: Path
+) -> tuple[list[tuple[peer_registry.Peer, str, dict]], list[PeerResult]]:
+    """(peer, interpreter, SPEC.json without "out") for each peer to run, and a skipped result for each other one.
+
+    Peers run every workload that stops at end of turn (main, and short unless left out) on the same prompt ids.
+    """
+    paths = _workload_paths(options, work)
+    prompts = {"main": options.prompts, "short": options.short_prompts}
+    gguf = gguf_file(options.preset)
+    wanted, skipped = [], []
+    for peer in peer_registry.PEERS:
+        python = options.interpreter[peer.interpreter]
+        if peer_registry.skipped_by(peer, options.skip_peers):
+            reason = "left out by --skip-peers"
+        else:
+            reason = peer_registry.unavailable_reason(peer, python)
+        if peer is peer_registry.KERAS_HUB:
+            requested = options.keras_hub_batches
+            spec: dict = {"preset_dir": str(keras_hub_preset)}
+        else:
+            # CTranslate2 and vLLM take as many prompts at once as our engine has slots.
+            requested = options.transformers_batches if peer is peer_registry.TRANSFORMERS else (options.slots,)
+            spec = {"gguf_path": gguf, "cache_dir": options.peer_cache_dir, **dict(peer.settings)}
+            if reason is None and gguf is None:
+                reason = f"{peer.system} reads the same weights from a GGUF file; {options.preset!r} is not one"
+        spec["workloads"] = [
+            {"path": str(paths[name]), "batches": _batches(requested, prompts[name])}
+            for name in ("main", "short") if name in paths
+        ]
+        if reason is None:
+            wanted.append((peer, python, spec))
+        else:
+            skipped.append(PeerResult(peer.system, "skipped", reason=reason))
+    return wanted, skipped
 
 
 def _batches(requested: Sequence[int], prompts: int) -> list[int]:
@@ -135,27 +189,15 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] = _silent) -
     started = time.perf_counter()
     machine = machine_info()
     with _workdir(options) as work:
-        peers_wanted: list[tuple[peer_registry.Peer, dict]] = []
+        peers_wanted: list[tuple[peer_registry.Peer, str, dict]] = []
         results: list[PeerResult] = []
         keras_hub_preset: Path | None = None
         if options.peers:
-            for peer in peer_registry.PEERS:
-                reason = peer_registry.unavailable_reason(peer, options.peer_python)
-                spec: dict = {"workload_path": str(work / "workload_main.json")}
-                if reason is None and peer is peer_registry.TRANSFORMERS:
-                    gguf = gguf_file(options.preset)
-                    if gguf is None:
-                        reason = f"transformers reads the same weights from a GGUF file; {options.preset!r} is not one"
-                    spec.update(gguf_path=gguf, batches=_batches(options.transformers_batches, options.prompts))
-                if reason is None and peer is peer_registry.KERAS_HUB:
-                    keras_hub_preset = work / "keras_hub_preset"
-                    batches = _batches(options.keras_hub_batches, options.prompts)
-                    spec.update(preset_dir=str(keras_hub_preset), batches=batches)
-                if reason is None:
-                    peers_wanted.append((peer, spec))
-                else:
-                    log(f"{peer.system}: skipped: {reason}")
-                    results.append(PeerResult(peer.system, "skipped", reason=reason))
+            peers_wanted, results = peer_specs(options, work, work / "keras_hub_preset")
+            for result in results:
+                log(f"{result.system}: skipped: {result.reason}")
+            if any(peer is peer_registry.KERAS_HUB for peer, _, _ in peers_wanted):
+                keras_hub_preset = work / "keras_hub_preset"
 
         rows: list[EngineRow] = []
         config: LlamaConfig | None = None
@@ -173,15 +215,17 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] = _silent) -
                 log(f"measuring the float32 matmul rate at {options.slots} rows")
                 rates.append(measure_matmul_rate(config, options.slots, min_seconds=options.floor_seconds))
 
-        workloads = {"main": Workload.read(work / "workload_main.json")}
-        if options.variable_prompts:
-            workloads["variable"] = Workload.read(work / "workload_variable.json")
+        workloads = {name: Workload.read(path) for name, path in _workload_paths(options, work).items()}
 
-        for peer, spec in peers_wanted:
+        for peer, python, spec in peers_wanted:
             load = load_average()
-            log(f"running peer {peer.system} with {options.peer_python} (load average {load})")
-            results.append(_run_peer(peer, options.peer_python, spec, work, options.timeout_seconds))
+            log(f"running peer {peer.system} with {python} (load average {load})")
+            results.append(_run_peer(peer, python, spec, work, options.timeout_seconds))
             results[-1].load_average = load
+            for run in results[-1].runs:
+                log(f"  {run.workload} batch {run.batch}: {run.tokens_per_second:.1f} generated tok/s")
+            if results[-1].status != "ran":
+                log(f"  {results[-1].status}: {results[-1].reason}")
 
         assert config is not None  # the reference row always runs
         log("measuring the float32 matmul rate again")
@@ -204,12 +248,14 @@ def _score(
 ) -> FloorFigures:
     """Fills quality against float32, achieved FLOP/s and % of floor into the rows; returns the floor."""
     reference = next(r for r in rows if r.name == REFERENCE_ROW)
+    # Each workload's float32 row is the reference for every other row and peer run on that workload.
+    references = {r.workload: r for r in rows if r.name == f"{r.workload} float32"}
     rate = sum(r.flops_per_second for r in rates) / len(rates)
     contexts = {}
     for row in rows:
         workload = workloads[row.workload]
-        if row.workload == reference.workload:
-            row.identical_share, row.mean_prefix_tokens = agreement(row.outputs, reference.outputs)
+        if row.workload in references:
+            row.identical_share, row.mean_prefix_tokens = agreement(row.outputs, references[row.workload].outputs)
         context = mean_context(workload.prompt_lengths(), generated_counts(workload, row.outputs))
         contexts[row.name] = context
         # The measured pass prefilled every prompt of the workload once and generated its tokens.
@@ -219,7 +265,8 @@ def _score(
         row.floor_share = row.achieved_flops_per_second / rate
     for peer in peers:
         for run in peer.runs:
-            run.identical_share, run.mean_prefix_tokens = agreement(run.outputs, reference.outputs)
+            if run.workload in references:
+                run.identical_share, run.mean_prefix_tokens = agreement(run.outputs, references[run.workload].outputs)
     flops = flops_per_token(config, contexts[REFERENCE_ROW])
     main = workloads[reference.workload]
     prompt_share = prompt_flops(config, main.prompt_lengths()) / max(reference.steady.generated_tokens, 1)

@@ -1,8 +1,10 @@
 """The benchmark's workloads: fixed chat prompts made from templates and a seeded RNG, as token ids.
 
-Two workloads:
+Three workloads:
 - main: chat prompts of mixed lengths (a one-line question up to a few paragraphs of notes to work on), greedy,
   up to `max_new_tokens` each, stopping at the end of the assistant's turn;
+- short: short chat prompts (a system line and a one-sentence question, under 64 tokens), greedy, stopping at the
+  end of the assistant's turn: decode dominates, as in most chat traffic;
 - variable: the same kind of prompts with per-request token budgets drawn log-uniformly from 1..max (most short,
   a few long) and no stop ids, so every output has exactly its budget; slots free up at scattered times, which
   is where continuous batching gains over static batches.
@@ -182,6 +184,46 @@ def main_workload(
     if prompts < 1 or max_new_tokens < 1:
         raise ValueError(f"prompts and max_new_tokens must be >= 1, got {prompts}, {max_new_tokens}")
     return _workload("main", tokenizer, chat_prompts(prompts, seed), [max_new_tokens] * prompts, stop_token_ids, seed)
+
+
+# Short prompts stay under this many tokens: a short prompt's prefill must cost little beside its decode.
+SHORT_PROMPT_TOKENS = 64
+
+
+def short_chat_prompts(count: int, seed: int) -> list[list[dict[str, str]]]:
+    """`count` conversations of a system line and a one-sentence question, both picked by `random.Random(seed)`.
+
+    The system line is always given: without one, the demo model's chat template inserts its own default.
+    """
+    rng = random.Random(seed)
+    conversations = []
+    for _ in range(count):
+        subject = rng.choice(SUBJECTS)
+        conversations.append([
+            {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
+            {"role": "user", "content": rng.choice(SHORT).format(s=subject)},
+        ])
+    return conversations
+
+
+def short_workload(
+    tokenizer: Any, *, prompts: int = 64, max_new_tokens: int = 64, stop_token_ids: tuple[int, ...], seed: int = 0,
+    max_prompt_tokens: int = SHORT_PROMPT_TOKENS,
+) -> Workload:
+    """Short chat prompts (fewer than `max_prompt_tokens` tokens each), one budget, ending at `stop_token_ids`."""
+    if prompts < 1 or max_new_tokens < 1:
+        raise ValueError(f"prompts and max_new_tokens must be >= 1, got {prompts}, {max_new_tokens}")
+    # Seeded apart from the other workloads so that no two share their sequence of picks.
+    workload = _workload(
+        "short", tokenizer, short_chat_prompts(prompts, seed + 2), [max_new_tokens] * prompts, stop_token_ids, seed
+    )
+    for r in workload.requests:
+        if len(r.prompt_ids) >= max_prompt_tokens:
+            raise ValueError(
+                f"short workload: {r.request_id} has {len(r.prompt_ids)} prompt tokens, not under {max_prompt_tokens} "
+                f"({r.messages[-1]['content']!r}); this tokenizer cuts the short prompts too finely"
+            )
+    return workload
 
 
 def variable_budgets(count: int, max_new_tokens: int, seed: int) -> list[int]:
