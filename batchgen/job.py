@@ -135,18 +135,30 @@ def _shard_record(shard: Shard) -> dict[str, Any]:
 
 
 def _worker_resources(spec: JobSpec) -> dict[str, Any]:
-    """Each worker asks for its replica's devices: GPUs where the cluster has them, else CPUs.
+    """Each worker asks for its replica's devices in one actor's resource request, so they come from one node.
+
+    Ray places an actor whole on one node, so the devices of a replica (all devices_per_replica of them, GPUs,
+    CPUs or the custom resource `model.device_resource`) are never split across machines; a replica that no
+    node can hold stays pending while the others work. Replicas spread over the nodes (SPREAD) rather than
+    packing onto the first: that is what gives a job more memory bandwidth and host cores per replica.
 
     On CPUs a model split over N devices needs N host devices in the worker's JAX, which XLA only creates when
-    told before JAX starts: the flag goes into the actor's environment.
+    told before JAX starts: the flag goes into the actor's environment. It only shapes JAX's host platform, so
+    it is set for custom resources too (stand-ins for accelerators in tests, or TPUs, where it is harmless).
     """
     devices = spec.model.devices_per_replica
-    if ray.cluster_resources().get("GPU", 0) > 0:
-        return {"num_gpus": devices, "num_cpus": 1}
-    if devices == 1:
-        return {"num_cpus": 1}
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-    return {"num_cpus": devices, "runtime_env": {"env_vars": {"XLA_FLAGS": flags}}}
+    resource = spec.model.device_resource or ("GPU" if ray.cluster_resources().get("GPU", 0) > 0 else "CPU")
+    options: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
+    if resource == "GPU":
+        return {**options, "num_gpus": devices, "num_cpus": 1}
+    if resource == "CPU":
+        options["num_cpus"] = devices
+    else:
+        options.update(num_cpus=1, resources={resource: devices})
+    if devices > 1:
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+        options["runtime_env"] = {"env_vars": {"XLA_FLAGS": flags}}
+    return options
 
 
 def _check_preset(spec: JobSpec) -> list[str]:
