@@ -25,12 +25,15 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from tests.batch_fixtures import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 START_TIMEOUT = 120.0
+# `ray start` gives its raylet a fixed 30 s to register with the GCS, which a busy 2-core machine can miss.
+START_ATTEMPTS = 3
 # The GCS marks a node dead after health checks fail for ~period x threshold: 1.5 s rather than Ray's 15 s
 # default, so that a node-loss test waits seconds for Ray to notice, not minutes.
 SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_timeout_ms": 500}
@@ -72,24 +75,38 @@ class LocalCluster:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def start_head(self, **kwargs: Any) -> Node:
-        """The head: GCS, dashboard (for the state API and job submission), no CPUs, so no workers run there."""
-        port, dashboard = free_port(), free_port()
-        self.address = f"127.0.0.1:{port}"
-        self.dashboard_url = f"http://127.0.0.1:{dashboard}"
-        head = [
-            "--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
-            f"--system-config={json.dumps(SYSTEM_CONFIG)}",
-        ]
-        return self._start("head", head, num_cpus=kwargs.pop("num_cpus", 0), **kwargs)
+    def start_head(self, num_cpus: int = 0) -> Node:
+        """The head: GCS, dashboard (for the state API and job submission), by default no CPUs, so no workers."""
+
+        def start() -> Node:
+            port, dashboard = free_port(), free_port()
+            self.address = f"127.0.0.1:{port}"
+            self.dashboard_url = f"http://127.0.0.1:{dashboard}"
+            head = [
+                "--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+                f"--system-config={json.dumps(SYSTEM_CONFIG)}",
+            ]
+            return self._start("head", head, num_cpus)
+
+        return self._retrying(start)
 
     def add_node(self, name: str, num_cpus: int, resources: dict[str, float] | None = None,
                  cpu_affinity: list[int] | None = None) -> Node:
         """A worker node joining the head, with one unit of the custom resource `node_resource(name)` besides
         `resources`; `cpu_affinity` pins all its processes to those cores (taskset)."""
         resources = {node_resource(name): 1, **(resources or {})}
-        return self._start(name, [f"--address={self.address}"], num_cpus, resources, cpu_affinity)
+        return self._retrying(lambda: self._start(name, [f"--address={self.address}"], num_cpus, resources, cpu_affinity))
+
+    def _retrying(self, start: Callable[[], Node]) -> Node:
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return start()
+            except _StartFailed as failure:
+                if attempt == START_ATTEMPTS:
+                    self.stop()
+                    raise RuntimeError(str(failure)) from None
+        raise AssertionError("unreachable")
 
     def _start(self, name: str, role: list[str], num_cpus: int, resources: dict[str, float] | None = None,
                cpu_affinity: list[int] | None = None) -> Node:
@@ -116,8 +133,9 @@ class LocalCluster:
         deadline = time.monotonic() + START_TIMEOUT
         while b"Ray runtime started" not in node.log.read_bytes():
             if node.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"ray node {node.name} did not start: {node.log.read_text()[-3000:]}")
+                self._kill_all(node)
+                self.nodes.pop(node.name)
+                raise _StartFailed(f"ray node {node.name} did not start: {node.log.read_text()[-3000:]}")
             time.sleep(0.2)
 
     def alive_nodes(self) -> list[dict[str, Any]]:
@@ -152,11 +170,19 @@ class LocalCluster:
 
     def kill(self, node: Node) -> None:
         """SIGKILL every process of `node` at once: the raylet, its agents and every worker on it (a lost machine)."""
-        pids = node.pids()
-        for pid in pids:
-            _signal(pid, signal.SIGKILL)
-        node.process.wait(timeout=30)
+        self._kill_all(node)
         self.nodes.pop(node.name, None)
+
+    @staticmethod
+    def _kill_all(node: Node) -> None:
+        for pid in node.pids():
+            _signal(pid, signal.SIGKILL)
+        # Processes whose parent died first were re-parented away from the tree; they kept its process group.
+        try:
+            os.killpg(node.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        node.process.wait(timeout=30)
 
     def stop(self) -> None:
         """Stop every node: SIGTERM (ray start --block shuts its processes down), then SIGKILL what is left."""
@@ -164,19 +190,16 @@ class LocalCluster:
         pids = [pid for node in nodes for pid in node.pids()]
         for node in nodes:
             _signal(node.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 10
         for node in nodes:
             try:
                 node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for pid in pids + [pid for node in nodes for pid in _descendants(node.process.pid)]:
+        for pid in pids:
             _signal(pid, signal.SIGKILL)
         for node in nodes:
-            try:
-                node.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+            self._kill_all(node)
         self.nodes.clear()
 
     def dashboard_alive(self) -> bool:
@@ -185,6 +208,10 @@ class LocalCluster:
                 return True
         except OSError:
             return False
+
+
+class _StartFailed(RuntimeError):
+    """A node's `ray start` ended or timed out before its node ran."""
 
 
 def node_resource(name: str) -> str:

@@ -211,7 +211,7 @@ def test_losing_the_head_ends_the_driver_clearly_and_a_fresh_cluster_resumes(tmp
         assert code == 1 and summary is None
         assert "lost the Ray cluster" in err and "resume" in err, err[-3000:]
         assert time.monotonic() - killed < 90
-        cluster.stop()  # what is left of the old cluster: node a and its orphaned worker
+        cluster.kill(cluster.nodes["a"])  # the rest of the old cluster, its orphaned worker with it
         before = sink.committed()
         assert 1 <= len(before) < 8 and not sink.succeeded()
 
