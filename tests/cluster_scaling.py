@@ -60,7 +60,7 @@ def main() -> None:
             cluster.add_node("b", num_cpus=1, cpu_affinity=[1])
             cluster.wait_for_nodes(3)
             # A short run first fills the XLA compilation cache, so that neither measured run pays for compiling.
-            run(cluster, 1, root / "out-warm-up", 8, args.max_new_tokens)
+            run(cluster, 1, root / "out-warm-up", 2, args.max_new_tokens)
             results = {n: run(cluster, n, root / f"out-{n}", args.rows, args.max_new_tokens) for n in (1, 2)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
