@@ -8,6 +8,10 @@
 - Each shard gets `execution.max_attempts` attempts (deaths and timeouts count); after the last it is
   reported as failed, never retried forever.
 - Workers that fail to start `max_attempts` times in a row (a model that cannot load) end the job.
+- A lost node is a death for each worker on it: their shards go back on the queue, replacements start on the
+  nodes left (workers spread over nodes, so most work survives the loss of one).
+- A lost head (the GCS silent for `HEAD_LOST_SECONDS`) ends the run with ClusterLostError; committed shards
+  stay committed and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from batchgen.errors import WorkerStartError
+from batchgen.head_watch import HeadWatch
 from batchgen.planning import Shard
 from batchgen.spec import ExecutionSpec
 from batchgen.worker import ShardResult
@@ -68,6 +73,7 @@ class ShardDriver:
         on_result: called with each shard's result as it arrives, before the next shard is handed out; this
             is where the shard gets committed.
         on_event: called with a one-line message for each retry, replacement or failure.
+        head_watch: notices a lost cluster head (default: probes the GCS of the Ray this process joined).
     """
 
     def __init__(
@@ -76,11 +82,13 @@ class ShardDriver:
         execution: ExecutionSpec,
         on_result: Callable[[ShardResult], None],
         on_event: Callable[[str], None] = lambda message: None,
+        head_watch: HeadWatch | None = None,
     ) -> None:
         self.start_worker = start_worker
         self.execution = execution
         self.on_result = on_result
         self.on_event = on_event
+        self.head_watch = head_watch
 
     def run(self, shards: Sequence[Shard]) -> DriverReport:
         """Run every shard to commit or failure; returns when none is pending or running."""
@@ -94,6 +102,7 @@ class ShardDriver:
         self._idle: list[Any] = []
         self._lost_workers = 0  # workers that died or were killed, not yet replaced
         self._start_failures = 0  # consecutive
+        watch = self.head_watch or HeadWatch()
         try:
             while self._pending or self._running:
                 self._scale_workers()
@@ -107,9 +116,12 @@ class ShardDriver:
                     elif ref in self._running:
                         self._on_finished(ref)
                 self._kill_overdue()
+                watch.check()
         finally:
-            for actor in self._idle + [r.actor for r in self._running.values()] + list(self._starting.values()):
-                ray.kill(actor, no_restart=True)
+            # Without a head, killing would only wait on the GCS; the workers end with their nodes.
+            if not watch.lost:
+                for actor in self._idle + [r.actor for r in self._running.values()] + list(self._starting.values()):
+                    ray.kill(actor, no_restart=True)
         return report
 
     # ---- workers ------------------------------------------------------------------------------------------
@@ -161,6 +173,8 @@ class ShardDriver:
         try:
             result = ray.get(ref)
         except RayActorError as error:
+            # Dead, or unreachable (its node lost): either way it is not trusted with another shard.
+            ray.kill(running.actor, no_restart=True)
             self._lost_workers += 1
             self._retry_or_fail(running, f"the worker died: {_reason(error)}")
         except RayTaskError as error:

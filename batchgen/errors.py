@@ -43,3 +43,7 @@ class RowContractError(BatchgenError):
 
 class WorkerStartError(BatchgenError):
     """Workers failed to start (load the model) attempt after attempt; the job cannot make progress."""
+
+
+class ClusterLostError(BatchgenError):
+    """The Ray cluster's head stopped answering mid-job; committed shards are kept and a rerun resumes."""

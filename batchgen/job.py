@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
 from rich.console import Console
 
 from batchgen.driver import DriverReport, ShardDriver
-from batchgen.errors import SpecError
+from batchgen.errors import SpecError, WorkerStartError
 from batchgen.faults import FaultPlan
 from batchgen.planning import Plan, Shard, plan_job
 from batchgen.progress import JobProgress
@@ -57,9 +58,10 @@ def run_job(
         for warning in plan.warnings:
             bar.note(warning)
         if pending:
-            with ray_session(address, num_cpus=spec.execution.replicas * spec.model.devices_per_replica):
+            with ray_session(address, num_cpus=spec.execution.replicas * spec.model.devices_per_replica) as how:
                 actor_class = ray.remote(ShardWorker)
                 options = _worker_resources(spec)
+                _check_placeable(options, how, bar.note)
                 faults = FaultPlan.from_env()
 
                 def start_worker() -> Any:
@@ -135,18 +137,47 @@ def _shard_record(shard: Shard) -> dict[str, Any]:
 
 
 def _worker_resources(spec: JobSpec) -> dict[str, Any]:
-    """Each worker asks for its replica's devices: GPUs where the cluster has them, else CPUs.
+    """Each worker asks for its replica's devices in one actor's resource request, so they come from one node.
+
+    Ray places an actor whole on one node, so the devices of a replica (all devices_per_replica of them, GPUs,
+    CPUs or the custom resource `model.device_resource`) are never split across machines; a replica that no
+    node can hold stays pending while the others work. Replicas spread over the nodes (SPREAD) rather than
+    packing onto the first: that is what gives a job more memory bandwidth and host cores per replica.
 
     On CPUs a model split over N devices needs N host devices in the worker's JAX, which XLA only creates when
-    told before JAX starts: the flag goes into the actor's environment.
+    told before JAX starts: the flag goes into the actor's environment. It only shapes JAX's host platform, so
+    it is set for custom resources too (stand-ins for accelerators in tests, or TPUs, where it is harmless).
     """
     devices = spec.model.devices_per_replica
-    if ray.cluster_resources().get("GPU", 0) > 0:
-        return {"num_gpus": devices, "num_cpus": 1}
-    if devices == 1:
-        return {"num_cpus": 1}
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-    return {"num_cpus": devices, "runtime_env": {"env_vars": {"XLA_FLAGS": flags}}}
+    resource = spec.model.device_resource or ("GPU" if ray.cluster_resources().get("GPU", 0) > 0 else "CPU")
+    options: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
+    if resource == "GPU":
+        return {**options, "num_gpus": devices, "num_cpus": 1}
+    if resource == "CPU":
+        options["num_cpus"] = devices
+    else:
+        options.update(num_cpus=1, resources={resource: devices})
+    if devices > 1:
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+        options["runtime_env"] = {"env_vars": {"XLA_FLAGS": flags}}
+    return options
+
+
+def _check_placeable(options: dict[str, Any], how: str, note: Callable[[str], None]) -> None:
+    """Say so when no node can hold one worker: Ray would keep it pending, and the job would wait forever.
+
+    On a Ray this job started itself nothing can join later, so that is an error; on a cluster an autoscaler
+    may still add a node that fits, so it is a note.
+    """
+    wanted = {"CPU": options.get("num_cpus", 0), "GPU": options.get("num_gpus", 0), **options.get("resources", {})}
+    wanted = {name: amount for name, amount in wanted.items() if amount}
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if any(all(node.get(name, 0) >= amount for name, amount in wanted.items()) for node in nodes):
+        return
+    message = f"no node of this Ray holds one worker's resources {wanted} (nodes: {nodes})"
+    if how == "embedded":
+        raise WorkerStartError(f"{message}; on one machine, model.device_resource can only be CPU or GPU")
+    note(f"{message}; workers wait until a node that does joins")
 
 
 def _check_preset(spec: JobSpec) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Mapping
@@ -203,8 +204,10 @@ class Sink:
             for path in self._ls(join(self.path, MANIFEST_DIR)):
                 if path.rsplit("/", 1)[-1].removesuffix(".json") not in committed:
                     self.fs.rm(path)
-        if is_local(self.fs) and self.fs.exists(join(self.path, TMP_DIR)):
-            self.fs.rm(join(self.path, TMP_DIR), recursive=True)
+        if is_local(self.fs):
+            # Not fs.rm: fsspec's rm of a local directory reads the working directory, and under `ray job submit
+            # --working-dir` Ray may have deleted the driver's working directory by the time the job ends.
+            shutil.rmtree(join(self.path, TMP_DIR), ignore_errors=True)
         self._write_json(SUMMARY_FILE, summary)
         if success:
             write_bytes_atomically(self.fs, join(self.path, SUCCESS_FILE), b"")

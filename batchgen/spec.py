@@ -62,6 +62,9 @@ class ModelSpec:
     # the same memory) at a small cost in accuracy.
     cache_dtype: str = "auto"
     devices_per_replica: int = 1
+    # The Ray resource that counts a worker's devices: "" picks GPU where the cluster has GPUs, else CPU; any
+    # other name (a custom resource such as "TPU") is requested as it is, devices_per_replica units per worker.
+    device_resource: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +156,11 @@ class JobSpec:
     def fingerprint(self) -> str:
         """A hash of everything that decides the output rows, so a rerun knows it is the same job.
 
-        Replicas, attempts, timeouts, the error budget, engine slots, the cache size, devices per replica and
-        storage options are left out: they change how the job runs, not what it writes. rows_per_shard is in,
+        Replicas, attempts, timeouts, the error budget, engine slots, the cache size, devices per replica (and
+        which resource counts them) and storage options are left out: they change how the job runs, not what it writes. rows_per_shard is in,
         since it decides the shards.
         """
-        how_it_runs = ("devices_per_replica", "cache_tokens")
+        how_it_runs = ("devices_per_replica", "device_resource", "cache_tokens")
         affecting = {
             "model": {k: v for k, v in dataclasses.asdict(self.model).items() if k not in how_it_runs},
             # The date is left out: where it matters, it is part of the URL already.
@@ -448,6 +451,8 @@ def _check_values(spec: JobSpec) -> None:
              f"({model.max_length}), so that one sequence fits")
     if model.devices_per_replica < 1:
         fail("model.devices_per_replica", model.devices_per_replica, "must be >= 1")
+    if model.device_resource != model.device_resource.strip():
+        fail("model.device_resource", model.device_resource, "must be a Ray resource name without spaces around it")
 
     if not input.url:
         fail("input.url", input.url, "must not be empty")

@@ -100,6 +100,21 @@ def test_finish_removes_uncommitted_parts_then_writes_summary_and_success(output
     assert not sink.succeeded() and sink.read_summary() is None
 
 
+def test_finish_works_after_the_working_directory_is_gone(tmp_path, monkeypatch):
+    # Under `ray job submit --working-dir`, Ray can delete the driver's working directory while the job runs.
+    sink = Sink(str(tmp_path / "out"))
+    sink.prepare(job("s1"), overwrite=False)
+    sink.write_part("s1", TABLE.schema, TABLE.to_batches())
+    sink.commit(entry("s1"))
+    (tmp_path / "out" / "_tmp").mkdir(exist_ok=True)
+    gone = tmp_path / "cwd"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    sink.finish({"status": "succeeded"}, success=True, planned=["s1"])
+    assert names(sink) == {"_job.json", "_manifest", "_summary.json", "_SUCCESS", part_name("s1")}
+
+
 def test_another_job_is_refused_unless_overwrite(output):
     url, options = output
     sink = Sink(url, options)

@@ -142,6 +142,7 @@ def test_fingerprint_follows_what_changes_the_output_only():
         raw(execution={"replicas": 4, "max_attempts": 9, "shard_timeout": 5.0, "max_error_rate": 0.5, "max_slots": 2}),
         raw(input={"storage_options": {"key": "secret"}}, output={"storage_options": {"anon": True}}),
         raw(model={"devices_per_replica": 8}),
+        raw(model={"device_resource": "TPU"}),
         raw(model={"cache_tokens": 4096}),
         raw(input={"date": "2020-01-01"}),  # no {date} in the URL: the date changes nothing
     ]

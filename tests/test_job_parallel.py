@@ -56,3 +56,15 @@ def test_a_worker_with_4_devices_splits_the_model_and_writes_the_same_rows(tmp_p
     assert [r["completion"] for r in split] == [r["completion"] for r in single]
     assert [r["finish_reason"] for r in split] == [r["finish_reason"] for r in single]
     assert split[3]["finish_reason"] == "error"  # the empty prompt is an error row on both
+
+
+def test_a_device_resource_no_node_has_ends_an_embedded_job_instead_of_waiting_forever(tmp_path, tiny_preset):
+    from batchgen.errors import WorkerStartError
+    from batchgen.job import run_job as run
+    from tests.batch_fixtures import make_spec
+
+    data = write_prompts(tmp_path / "in.parquet", PROMPTS, ids=list(range(len(PROMPTS))))
+    spec = make_spec(data, str(tmp_path / "out"), preset=tiny_preset, model={"device_resource": "TPU"})
+    # An embedded Ray has no TPU and nothing can join it: the worker would stay pending for ever.
+    with pytest.raises(WorkerStartError, match="no node of this Ray holds one worker's resources.*'TPU': 1"):
+        run(spec)
