@@ -261,16 +261,16 @@ def decode_paged(
     pages_k: tuple[jnp.ndarray, ...],
     pages_v: tuple[jnp.ndarray, ...],
     view: paged_attention.PageView,
-    write: Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]],
-    window: int,
+    write: Callable[[Any, Any, jnp.ndarray, jnp.ndarray], tuple[Any, Any]],
+    chunks: int,
     dtype: Any = None,
-) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...], tuple[jnp.ndarray, ...]]:
+) -> tuple[jnp.ndarray, tuple, tuple]:
     """One decode step, one new token per slot, over a paged cache (see `model.paged_attention`).
 
     params: with per-layer `layers` (`unstack_layers`); token_ids [B, 1] sit at position view.lengths; pages_k[l]
-    [N, K, D, P] and pages_v[l] [N, K, P, D] are layer l's pools (see `model.generation.paged_cache`).
-    `write(pool_k, pool_v, k [B, K, D], v [B, K, D])` puts the new token's key and value into a layer's pool;
-    attention then reads the first `window` pages, the new token's own entry among them. Writing before
+    and pages_v[l] are layer l's pool in chunks of pages (see `model.generation.paged_cache`).
+    `write(chunks_k, chunks_v, k [B, K, D], v [B, K, D])` puts the new token's key and value into a layer's
+    first `chunks` chunks; attention then reads those, the new token's own entry among them. Writing before
     reading lets XLA update each pool in place: a read of the old pool scheduled after the write would make it
     copy the whole pool. Returns the final-normed hidden states [B, 1, M] and the updated pools.
     """
@@ -279,17 +279,18 @@ def decode_paged(
     inv_freq = rope.inverse_frequencies(config)
     x = embed(params, token_ids, dtype)
     new_k, new_v = [], []
-    for layer, pool_k, pool_v in zip(params["layers"], pages_k, pages_v):
+    for layer, chunks_k, chunks_v in zip(params["layers"], pages_k, pages_v):
 
-        def attend(q, k, v, pools):
-            pool_k, pool_v = write(*pools, k[:, 0], v[:, 0])
-            n = pool_k.shape[0]
-            read_k, read_v = (pool_k, pool_v) if window >= n else (pool_k[:window], pool_v[:window])
-            return paged_attention.decode_attention(q, read_k, read_v, view), (pool_k, pool_v)
+        def attend(q, k, v, read):
+            read_k, read_v = write(*read, k[:, 0], v[:, 0])
+            return paged_attention.decode_attention(q, read_k, read_v, view), (read_k, read_v)
 
-        x, (pool_k, pool_v) = _decoder_layer(config, inv_freq, x, layer, positions, attend, (pool_k, pool_v))
-        new_k.append(pool_k)
-        new_v.append(pool_v)
+        # Only the first `chunks` chunks of each pool are read and written; the rest pass through untouched.
+        x, (read_k, read_v) = _decoder_layer(
+            config, inv_freq, x, layer, positions, attend, (chunks_k[:chunks], chunks_v[:chunks])
+        )
+        new_k.append(tuple(read_k) + tuple(chunks_k[chunks:]))
+        new_v.append(tuple(read_v) + tuple(chunks_v[chunks:]))
     x = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
     return x, tuple(new_k), tuple(new_v)
 

@@ -37,7 +37,7 @@ from model.causal_lm import LlamaCausalLM  # noqa: E402
 from model.checkpoints.weights import CheckpointTensor, assign_weights  # noqa: E402
 from model.config import LlamaConfig  # noqa: E402
 from model import transformer  # noqa: E402
-from model.generation import steps  # noqa: E402
+from model.generation import paged_cache, steps  # noqa: E402
 from model.generation.engine import GenerationEngine  # noqa: E402
 from model.generation.paged_cache import PAGE_SIZE, PagedKVCache, PageTable  # noqa: E402
 from model.generation.requests import Request, SamplingParams  # noqa: E402
@@ -135,7 +135,8 @@ def compiled_steps(backbone: LlamaBackbone, slots: int = 4, max_length: int = 64
     ).compile()
     decode = steps.decode.lower(
         transformer.unstack_layers(params), cache, pages.table, pages.owner, pages.start, ints, ints, ints, np.ones(slots, bool), ints + 5,
-        np.full((slots, 4), -1, np.int32), rows, seeds, config=config, variant=variant, steps=4, window=pages.pages,
+        np.full((slots, 4), -1, np.int32), rows, seeds, config=config, variant=variant, steps=4,
+        chunks=len(paged_cache.chunk_sizes(pages.pages)),
         max_length=max_length,
     ).compile()
     return {"prefill": collectives(prefill), "decode": collectives(decode)}
@@ -178,8 +179,8 @@ def check_config(config: LlamaConfig, devices: list[jax.Device]) -> dict[str, An
         "greedy_split": split_tokens,
         "greedy_split_again": [list(c.token_ids) for c in again],
         "recompiled_on_second_run": split_engine.stats.programs_compiled - compiles_before,
-        "cache_fraction": shard_fraction(split_engine._cache.k[0]),
-        "cache_spec": str(split_engine._cache.k[0].sharding.spec),
+        "cache_fraction": shard_fraction(split_engine._cache.k[0][0]),
+        "cache_spec": str(split_engine._cache.k[0][0].sharding.spec),
         "load_transfers": transfers,
         "weights": placements(split),
         "collectives": compiled_steps(split),

@@ -156,13 +156,11 @@ def test_packing_pads_little_on_a_mixed_workload():
     assert padded < 1.15 * sum(lengths)  # a power-of-two bucket per prompt pads ~40% here
 
 
-def test_window_buckets_step_by_quarter_octaves():
-    from model.generation.scheduler import window_bucket
+def test_a_decode_call_reads_the_cache_chunks_below_the_highest_page_in_use():
+    from model.generation.paged_cache import CHUNK_PAGES, chunk_sizes, chunks_to_read
 
-    assert [window_bucket(n, 10_000) for n in (1, 16, 17, 21, 29, 33, 100, 300)] == [16, 16, 20, 24, 32, 40, 112, 320]
-    assert window_bucket(300, 290) == 290
-    assert all(n <= window_bucket(n, 10_000) < 1.25 * n + 16 for n in range(1, 3000))
-
+    assert chunk_sizes(150) == [CHUNK_PAGES, CHUNK_PAGES, 150 - 2 * CHUNK_PAGES] and chunk_sizes(10) == [10]
+    assert [chunks_to_read(n, 150) for n in (0, 1, CHUNK_PAGES, CHUNK_PAGES + 1, 150)] == [1, 1, 1, 2, 3]
 
 
 def _token_texts(tokenizer, prompt: list[int], generated: list[int]) -> list[str]:

@@ -48,11 +48,13 @@ def test_admission_keeps_every_promise():
 
 
 def test_write_puts_each_token_at_its_page_and_offset_and_drops_the_rest():
-    # Per layer: keys [N, K, D, P] (positions last), values [N, K, P, D].
-    cache = paged_cache.PagedKVCache((jnp.zeros((3, 1, 2, 4)),) * 2, (jnp.zeros((3, 1, 4, 2)),) * 2)
+    # Per layer, in chunks of pages (here 2 + 1): keys [n, K, D, P] (positions last), values [n, K, P, D].
+    chunks = lambda shape: (jnp.zeros((2,) + shape), jnp.zeros((1,) + shape))  # noqa: E731
+    cache = paged_cache.PagedKVCache((chunks((1, 2, 4)),) * 2, (chunks((1, 4, 2)),) * 2)
     new = jnp.arange(2 * 3 * 1 * 2, dtype=jnp.float32).reshape(2, 3, 1, 2) + 1  # [L, X, K, D]
     written = paged_cache.write(cache, new, -new, jnp.array([2, 0, 3]), jnp.array([1, 3, 0]))
-    k, v = np.stack(written.k), np.stack(written.v)
+    k = np.stack([np.concatenate(layer) for layer in written.k])
+    v = np.stack([np.concatenate(layer) for layer in written.v])
     np.testing.assert_array_equal(k[:, 2, :, :, 1], np.asarray(new[:, 0]))
     np.testing.assert_array_equal(k[:, 0, :, :, 3], np.asarray(new[:, 1]))
     np.testing.assert_array_equal(v[:, 2, :, 1], -np.asarray(new[:, 0]))
@@ -91,7 +93,11 @@ def test_paged_decode_attention_equals_dense_attention(heads, kv_heads):
         pool_k[new_page, :, :, offset], pool_v[new_page, :, offset] = new_k[slot, 0], new_v[slot, 0]
     window = table.extent()
     view = paged_attention.PageView(jnp.asarray(table.owner[:window]), jnp.asarray(table.start[:window]), jnp.asarray(lengths))
-    paged = paged_attention.decode_attention(q, pool_k[:window], pool_v[:window], view)
+    paged = paged_attention.decode_attention(q, [pool_k[:window]], [pool_v[:window]], view)
+    # The same pool read in chunks of 3 pages: the softmax across chunks gives the same attention.
+    cuts = list(range(3, window, 3))
+    chunked = paged_attention.decode_attention(q, np.split(pool_k[:window], cuts), np.split(pool_v[:window], cuts), view)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(paged), atol=1e-6, rtol=1e-6)
     dense = transformer._attention(q, new_k, new_v, dense_k, dense_v, lengths, np.ones((b, 1, 1), bool))
     # Slot 0 is idle (it owns no page): its output is 0, never NaN; every other slot equals dense attention.
     np.testing.assert_array_equal(np.asarray(paged)[0], 0)

@@ -75,7 +75,7 @@ def _child(args: argparse.Namespace, dump: str, trace: str) -> None:
 
     from model import transformer
     from model.causal_lm import LlamaCausalLM
-    from model.generation import sampling, steps
+    from model.generation import paged_cache, sampling, steps
     from model.generation.paged_cache import PAGE_SIZE, PagedKVCache, PageTable, pages_for
     from model.generation.requests import SamplingParams
 
@@ -95,7 +95,7 @@ def _child(args: argparse.Namespace, dump: str, trace: str) -> None:
         return steps.decode(
             params, cache, pages.table, pages.owner, pages.start, ints(1), ints(context), ints(1), np.ones(b, bool),
             ints(10**6), np.full((b, 4), -1, np.int32), rows, np.arange(b, dtype=np.uint32), config=config,
-            variant=variant, steps=args.steps, window=pages.pages, max_length=10**6,
+            variant=variant, steps=args.steps, chunks=len(paged_cache.chunk_sizes(pages.pages)), max_length=10**6,
         )
 
     cache = jax.block_until_ready(call(cache))[0]  # compiles

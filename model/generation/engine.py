@@ -9,7 +9,7 @@ budget, end of cache) is refilled with the next waiting request before the next 
 
 Shapes are static and bucketed, so a long job compiles a handful of programs once:
   prefill: one per packed row length (powers of two, 32 .. PACK_TOKENS, longer only for longer prompts);
-  decode:  one per window of pages read (quarter-octave steps) and sampler variant.
+  decode:  one per rows bucket, number of cache chunks read and sampler variant.
 
 Example:
     >>> engine = GenerationEngine(lm.backbone, lm.preprocessor.tokenizer, max_slots=8, max_length=256)
@@ -35,7 +35,7 @@ from model.generation.detokenizer import IncrementalDetokenizer
 from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
 from model.generation.requests import Completion, Request
 from model.generation.scheduler import (
-    MIN_PACK_BUCKET, Slot, SlotTable, bucket, plan_packs, rows_bucket, segments_for, window_bucket,
+    MIN_PACK_BUCKET, Slot, SlotTable, bucket, plan_packs, rows_bucket, segments_for,
 )
 
 
@@ -281,10 +281,11 @@ class GenerationEngine:
         pages = table.pages
         for slot in np.flatnonzero(table.active):  # pages for every position these steps may write
             pages.grow(int(slot), int(table.lengths[slot]) + self.steps_per_call)
-        window = window_bucket(pages.extent(), self.cache_pages)
+        chunks = paged_cache.chunks_to_read(pages.extent(), self.cache_pages)
+        window = sum(paged_cache.chunk_sizes(self.cache_pages)[:chunks])  # the pages of those chunks
         rows, variant = sampling.row_sampling_params(table.sampling_rows()[:b])
         start = time.perf_counter()
-        self.stats.shapes.add(("decode", b, window, variant))
+        self.stats.shapes.add(("decode", b, chunks, variant))
         k = _logprobs_width(entry.request for entry in table.entries[:b] if entry is not None)
         entries = [entry if entry is not None else next(e for e in table.entries if e is not None) for entry in table.entries[:b]]
         slot_penalties = penalties.build(
@@ -294,7 +295,7 @@ class GenerationEngine:
         self._cache, tokens, lengths, counts, active, emitted, token_logprobs = steps.decode(
             params, self._cache, pages.table[:b], pages.owner[:window], pages.start[:window], table.tokens[:b],
             table.lengths[:b], table.counts[:b], table.active[:b], table.budgets[:b], table.stop_id_table()[:b], rows,
-            table.seeds[:b], slot_penalties, config=self.config, variant=variant, steps=self.steps_per_call, window=window,
+            table.seeds[:b], slot_penalties, config=self.config, variant=variant, steps=self.steps_per_call, chunks=chunks,
             max_length=self.max_length, logprobs_k=k,
         )
         emitted = np.asarray(emitted)

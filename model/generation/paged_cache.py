@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,18 +37,26 @@ from model.generation.kv_cache import keep_layout
 PAGE_SIZE = 32  # positions per page: a slot wastes P / 2 on average; smaller pages mean more, slower pages
 
 
+# Pages per chunk of a layer's pool. A decode call reads the chunks below the highest page in use, each a whole
+# array: slicing the first pages off one big array made XLA copy them on every step (~0.5 GB per step with a
+# pool three times the pages in use). Chunks of 64 pages (2,048 positions) keep the pages read within 64 of
+# those in use, and the programs few (one per number of chunks read).
+CHUNK_PAGES = 64
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
-    """One pool of pages per layer: k[l] [N, K, D, P] (positions last), v[l] [N, K, P, D].
+    """One pool of pages per layer, in chunks: k[l][c] [n, K, D, P] (positions last), v[l][c] [n, K, P, D].
 
     Per-layer arrays rather than one [L, ...] array: the decode step runs its layers unrolled and reads and
     writes layer l's pool directly. A stacked pool sliced per layer inside a loop makes XLA copy the layer's
     whole pool on every step (it cannot hand a dynamic slice to a dot or library call without materialising it).
+    Page ids run across the chunks: page p is entry p % CHUNK_PAGES of chunk p // CHUNK_PAGES.
     """
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: tuple[tuple[jax.Array, ...], ...]
+    v: tuple[tuple[jax.Array, ...], ...]
     # Static: a split pool's layout, restated after every write (see kv_cache.KVCache.sharding).
     sharding: jax.sharding.Sharding | None = dataclasses.field(default=None, metadata=dict(static=True))
 
@@ -58,26 +67,38 @@ class PagedKVCache:
         """Zeros; with `sharding` (`model.parallel.cache_sharding`, whose layer axis is dropped here) each device
         allocates only its own KV heads."""
         layer_sharding = _per_layer(sharding)
-        values = (pages, config.num_key_value_heads, page_size, config.head_dim)
-        keys = values[:2] + (config.head_dim, page_size)
+        sizes = chunk_sizes(pages)
+        heads, d = config.num_key_value_heads, config.head_dim
         zeros = lambda shape: jnp.zeros(shape, dtype, device=layer_sharding)  # noqa: E731
         layers = range(config.num_layers)
-        return cls(tuple(zeros(keys) for _ in layers), tuple(zeros(values) for _ in layers), layer_sharding)
+        keys = tuple(tuple(zeros((n, heads, d, page_size)) for n in sizes) for _ in layers)
+        values = tuple(tuple(zeros((n, heads, page_size, d)) for n in sizes) for _ in layers)
+        return cls(keys, values, layer_sharding)
 
     @property
     def pages(self) -> int:
-        return self.k[0].shape[0]
+        return sum(chunk.shape[0] for chunk in self.k[0])
 
     @property
     def page_size(self) -> int:
-        return self.v[0].shape[2]
+        return self.v[0][0].shape[2]
 
     @property
     def dtype(self):
-        return self.k[0].dtype
+        return self.k[0][0].dtype
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.k, *self.v))
+        return sum(a.nbytes for a in jax.tree.leaves((self.k, self.v)))
+
+
+def chunk_sizes(pages: int) -> list[int]:
+    """Pages in each chunk of a pool of `pages` pages: CHUNK_PAGES each, the last one the rest."""
+    return [min(CHUNK_PAGES, pages - start) for start in range(0, pages, CHUNK_PAGES)]
+
+
+def chunks_to_read(extent: int, pages: int) -> int:
+    """Chunks a decode call reads when every page in use is below `extent`."""
+    return max(1, min(-(-extent // CHUNK_PAGES), len(chunk_sizes(pages))))
 
 
 def _per_layer(sharding: jax.sharding.Sharding | None) -> jax.sharding.Sharding | None:
@@ -88,17 +109,24 @@ def _per_layer(sharding: jax.sharding.Sharding | None) -> jax.sharding.Sharding 
 
 
 def write_layer(
-    pool_k: jax.Array, pool_v: jax.Array, new_k: jax.Array, new_v: jax.Array, pages: jax.Array, offsets: jax.Array,
-    sharding: jax.sharding.Sharding | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Writes X tokens' keys/values [X, K, D] into one layer's pool at (pages [X], offsets [X]).
-
-    Page id N (past the end) is dropped: padding tokens and idle slots point there.
-    """
-    # Indexing pages (axis 0) and offsets (the position axis) together puts their shared X axis first.
-    k = pool_k.at[pages, :, :, offsets].set(new_k.astype(pool_k.dtype), mode="drop")
-    v = pool_v.at[pages, :, offsets].set(new_v.astype(pool_v.dtype), mode="drop")
-    return keep_layout(sharding, k, v)
+    chunks_k: Sequence[jax.Array], chunks_v: Sequence[jax.Array], new_k: jax.Array, new_v: jax.Array,
+    pages: jax.Array, offsets: jax.Array, sharding: jax.sharding.Sharding | None = None,
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Writes X tokens' keys/values [X, K, D] into (the given first chunks of) one layer's pool at (pages [X],
+    offsets [X]). A page past these chunks is dropped: padding tokens and idle slots point there."""
+    out_k, out_v, first = [], [], 0
+    for k, v in zip(chunks_k, chunks_v):
+        n = k.shape[0]
+        local = pages - first
+        local = jnp.where((local >= 0) & (local < n), local, n)  # n: out of range, dropped
+        first += n
+        # Indexing pages (axis 0) and offsets (the position axis) together puts their shared X axis first.
+        k = k.at[local, :, :, offsets].set(new_k.astype(k.dtype), mode="drop")
+        v = v.at[local, :, offsets].set(new_v.astype(v.dtype), mode="drop")
+        k, v = keep_layout(sharding, k, v)
+        out_k.append(k)
+        out_v.append(v)
+    return tuple(out_k), tuple(out_v)
 
 
 def write(cache: PagedKVCache, new_k: jax.Array, new_v: jax.Array, pages: jax.Array, offsets: jax.Array) -> PagedKVCache:

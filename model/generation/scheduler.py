@@ -32,19 +32,6 @@ def bucket(n: int, minimum: int) -> int:
     return size
 
 
-def window_bucket(pages: int, maximum: int) -> int:
-    """Pages a decode call reads: quarter-octave steps (16, 20, 24, 28, 32, 40, ...), capped at the pool.
-
-    At most a fifth of a window is pages not in use, and a run meets a few sizes (one program each).
-    """
-    size = 16
-    while True:
-        for quarters in (4, 5, 6, 7):
-            if size * quarters // 4 >= pages:
-                return min(size * quarters // 4, maximum)
-        size *= 2
-
-
 def segments_for(tokens: int, max_slots: int) -> int:
     """How many prompts a prefill call of `tokens` tokens holds at most: the rows it samples a first token for.
 

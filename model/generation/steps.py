@@ -61,15 +61,15 @@ def prefill(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "variant", "steps", "window", "max_length", "logprobs_k"),
+    static_argnames=("config", "variant", "steps", "chunks", "max_length", "logprobs_k"),
     donate_argnames=("cache",),
 )
 def decode(
     params: transformer.Params,  # with per-layer `layers` (transformer.unstack_layers)
     cache: PagedKVCache,
     page_table: jax.Array,  # [B, pages per slot] each slot's pages in order; N where none is allocated
-    owner: jax.Array,  # [window] the slot owning each of the first pages; B for a free page
-    start: jax.Array,  # [window] the position of each page's first entry
+    owner: jax.Array,  # [pages of the chunks read] the slot owning each page; B for a free page
+    start: jax.Array,  # [pages of the chunks read] the position of each page's first entry
     tokens: jax.Array,  # [B] last token of each slot, not yet in the cache
     lengths: jax.Array,  # [B] tokens in the cache per slot
     counts: jax.Array,  # [B] tokens generated so far
@@ -83,7 +83,7 @@ def decode(
     config: LlamaConfig,
     variant: sampling.SamplingVariant,
     steps: int,
-    window: int,
+    chunks: int,
     max_length: int,
     logprobs_k: int | None = None,
 ) -> tuple[PagedKVCache, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, Any]:
@@ -99,13 +99,13 @@ def decode(
         cache, tokens, lengths, counts, active, penalties = carry
         target = jnp.where(active, page_table[slots, lengths // page_size], cache.pages)  # idle slots: dropped
 
-        def write(pool_k, pool_v, k, v):
-            return paged_cache.write_layer(pool_k, pool_v, k, v, target, lengths % page_size, cache.sharding)
+        def write(chunks_k, chunks_v, k, v):
+            return paged_cache.write_layer(chunks_k, chunks_v, k, v, target, lengths % page_size, cache.sharding)
 
-        # Reads only the first `window` pages of each pool: every page in use lies below it.
+        # Reads only the first `chunks` chunks of each pool: every page in use lies below them.
         view = paged_attention.PageView(owner, start, lengths)
         hidden, pages_k, pages_v = transformer.decode_paged(
-            params, config, tokens[:, None], cache.k, cache.v, view, write, window
+            params, config, tokens[:, None], cache.k, cache.v, view, write, chunks
         )
         cache = PagedKVCache(pages_k, pages_v, cache.sharding)
         logits = transformer.logits(params, hidden[:, 0])
