@@ -65,6 +65,9 @@ class Request:
     # Special tokens (chat markers, start / end tokens) are left out of the text, and stop strings are matched
     # against the text as returned; False keeps them, as they are spelled in the vocabulary.
     skip_special_tokens: bool = True
+    # None: no log-probabilities; k >= 0: each generated token's log-prob and its k most likely alternatives
+    # (model.generation.logprobs: the model's own distribution, before temperature and filtering).
+    logprobs: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,3 +89,6 @@ class Completion:
     completion_tokens: int
     error: str | None = None
     stop_token_id: int | None = None  # the stop token that ended it, if one did
+    # With Request.logprobs: one entry per token of `token_ids`: its log-prob, and the top-k (id, log-prob).
+    token_logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
