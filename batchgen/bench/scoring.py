@@ -43,11 +43,12 @@ def main() -> None:
         engine.generate(generate)
         figures["prefill_wall_s"] = time.perf_counter() - wall
         figures["prefill_tokens_per_s"] = engine.stats.prompt_tokens / engine.stats.prefill_seconds
-        engine.score_stats.input_tokens, engine.score_stats.seconds = 0, 0.0
+        engine.score_stats.seconds = 0.0
         wall = time.perf_counter()
         list(engine.score_stream(score))
         figures["score_wall_s"] = time.perf_counter() - wall
-        figures["score_tokens_per_s"] = engine.score_stats.input_tokens / engine.score_stats.seconds
+        # The same tokens as the prefill pass (context + continuation), as a scoring job counts its prompt tokens.
+        figures["score_tokens_per_s"] = sum(len(c) + len(x) for c, x in pairs) / engine.score_stats.seconds
     figures.update(pairs=len(pairs), dtype=args.dtype,
                    ratio=figures["score_tokens_per_s"] / figures["prefill_tokens_per_s"])  # fmt: skip
     print(json.dumps(figures, indent=1))

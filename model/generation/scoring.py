@@ -34,6 +34,7 @@ from model.generation.scheduler import MIN_PACK_BUCKET, bucket, plan_packs
 # Segments a scoring row holds at most; sequences cost no LM-head row of their own here (only their scored
 # tokens do), so this only bounds how finely a row is cut.
 MAX_SEGMENTS = 64
+SCORED_STEP = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +222,9 @@ def _score_batch(
 def _run_row(params, config: LlamaConfig, row: Sequence[_Piece], stats: ScoreStats):
     """Runs one packed row; returns each piece's scored log-probs and greedy flags, as numpy arrays."""
     t = bucket(sum(len(p.input_ids) for p in row), MIN_PACK_BUCKET)
-    c = bucket(sum(len(p.scored_at) for p in row), MIN_PACK_BUCKET)
+    # Head rows in steps of 8, not powers of two: a row of one-token continuations (multiple choice) would
+    # otherwise compute up to twice the LM-head rows it needs, which is most of what scoring adds to prefill.
+    c = -(-sum(len(p.scored_at) for p in row) // SCORED_STEP) * SCORED_STEP
     ids, positions = np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
     segments = np.full((1, t), -1, np.int32)
     scored, targets = np.zeros(c, np.int32), np.zeros(c, np.int32)
