@@ -100,6 +100,7 @@ class ShardDriver:
         self._running: dict[ray.ObjectRef, _Running] = {}
         self._starting: dict[ray.ObjectRef, Any] = {}
         self._idle: list[Any] = []
+        self._models: dict[Any, str] = {}  # the model each worker last ran a shard of (so, holds)
         self._lost_workers = 0  # workers that died or were killed, not yet replaced
         self._start_failures = 0  # consecutive
         watch = self.head_watch or HeadWatch()
@@ -162,7 +163,13 @@ class ShardDriver:
 
     def _hand_out(self) -> None:
         while self._idle and self._pending:
-            actor, shard = self._idle.pop(), self._pending.popleft()
+            actor = self._idle.pop()
+            # A worker holds one model at a time: give it a shard of the model it holds when one is pending,
+            # so that a sweep over models loads each model once per worker, not once per shard.
+            held = self._models.get(actor)
+            shard = next((s for s in self._pending if s.model == held), self._pending[0])
+            self._pending.remove(shard)
+            self._models[actor] = shard.model
             self._attempts[shard.shard_id] += 1
             attempt = self._attempts[shard.shard_id]
             ref = actor.run_shard.remote(shard, attempt)

@@ -97,7 +97,9 @@ class Validation:
             output = "free for this job"
         lines = [
             f"spec {spec.source}: ok (fingerprint {spec.fingerprint()})",
-            f"  model   {spec.model.preset} ({spec.model.dtype}, quantization {spec.model.quantization})",
+            *(f"  model   {m.preset} ({m.dtype}, quantization {m.quantization})"
+              + (f" as {m.name!r}" if spec.model_sweep else "") for m in spec.models),
+            f"  task    {spec.task.kind}" + (f", metric {spec.task.metric}" if spec.task.metric != "none" else ""),
             f"  input   {len(plan.files)} file(s), {plan.total_rows} rows -> {len(plan.shards)} shards",
             f"  samples {spec.outputs_per_row} output rows per input row (configurations: {names}) -> "
             f"{plan.total_rows * spec.outputs_per_row} output rows",

@@ -17,6 +17,7 @@ from batchgen.prompts import PromptRow
 from batchgen.row_sampling import RowSampling, resolve
 from batchgen.rows import OutputRecord, error_record
 from batchgen.search_runner import SearchRun, run_searches
+from batchgen.score_rows import ScoreRecord
 from batchgen.seeds import derive_seed
 from batchgen.spec import SEARCH_SAMPLERS, ModelSpec, SamplingConfig
 
@@ -158,6 +159,49 @@ class ModelRunner:
                 yield self.record(completion)
         for completion in self.engine.generate_stream(streaming):
             yield self.record(completion)
+
+    def score(
+        self, rows: Sequence[PromptRow], continuations: Sequence[list[str] | None], errors: Sequence[str | None],
+        config: str, per_token: bool,
+    ) -> Iterator[ScoreRecord]:
+        """Scored records of `rows` (one per row, in row order): each row's prompt is the context of its
+        `continuations`; a row with continuations None is a document (perplexity), its prompt scored alone.
+
+        `errors[i]` (a bad continuations cell) makes row i an error row, as does a bad prompt.
+        """
+        from model.generation.scoring import ScoreRequest, split_pair
+
+        requests, failed = [], {}
+        for row, conts, error in zip(rows, continuations, errors):
+            error = row.error or error
+            try:
+                if error is None and conts is None:
+                    requests.append(ScoreRequest((row.index, 0), [], self.prompt_ids(row), per_token))
+                elif error is None and row.messages is not None:  # a chat context: the template ends it
+                    context = self.prompt_ids(row)
+                    requests += [ScoreRequest((row.index, j), context, self.tokenizer._encode(c), per_token)
+                                 for j, c in enumerate(conts)]  # fmt: skip
+                elif error is None:
+                    requests += [ScoreRequest((row.index, j), *split_pair(self.tokenizer.tokenize,
+                                 self.tokenizer._encode, row.text, c), per_token) for j, c in enumerate(conts)]  # fmt: skip
+            except (ValueError, TypeError, jinja2.TemplateError) as template_error:
+                error = f"chat template failed: {template_error}"
+            if error is not None:
+                failed[row.index] = error
+        by_row: dict[int, list[Any]] = {}
+        for result in self.engine.score_stream(requests):
+            by_row.setdefault(result.request_id[0], []).append(result)
+        for row in rows:
+            results = by_row.get(row.index, [])
+            error = failed.get(row.index) or next((r.error for r in results if r.error), None)
+            if error is not None:
+                yield ScoreRecord(row.index, config, None, None, None, 0, error)
+                continue
+            yield ScoreRecord(
+                row.index, config, tuple(r.logprob for r in results), tuple(r.tokens for r in results),
+                tuple(r.is_greedy for r in results), results[0].context_tokens,
+                token_logprobs=tuple(r.token_logprobs for r in results) if per_token else None,
+            )
 
     def warm_up(self, configs: Sequence[SamplingConfig]) -> None:
         """Generate a few tokens of a short prompt under each configuration, so that the common programs are

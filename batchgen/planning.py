@@ -37,6 +37,7 @@ class Shard:
     row_stop: int
     first_position: int
     byte_start: int | None = None  # JSONL only: where row_start begins in a plain (uncompressed) file
+    model: str = "default"  # the model configuration ([model.configs.NAME]) this shard runs under
 
     @property
     def num_rows(self) -> int:
@@ -54,12 +55,15 @@ class Plan:
 
     @property
     def total_rows(self) -> int:
+        """Input rows (each runs once per model in a sweep: `JobSpec.outputs_per_row` counts the models)."""
         return sum(f.num_rows for f in self.files)
 
 
-def shard_id(fingerprint: str, file_url: str, row_start: int, row_stop: int) -> str:
-    """The deterministic id of a shard: 16 hex digits of sha256 over what identifies it."""
-    payload = f"{fingerprint}\0{file_url}\0{row_start}\0{row_stop}".encode()
+def shard_id(fingerprint: str, file_url: str, row_start: int, row_stop: int, model: str | None = None) -> str:
+    """The deterministic id of a shard: 16 hex digits of sha256 over what identifies it (the model too, in a
+    sweep over models; without one the ids are those of jobs written before sweeps existed)."""
+    payload = f"{fingerprint}\0{file_url}\0{row_start}\0{row_stop}"
+    payload = (payload + (f"\0{model}" if model is not None else "")).encode()
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
@@ -101,13 +105,31 @@ def plan_job(spec: JobSpec) -> Plan:
         for warning in check_schema(schema, spec, url):
             if warning not in warnings:
                 warnings.append(warning)
+        for key in ("continuations_column", "reference_column"):
+            column = getattr(spec.task, key)
+            if column and column not in schema.names:
+                raise InputError(f"{url}: task.{key} names column {column!r}, which the file does not have "
+                                 f"(it has {schema.names})")
     id_types = {str(s.field(spec.input.id_column).type) for s in schemas} if spec.input.id_column else set()
     if len(id_types) > 1:
         raise InputError(
             f"input.id_column {spec.input.id_column!r} has different types across files: {sorted(id_types)}"
         )
-    shards = cut_shards(files, spec.execution.rows_per_shard, spec.fingerprint())
-    return Plan(tuple(files), schemas[0], shards, tuple(warnings))
+    cut = _by_model(spec, cut_shards(files, spec.execution.rows_per_shard, spec.fingerprint()))
+    return Plan(tuple(files), schemas[0], cut, tuple(warnings))
+
+
+def _by_model(spec: JobSpec, cut: tuple[Shard, ...]) -> tuple[Shard, ...]:
+    """The shards once per model configuration of a sweep ([model.configs.NAME]); as they are without one."""
+    if not spec.model_sweep:
+        return cut
+    # Model-major: every shard of one model before the next, so that a worker (which holds one model at a
+    # time and is handed shards of the model it holds first, see the driver) loads each model once.
+    return tuple(
+        dataclasses.replace(shard, shard_id=shard_id(spec.fingerprint(), shard.file_url, shard.row_start,
+                            shard.row_stop, model.name), index=m * len(cut) + shard.index, model=model.name)
+        for m, model in enumerate(spec.models) for shard in cut
+    )  # fmt: skip
 
 
 def _plan_jsonl(spec: JobSpec) -> Plan:
@@ -123,7 +145,7 @@ def _plan_jsonl(spec: JobSpec) -> Plan:
     offsets = {file.url: file.offsets for file in scanned}
     shards = tuple(
         dataclasses.replace(shard, byte_start=None if offsets[shard.file_url] is None else offsets[shard.file_url][shard.row_start])
-        for shard in cut_shards(files, spec.execution.rows_per_shard, spec.fingerprint())
+        for shard in _by_model(spec, cut_shards(files, spec.execution.rows_per_shard, spec.fingerprint()))
     )
     first = next((file for file in scanned if file.num_rows), None)
     if first is None:

@@ -52,8 +52,9 @@ def error_record(row_index: int, config: str, sample_index: int, error: str, pro
     return OutputRecord(row_index, config, sample_index, None, "error", prompt_tokens, 0, error)
 
 
-def output_schema(id_type: pa.DataType, carried: Sequence[pa.Field]) -> pa.Schema:
-    """The part files' schema: the contract columns, then the carried input columns as they are typed."""
+def output_schema(id_type: pa.DataType, carried: Sequence[pa.Field], model_column: bool = False) -> pa.Schema:
+    """The part files' schema: the contract columns, `model` in a sweep over models, then the carried input
+    columns as they are typed."""
     fields = [
         pa.field("id", id_type),
         pa.field("config", pa.string(), nullable=False),
@@ -64,6 +65,8 @@ def output_schema(id_type: pa.DataType, carried: Sequence[pa.Field]) -> pa.Schem
         pa.field("completion_tokens", pa.int32(), nullable=False),
         pa.field("error", pa.string()),
     ]
+    if model_column:
+        fields.append(pa.field("model", pa.string(), nullable=False))
     return pa.schema(fields + list(carried))
 
 
@@ -105,6 +108,7 @@ def build_table(
     carried: pa.Table,
     schema: pa.Schema,
     config_order: Sequence[str],
+    model: str | None = None,
 ) -> pa.Table:
     """The shard's output table, sorted by (input row, configuration in spec order, sample index).
 
@@ -123,6 +127,8 @@ def build_table(
         "completion_tokens": pa.array([r.completion_tokens for r in ordered], pa.int32()),
         "error": pa.array([r.error for r in ordered], pa.string()),
     }
+    if "model" in schema.names and "model" not in carried.column_names:
+        columns["model"] = pa.array([model] * len(ordered), pa.string())
     for name in carried.column_names:
         columns[name] = carried.column(name).take(take).combine_chunks()
     return pa.Table.from_pydict(columns, schema=schema)

@@ -67,8 +67,10 @@ def write_shard(
     records: Sequence[OutputRecord],
     schema: pa.Schema,
     wrap: Any = lambda items: items,
+    model: str | None = None,
 ) -> str:
-    """Publish the shard's part file in the output format; returns its URL. `wrap` is the fault hook."""
+    """Publish the shard's part file in the output format; returns its URL. `wrap` is the fault hook; `model`
+    the model configuration the shard ran under (a column of its own in a sweep over models)."""
     ids = source.ids(spec, shard.first_position)
     config_order = [config.name for config in spec.sampling]
     if spec.output.format == "openai_batch":
@@ -81,7 +83,7 @@ def write_shard(
         {name: _array(source.columns[name], schema.field(name).type, name) for name in spec.output.carry_columns},
         schema=pa.schema([schema.field(name) for name in spec.output.carry_columns]),
     ) if source.table is None else source.table.select(list(spec.output.carry_columns))
-    output = build_table(records, id_array, carried, schema, config_order)
+    output = build_table(records, id_array, carried, schema, config_order, model)
     return sink.write_part(shard.shard_id, schema, wrap(output.to_batches(max_chunksize=WRITE_BATCH_ROWS)))
 
 

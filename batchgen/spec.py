@@ -37,6 +37,15 @@ INPUT_FORMATS = ("parquet", "jsonl", "openai_batch")
 OUTPUT_FORMATS = ("parquet", "jsonl", "openai_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
+TASK_KINDS = ("generate", "score", "perplexity")
+# Metric -> the task kinds it applies to (batchgen/metrics.py computes them).
+METRICS = {
+    "none": ("generate", "score", "perplexity"),
+    "exact_match": ("generate",),
+    "accuracy": ("score",),
+    "mean_loglikelihood": ("score", "perplexity"),
+    "perplexity": ("score", "perplexity"),
+}
 COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "brotli", "none")
 DEFAULT_CONFIG_NAME = "default"
 # Placeholders filled in input.url and output.url.
@@ -49,7 +58,7 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """[model]: which checkpoint each worker loads, and how."""
+    """[model]: which checkpoint each worker loads, and how; `name` is its [model.configs.NAME] in a sweep."""
 
     preset: str
     dtype: str = "float32"
@@ -65,6 +74,24 @@ class ModelSpec:
     # The Ray resource that counts a worker's devices: "" picks GPU where the cluster has GPUs, else CPU; any
     # other name (a custom resource such as "TPU") is requested as it is, devices_per_replica units per worker.
     device_resource: str = ""
+    name: str = DEFAULT_CONFIG_NAME
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """[task]: what each row asks for: generated text, or the log-likelihood of given continuations.
+
+    `generate`: completions (the default). `score`: each row's prompt is a context and `continuations_column`
+    holds one continuation (a string) or several (a list of strings); one output row per input row and model,
+    with list columns aligned to the continuations. `perplexity`: the prompt column holds whole documents,
+    scored alone (rolling windows past the context length).
+    """
+
+    kind: str = "generate"
+    continuations_column: str | None = None
+    reference_column: str | None = None
+    metric: str = "none"
+    per_token_logprobs: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +166,8 @@ class ExecutionSpec:
 
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
-    """A whole, validated job. `sampling` holds one entry per named configuration, in spec order."""
+    """A whole, validated job. `sampling` holds one entry per named configuration, in spec order; `models` one
+    per model configuration ([model.configs.NAME], or `model` alone), and `model` is the first of them."""
 
     model: ModelSpec
     input: InputSpec
@@ -147,11 +175,30 @@ class JobSpec:
     output: OutputSpec
     execution: ExecutionSpec
     source: str = "<spec>"
+    task: TaskSpec = TaskSpec()
+    models: tuple[ModelSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            object.__setattr__(self, "models", (self.model,))
+
+    @property
+    def model_sweep(self) -> bool:
+        """True when the spec names model configurations: output rows then carry a `model` column."""
+        return len(self.models) > 1 or self.models[0].name != DEFAULT_CONFIG_NAME
+
+    @property
+    def outputs_per_model(self) -> int:
+        """Output rows per input row and model: the samples of every configuration (scoring: one)."""
+        return 1 if self.task.kind != "generate" else sum(config.n for config in self.sampling)
 
     @property
     def outputs_per_row(self) -> int:
-        """Output rows per input row: the samples of every configuration."""
-        return sum(config.n for config in self.sampling)
+        """Output rows per input row: the samples of every configuration, for every model."""
+        return self.outputs_per_model * len(self.models)
+
+    def model_named(self, name: str) -> ModelSpec:
+        return next(model for model in self.models if model.name == name)
 
     def fingerprint(self) -> str:
         """A hash of everything that decides the output rows, so a rerun knows it is the same job.
@@ -161,8 +208,11 @@ class JobSpec:
         since it decides the shards.
         """
         how_it_runs = ("devices_per_replica", "device_resource", "cache_tokens")
+        def model(spec: ModelSpec) -> dict[str, Any]:
+            return {k: v for k, v in dataclasses.asdict(spec).items() if k not in how_it_runs + ("name",)}
+
         affecting = {
-            "model": {k: v for k, v in dataclasses.asdict(self.model).items() if k not in how_it_runs},
+            "model": model(self.model),
             # The date is left out: where it matters, it is part of the URL already.
             "input": _without_later_defaults(
                 {k: v for k, v in dataclasses.asdict(self.input).items() if k not in ("storage_options", "date")}
@@ -173,6 +223,11 @@ class JobSpec:
             ),
             "rows_per_shard": self.execution.rows_per_shard,
         }
+        # Only where set, so that the fingerprints of jobs written before these keys existed stay the same.
+        if self.task != TaskSpec():
+            affecting["task"] = dataclasses.asdict(self.task)
+        if self.model_sweep:
+            affecting["models"] = {m.name: model(m) for m in self.models}
         encoded = json.dumps(affecting, sort_keys=True, default=list).encode()
         return hashlib.sha256(encoded).hexdigest()[:16]
 
@@ -184,6 +239,8 @@ class JobSpec:
             "sampling": [dataclasses.asdict(config) for config in self.sampling],
             "output": dataclasses.asdict(self.output),
             "execution": dataclasses.asdict(self.execution),
+            "task": dataclasses.asdict(self.task),
+            "models": [dataclasses.asdict(model) for model in self.models],
         }
         del data["input"]["storage_options"], data["output"]["storage_options"]
         return json.loads(json.dumps(data, default=list))
@@ -213,6 +270,7 @@ _SECTIONS: dict[str, type] = {
     "sampling": SamplingConfig,
     "output": OutputSpec,
     "execution": ExecutionSpec,
+    "task": TaskSpec,
 }
 
 
@@ -235,7 +293,8 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>", today: datetim
         if name not in raw:
             raise SpecError(f"{source}: the [{name}] section is required")
     tables = {name: _table(raw.get(name, {}), name, source) for name in _SECTIONS}
-    model = _build(ModelSpec, tables["model"], "model", source)
+    _, models = _build_models(tables["model"], source)
+    task = _build(TaskSpec, tables["task"], "task", source)
     input = _build(InputSpec, tables["input"], "input", source)
     output = _build(OutputSpec, tables["output"], "output", source)
     execution = _build(ExecutionSpec, tables["execution"], "execution", source)
@@ -252,9 +311,12 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>", today: datetim
     # Workers do not share the driver's working directory (on a cluster, not even its machine).
     input = dataclasses.replace(input, url=_absolute(input.url))
     output = dataclasses.replace(output, url=_absolute(output.url))
-    if "/" in model.preset or os.path.exists(model.preset):
-        model = dataclasses.replace(model, preset=_absolute(model.preset))
-    spec = JobSpec(model, input, sampling, output, execution, source)
+    models = tuple(
+        dataclasses.replace(m, preset=_absolute(m.preset)) if "/" in m.preset or os.path.exists(m.preset) else m
+        for m in models
+    )
+    model = models[0]
+    spec = JobSpec(model, input, sampling, output, execution, source, task, models)
     _check_values(spec)
     return spec
 
@@ -278,7 +340,7 @@ def field_type(path: Sequence[str]) -> Any:
         return None
     cls = _SECTIONS[path[0]]
     rest = list(path[1:])
-    if path[0] == "sampling" and rest[:1] == ["configs"]:
+    if path[0] in ("sampling", "model") and rest[:1] == ["configs"]:
         if len(rest) < 3:
             return None
         rest = rest[2:]
@@ -286,7 +348,7 @@ def field_type(path: Sequence[str]) -> Any:
         # Deeper than a field: inside a table such as storage_options, anything goes.
         return Any if rest and typing.get_type_hints(cls).get(rest[0]) is not None else None
     hints = typing.get_type_hints(cls)
-    return None if rest[0] == "name" and cls is SamplingConfig else hints.get(rest[0])
+    return None if rest[0] == "name" and cls in (SamplingConfig, ModelSpec) else hints.get(rest[0])
 
 
 # ---- building ---------------------------------------------------------------------------------------------
@@ -308,7 +370,7 @@ def _check_keys(table: Mapping[str, Any], known: Mapping[str, Any] | Sequence[st
 
 def _build(cls: type, table: Mapping[str, Any], section: str, source: str, extra: Sequence[str] = ()) -> Any:
     hints = typing.get_type_hints(cls)
-    fields = [f for f in dataclasses.fields(cls) if not (cls is SamplingConfig and f.name == "name")]
+    fields = [f for f in dataclasses.fields(cls) if not (cls in (SamplingConfig, ModelSpec) and f.name == "name")]
     _check_keys({k: v for k, v in table.items() if k not in extra}, [f.name for f in fields], f"{section}.", source)
     values: dict[str, Any] = {}
     for field in fields:
@@ -336,6 +398,23 @@ def _build_sampling(table: dict[str, Any], source: str) -> tuple[SamplingConfig,
         config = _build(SamplingConfig, merged, where, source)
         result.append(dataclasses.replace(config, name=name))
     return tuple(result)
+
+
+def _build_models(table: dict[str, Any], source: str) -> tuple[ModelSpec, tuple[ModelSpec, ...]]:
+    """[model] alone, or [model] merged with each [model.configs.NAME] (a sweep over checkpoints)."""
+    base = {k: v for k, v in table.items() if k != "configs"}
+    configs = _table(table.get("configs", {}), "model.configs", source)
+    if not configs:
+        model = _build(ModelSpec, base, "model", source)
+        return model, (model,)
+    result = []
+    for name, overrides in configs.items():
+        where = f"model.configs.{name}"
+        if not _CONFIG_NAME.match(name):
+            raise SpecError(f"{source}: configuration name {name!r} ({where}) may use only letters, digits, _ . -")
+        config = _build(ModelSpec, {**base, **_table(overrides, where, source)}, where, source)
+        result.append(dataclasses.replace(config, name=name))
+    return result[0], tuple(result)
 
 
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -435,24 +514,10 @@ def _check_values(spec: JobSpec) -> None:
     def fail(key: str, value: Any, why: str) -> typing.NoReturn:
         raise SpecError(f"{source}: {key} {why}, got {value!r}")
 
-    model, input, output, execution = spec.model, spec.input, spec.output, spec.execution
-    if not model.preset:
-        fail("model.preset", model.preset, "must name a preset, a directory or a file")
-    if model.dtype not in DTYPES:
-        fail("model.dtype", model.dtype, f"must be one of {DTYPES}")
-    if model.quantization not in QUANTIZATIONS:
-        fail("model.quantization", model.quantization, f"must be one of {QUANTIZATIONS}")
-    if model.max_length < 2:
-        fail("model.max_length", model.max_length, "must be >= 2 (a prompt token and a new one)")
-    if model.cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
-        fail("model.cache_dtype", model.cache_dtype, "must be auto, float32, bfloat16 or float16")
-    if model.cache_tokens and model.cache_tokens < model.max_length:
-        fail("model.cache_tokens", model.cache_tokens, f"must be 0 (room for every slot) or >= model.max_length "
-             f"({model.max_length}), so that one sequence fits")
-    if model.devices_per_replica < 1:
-        fail("model.devices_per_replica", model.devices_per_replica, "must be >= 1")
-    if model.device_resource != model.device_resource.strip():
-        fail("model.device_resource", model.device_resource, "must be a Ray resource name without spaces around it")
+    input, output, execution = spec.input, spec.output, spec.execution
+    for model in spec.models:
+        _check_model(model, fail)
+    _check_task(spec, fail)
 
     if not input.url:
         fail("input.url", input.url, "must not be empty")
@@ -527,9 +592,53 @@ def _check_values(spec: JobSpec) -> None:
     if isinstance(execution.max_slots, str):
         if execution.max_slots != "auto":
             fail("execution.max_slots", execution.max_slots, "must be an integer >= 1 or \"auto\"")
-        if not model.cache_tokens:
+        if not all(model.cache_tokens for model in spec.models):
             fail("execution.max_slots", execution.max_slots,
                  "\"auto\" picks the slots from the cache's size: set model.cache_tokens too")
     elif execution.max_slots < 1:
         fail("execution.max_slots", execution.max_slots, "must be >= 1")
 
+
+def _check_model(model: ModelSpec, fail: Any) -> None:
+    where = "model" if model.name == DEFAULT_CONFIG_NAME else f"model.configs.{model.name}"
+    if not model.preset:
+        fail(f"{where}.preset", model.preset, "must name a preset, a directory or a file")
+    if model.dtype not in DTYPES:
+        fail(f"{where}.dtype", model.dtype, f"must be one of {DTYPES}")
+    if model.quantization not in QUANTIZATIONS:
+        fail(f"{where}.quantization", model.quantization, f"must be one of {QUANTIZATIONS}")
+    if model.max_length < 2:
+        fail(f"{where}.max_length", model.max_length, "must be >= 2 (a prompt token and a new one)")
+    if model.cache_tokens and model.cache_tokens < model.max_length:
+        fail(f"{where}.cache_tokens", model.cache_tokens, f"must be 0 (room for every slot) or >= {where}.max_length "
+             f"({model.max_length}), so that one sequence fits")
+    if model.cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        fail(f"{where}.cache_dtype", model.cache_dtype, "must be auto, float32, bfloat16 or float16")
+    if model.devices_per_replica < 1:
+        fail(f"{where}.devices_per_replica", model.devices_per_replica, "must be >= 1")
+    if model.device_resource != model.device_resource.strip():
+        fail(f"{where}.device_resource", model.device_resource, "must be a Ray resource name without spaces around it")
+
+
+def _check_task(spec: JobSpec, fail: Any) -> None:
+    task = spec.task
+    if task.kind not in TASK_KINDS:
+        fail("task.kind", task.kind, f"must be one of {TASK_KINDS}")
+    if task.metric not in METRICS:
+        fail("task.metric", task.metric, f"must be one of {tuple(METRICS)}")
+    if task.kind not in METRICS[task.metric]:
+        fail("task.metric", task.metric, f"does not apply to task.kind {task.kind!r} (it needs {METRICS[task.metric]})")
+    if task.kind == "score" and not task.continuations_column:
+        fail("task.continuations_column", task.continuations_column, "must name a column for task.kind 'score'")
+    if task.kind != "score" and task.continuations_column:
+        fail("task.continuations_column", task.continuations_column, "applies to task.kind 'score' only")
+    if task.metric in ("exact_match", "accuracy") and not task.reference_column:
+        fail("task.reference_column", task.reference_column, f"must name a column for metric {task.metric!r}")
+    if task.kind != "generate" and len(spec.sampling) > 1:
+        fail("sampling.configs", [c.name for c in spec.sampling], f"do not apply to task.kind {task.kind!r} "
+             "(scoring samples nothing)")
+    if task.kind != "generate" and (spec.input.format != "parquet" or spec.output.format != "parquet"):
+        fail("task.kind", task.kind, "reads and writes Parquet only (input.format and output.format \"parquet\")")
+    if task.kind == "perplexity" and spec.input.messages_column:
+        fail("input.messages_column", spec.input.messages_column, "does not apply to task.kind 'perplexity' "
+             "(documents are plain text in input.prompt_column)")

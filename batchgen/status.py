@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from batchgen import metrics as metric_sums
 from batchgen.sink import Sink
 
 
@@ -32,6 +33,7 @@ class OutputStatus:
     completion_tokens: int
     error_prompt_tokens: int = 0  # of error rows: tokenized, never run
     failed: tuple[dict[str, Any], ...] = ()
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # over the committed shards
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -47,6 +49,7 @@ class OutputStatus:
             f"  tokens  {self.prompt_tokens} prompt, {self.completion_tokens} generated; "
             f"{self.error_prompt_tokens} prompt tokens in error rows, not run",
         ]
+        lines += metric_sums.render(self.metrics)
         lines += [f"  failed shard {f['index']} ({f['shard_id']}): {f['errors'][-1]}" for f in self.failed]
         return "\n".join(lines)
 
@@ -91,4 +94,5 @@ def read_status(url: str, storage_options: Mapping[str, Any] | None = None) -> O
         completion_tokens=sum(e["completion_tokens"] for e in entries),
         error_prompt_tokens=sum(e.get("error_prompt_tokens", 0) for e in entries),
         failed=failed,
+        metrics=metric_sums.merge(entries),
     )

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from batchgen import metrics as metric_sums
 from batchgen.driver import DriverReport
 from batchgen.errors import EXIT_JOB_FAILED, EXIT_OK
 from batchgen.planning import Plan
@@ -49,6 +50,11 @@ class JobSummary:
     tokens_per_second: float
     generation_tokens_per_second: float
     failed_shards: tuple[dict[str, Any], ...] = ()
+    task: str = "generate"
+    run_prompt_tokens: int = 0
+    prompt_tokens_per_second: float = 0.0  # this run's, after start-up: a scoring job's throughput
+    # {"model/config": {"metric", "value", "count"}} over every committed shard (batchgen/metrics.py).
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -69,6 +75,13 @@ class JobSummary:
             f"{self.workers_replaced} workers replaced",
             f"  error rate  {self.error_rate:.4f} (budget {self.max_error_rate:.4f})",
         ]
+        if self.task != "generate":
+            lines[3] = (
+                f"  throughput  {self.prompt_tokens_per_second:.1f} prompt tokens/s scored after "
+                f"{self.startup_seconds:.1f} s of start-up ({self.run_prompt_tokens} tokens this run, "
+                f"{self.wall_seconds:.1f} s wall)"
+            )
+        lines += metric_sums.render(self.metrics)
         for failed in self.failed_shards:
             lines.append(f"  failed shard {failed['index']} ({failed['shard_id']}): {failed['errors'][-1]}")
         return "\n".join(lines)
@@ -94,10 +107,11 @@ def summarize(
     pending_rows = sum(s.num_rows for s in plan.shards if s.shard_id not in done)
     expected = sum(e["output_rows"] for e in entries) + pending_rows * spec.outputs_per_row
     rows_error = sum(e["error_rows"] for e in entries)
-    failed_rows = sum(f.shard.num_rows for f in report.failed) * spec.outputs_per_row
+    failed_rows = sum(f.shard.num_rows for f in report.failed) * spec.outputs_per_model  # a shard: one model
     error_rate = (rows_error + failed_rows) / expected if expected else 0.0
     ok = error_rate <= spec.execution.max_error_rate
     run_tokens = sum(r.completion_tokens for r in report.results)
+    run_prompt_tokens = sum(r.prompt_tokens for r in report.results)
     wall_seconds = ended - started
     startup_seconds = (report.first_ready - started) if report.first_ready is not None else 0.0
     generating_seconds = wall_seconds - startup_seconds
@@ -140,4 +154,8 @@ def summarize(
             }
             for f in report.failed
         ),
+        task=spec.task.kind,
+        run_prompt_tokens=run_prompt_tokens,
+        prompt_tokens_per_second=run_prompt_tokens / generating_seconds if generating_seconds > 0 else 0.0,
+        metrics=metric_sums.merge(entries),
     )

@@ -7,17 +7,20 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import time
 from typing import Any
 
 import pyarrow as pa
 
+from batchgen import metrics
 from batchgen.faults import FaultPlan
 from batchgen.model_runner import ModelRunner
 from batchgen.planning import Shard
 from batchgen.prompts import carried_fields, columns_to_read, prompt_rows, row_ids_type
 from batchgen.rows import OutputRecord, check_exactly_once, output_schema
+from batchgen.score_rows import build_score_table, continuations_of, score_schema
 from batchgen.shard_io import WRITE_BATCH_ROWS, read_shard, write_shard  # noqa: F401 (WRITE_BATCH_ROWS re-exported)
 from batchgen.sink import Sink, part_name
 from batchgen.spec import JobSpec
@@ -44,6 +47,9 @@ class ShardResult:
     part_file: str
     # Of the error rows: prompts that were tokenized (e.g. too long for the context) but never run.
     error_prompt_tokens: int = 0
+    model: str = "default"
+    # {"model/config": {"metric", "sum", "count"}}: this shard's part of the job's metric (batchgen/metrics.py).
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def manifest_entry(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -64,14 +70,32 @@ class ShardWorker:
     ) -> None:
         self.spec = spec
         self.faults = faults or FaultPlan()
+        task = spec.task
         self.columns = columns_to_read(spec, input_schema)
+        self.columns += [c for c in (task.continuations_column, task.reference_column) if c and c not in self.columns]
         carried = carried_fields(input_schema, spec.output.carry_columns)
-        self.schema = output_schema(row_ids_type(input_schema, spec.input), carried)
+        id_type = row_ids_type(input_schema, spec.input)
+        if task.kind == "generate":
+            self.schema = output_schema(id_type, carried, model_column=spec.model_sweep)
+        else:
+            self.schema = score_schema(id_type, carried, spec.model_sweep, task.per_token_logprobs)
         self.sink = Sink(spec.output.url, spec.output.storage_options, spec.output.compression, spec.output.format)
-        if runner is None:
-            runner = ModelRunner.load(spec.model, spec.execution.max_slots, spec.execution.compilation_cache)
-            runner.warm_up(spec.sampling)
-        self.runner = runner
+        self.model_name = spec.models[0].name
+        self.runner = runner if runner is not None else self._load(spec.models[0])
+
+    def _load(self, model: Any) -> ModelRunner:
+        runner = ModelRunner.load(model, self.spec.execution.max_slots, self.spec.execution.compilation_cache)
+        if self.spec.task.kind == "generate":
+            runner.warm_up(self.spec.sampling)
+        return runner
+
+    def _hold(self, name: str) -> None:
+        """Hold the model `name` (a sweep's [model.configs.NAME]), dropping the one held before: one at a time."""
+        if name != self.model_name:
+            self.runner = None  # type: ignore[assignment]  # the old weights and cache go before the new load
+            gc.collect()
+            self.runner = self._load(self.spec.model_named(name))
+            self.model_name = name
 
     def ready(self) -> int:
         """The worker's process id, once the model is loaded (the driver waits on this before sending work)."""
@@ -81,19 +105,34 @@ class ShardWorker:
         """Read the shard's rows, generate every sample, check the row contract, and publish the part file."""
         started = time.monotonic()
         self.faults.at_shard_start(shard.index, attempt)
+        self._hold(shard.model)
         source = read_shard(self.spec, shard, self.columns)
-        rows = prompt_rows(source.table if source.table is not None else source.columns, self.spec, shard.first_position, source.row_errors)
-        expected = sum(row.samples(config.n) for row in rows for config in self.spec.sampling)
-        records: list[OutputRecord] = []
-        for record in self.runner.run(rows, self.spec.sampling):
+        table = source.table  # None for JSONL input (scoring jobs read Parquet only: the spec checks it)
+        rows = prompt_rows(table if table is not None else source.columns, self.spec, shard.first_position, source.row_errors)
+        generate = self.spec.task.kind == "generate"
+        expected = sum(row.samples(config.n) for row in rows for config in self.spec.sampling) if generate else len(rows)
+        records: list[Any] = []
+        for record in self._records(rows, table):
             records.append(record)
             if len(records) == max(expected // 2, 1):
                 self.faults.at_shard_middle(shard.index, attempt)
-        samples = [(config.name, config.n) for config in self.spec.sampling]
-        check_exactly_once(records, len(rows), samples, shard.shard_id, [row.n for row in rows])
+        if generate:
+            samples = [(config.name, config.n) for config in self.spec.sampling]
+            check_exactly_once(records, len(rows), samples, shard.shard_id, [row.n for row in rows])
+        else:
+            check_exactly_once(records, len(rows), [(self.spec.sampling[0].name, 1)], shard.shard_id)
 
         wrap = lambda items: self.faults.wrap_batches(items, shard.index, attempt)  # noqa: E731
-        part = write_shard(self.spec, self.sink, shard, source, records, self.schema, wrap)
+        if generate:
+            part = write_shard(self.spec, self.sink, shard, source, records, self.schema, wrap, shard.model)
+        else:
+            if self.spec.input.id_column:
+                ids = table.column(self.spec.input.id_column).combine_chunks()
+            else:
+                ids = pa.array(range(shard.first_position, shard.first_position + table.num_rows), pa.int64())
+            carried = table.select(list(self.spec.output.carry_columns))
+            output = build_score_table(records, ids, carried, self.schema, shard.model)
+            part = self.sink.write_part(shard.shard_id, self.schema, wrap(output.to_batches(max_chunksize=WRITE_BATCH_ROWS)))
 
         errors = sum(1 for r in records if r.finish_reason == "error")
         return ShardResult(
@@ -107,10 +146,59 @@ class ShardWorker:
             output_rows=len(records),
             ok_rows=len(records) - errors,
             error_rows=errors,
-            prompt_tokens=sum(r.prompt_tokens for r in records if r.finish_reason != "error"),
+            # Scoring: every token run through the model is a prompt token (a context once per continuation).
+            prompt_tokens=sum(_input_tokens(r) for r in records if r.finish_reason != "error"),
             error_prompt_tokens=sum(r.prompt_tokens for r in records if r.finish_reason == "error"),
-            completion_tokens=sum(r.completion_tokens for r in records),
+            completion_tokens=0 if self.spec.task.kind != "generate" else sum(r.completion_tokens for r in records),
             seconds=time.monotonic() - started,
             worker_pid=os.getpid(),
             part_file=part.rsplit("/", 1)[-1] if part else part_name(shard.shard_id, self.sink.suffix),
+            model=shard.model,
+            metrics=self._metrics(records, table, shard.model),
         )
+
+    def _records(self, rows: list[Any], table: pa.Table) -> Any:
+        """The shard's output records: generated completions, or scored continuations / documents."""
+        task = self.spec.task
+        if task.kind == "generate":
+            return self.runner.run(rows, self.spec.sampling)
+        if task.kind == "perplexity":
+            conts: list[Any] = [None] * len(rows)
+            errors: list[Any] = [None] * len(rows)
+        else:
+            assert task.continuations_column is not None  # the spec requires it for "score"
+            cells = [continuations_of(v, task.continuations_column) for v in table.column(task.continuations_column).to_pylist()]
+            conts, errors = [c for c, _ in cells], [e for _, e in cells]
+        return self.runner.score(rows, conts, errors, self.spec.sampling[0].name, task.per_token_logprobs)
+
+    def _metrics(self, records: list[Any], table: pa.Table, model: str) -> dict[str, Any]:
+        """This shard's sums of the job's metric, per (model, configuration); {} without a metric."""
+        task = self.spec.task
+        if task.metric == "none":
+            return {}
+        sums = metrics.MetricSums(task.metric)
+        references = table.column(task.reference_column).to_pylist() if task.reference_column else None
+        continuations = (
+            table.column(task.continuations_column).to_pylist() if task.continuations_column else None
+        )
+        for record in records:
+            key = metrics.metric_key(model, record.config)
+            if task.metric == "exact_match":
+                value = metrics.exact_match(record.completion, references[record.row_index])
+            elif task.metric == "accuracy":
+                conts = continuations[record.row_index]
+                conts = [conts] if isinstance(conts, str) else list(conts or [])
+                value = metrics.accuracy(record.logprobs, references[record.row_index], conts)
+            else:  # mean_loglikelihood, perplexity: per token, over every scored continuation
+                if record.logprobs is not None:
+                    sums.add(key, sum(record.logprobs), sum(record.continuation_tokens))
+                continue
+            if value is not None:
+                sums.add(key, value)
+        return sums.to_dict()
+
+
+def _input_tokens(record: Any) -> int:
+    if isinstance(record, OutputRecord):
+        return record.prompt_tokens
+    return record.prompt_tokens * len(record.logprobs or ()) + record.completion_tokens

@@ -15,6 +15,7 @@ import numpy as np
 
 from model import parallel, samplers, transformer
 from model.backbone import LlamaBackbone
+from model.generation import scoring
 from model.generation.engine import GenerationEngine
 from model.generation.requests import Request
 from model.preprocessor import LlamaCausalLMPreprocessor
@@ -39,8 +40,8 @@ def _score(params, token_ids, padding_mask, target_ids, *, config, mode):
     logits = transformer.logits(params, hidden)
     if mode == "logits":
         return logits
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(log_probs, target_ids[..., None], axis=-1)[..., 0]
+    # The same log-prob as the engine's scoring step, so `score` and `score_continuations` agree.
+    return -scoring.target_logprobs(logits, target_ids)[0]
 
 
 @keras.saving.register_keras_serializable(package="batchgen")
@@ -149,6 +150,45 @@ class LlamaCausalLM(keras.Model):
         out = _score(self.backbone.params(), token_ids, padding_mask, target_ids,
                      config=self.backbone.config, mode=scoring_mode)
         return np.asarray(out)
+
+    def score_continuations(
+        self,
+        contexts: Sequence[str | Sequence[int]],
+        continuations: Sequence[str | Sequence[int]],
+        *,
+        per_token: bool = False,
+        max_length: int | None = None,
+    ) -> list[scoring.ScoreResult]:
+        """log p(continuation | context) for each pair, packed like prefill (see `model.generation.scoring`).
+
+        Strings go through the tokenizer (the context as `generate` takes a prompt, the continuation without
+        start / end tokens); lists are token ids. An empty context scores the continuation as a document (its
+        first token unscored); pairs longer than `max_length` (default: the preprocessor's sequence_length) roll.
+
+        Example:
+            >>> lm.score_continuations(["The capital of France is"], [" Paris"])[0].logprob
+        """
+        if len(contexts) != len(continuations):
+            raise ValueError(f"got {len(contexts)} contexts and {len(continuations)} continuations")
+        length = max_length or (self.preprocessor.sequence_length if self.preprocessor else 1024)
+        length = min(length, self.backbone.config.max_sequence_length)
+        requests = [
+            scoring.ScoreRequest(i, *self._pair_ids(context, continuation), per_token)
+            for i, (context, continuation) in enumerate(zip(contexts, continuations))
+        ]
+        return list(self.engine(1, length).score_stream(requests))
+
+    def _pair_ids(self, context: str | Sequence[int], continuation: str | Sequence[int]) -> tuple[list[int], list[int]]:
+        """Token ids of (context, continuation); text is tokenized as one string and split where the context's
+        own tokens end (as lm-evaluation-harness does), so a word is not cut differently at the boundary."""
+        if not isinstance(context, str) and not isinstance(continuation, str):
+            return [int(t) for t in context], [int(t) for t in continuation]
+        if self.preprocessor is None or not (isinstance(context, str) and isinstance(continuation, str)):
+            raise ValueError("text needs a preprocessor, and a pair must be two strings or two lists of ids")
+        preprocessor = self.preprocessor
+        return scoring.split_pair(
+            lambda text: preprocessor._ids(text, add_end=False), preprocessor.tokenizer._encode, context, continuation
+        )
 
     def quantize(self, mode: str | None = None, **kwargs: Any) -> None:
         self.backbone.quantize(mode, **kwargs)

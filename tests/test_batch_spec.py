@@ -178,7 +178,7 @@ def test_the_bundled_jobs_are_valid(job):
     spec = load_spec(JOBS / job, ["input.date=2024-05-01"])
     assert spec.model.preset == "smollm2_135m_instruct"
     if job == "eval_sweep.toml":
-        assert len(spec.sampling) > 1 and all(dataclasses.asdict(c)["name"] != "default" for c in spec.sampling)
+        assert len(spec.models) == 3 and spec.model_sweep and spec.task.metric == "accuracy"
     if job == "synthesis.toml":
         assert spec.sampling[0].n == 8 and spec.sampling[0].temperature > 0 and spec.input.system_prompt
     if job == "nightly.toml":

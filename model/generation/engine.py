@@ -30,7 +30,7 @@ import numpy as np
 
 from model import parallel, transformer
 from model.backbone import LlamaBackbone
-from model.generation import compile_counter, logprobs, paged_cache, penalties, sampling, steps
+from model.generation import compile_counter, logprobs, paged_cache, penalties, sampling, scoring, steps
 from model.generation.detokenizer import IncrementalDetokenizer
 from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
 from model.generation.requests import Completion, Request
@@ -137,6 +137,7 @@ class GenerationEngine:
         self._cache: PagedKVCache | None = None
         self._weights_source: list[jax.Array] | None = None
         self._weights_cache: _Weights | None = None
+        self.score_stats = scoring.ScoreStats()
 
     # ---- public -----------------------------------------------------------------------------------------
 
@@ -165,6 +166,20 @@ class GenerationEngine:
             self._weights_cache = _Weights(params, transformer.unstack_layers(params))
             self._weights_source = source
         return self._weights_cache
+
+    def score_stream(self, requests: Iterable[scoring.ScoreRequest]) -> Iterator[scoring.ScoreResult]:
+        """Yields one ScoreResult per request, in request order: log-likelihoods packed like prefill, no decode,
+        on the same weights (and dtype) as generation; sequences longer than `max_length` roll (`scoring.py`)."""
+        weights = self._weights()
+        compiles_before, compile_seconds_before = compile_counter.snapshot()
+        try:
+            yield from scoring.score_stream(
+                weights.stacked, self.config, requests, self.max_length, stats=self.score_stats
+            )
+        finally:
+            compiles, seconds = compile_counter.snapshot()
+            self.stats.programs_compiled += compiles - compiles_before
+            self.stats.compile_seconds += seconds - compile_seconds_before
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         """All completions, in the order of `requests`."""
