@@ -122,11 +122,6 @@ def sampling_variant(params: RowSamplingParams) -> SamplingVariant:
     return SamplingVariant(all_greedy=False, max_top_k=max_top_k, has_top_p=has_top_p, full_vocab=full_vocab)
 
 
-def step_keys(keys: jax.Array, steps: jax.Array) -> jax.Array:
-    """Per-row keys for one decode step: `fold_in(key, step)`, so a row's draws depend on its own count only."""
-    return jax.vmap(jax.random.fold_in)(keys, steps)
-
-
 def first_argmax(x: jnp.ndarray) -> jnp.ndarray:
     """The index of the first maximum along the last axis (as `jnp.argmax`, about 3x faster on CPU)."""
     n = x.shape[-1]
