@@ -100,10 +100,9 @@ def summarize(
 
     `started` and `ended` are the run's `time.monotonic()` bounds.
     """
-    entries: Iterable[Mapping[str, Any]] = [committed[s.shard_id] for s in plan.shards if s.shard_id in committed]
-    entries = list(entries)
+    done = {s.shard_id for s in plan.shards if s.shard_id in committed}
+    entries: list[Mapping[str, Any]] = [committed[s.shard_id] for s in plan.shards if s.shard_id in done]
     # Committed shards say how many rows they wrote (OpenAI requests choose their own n); the rest are estimated.
-    done = {e["shard_id"] for e in entries}
     pending_rows = sum(s.num_rows for s in plan.shards if s.shard_id not in done)
     expected = sum(e["output_rows"] for e in entries) + pending_rows * spec.outputs_per_row
     rows_error = sum(e["error_rows"] for e in entries)
