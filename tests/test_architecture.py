@@ -140,7 +140,7 @@ def test_model_never_imports_batchgen_and_nothing_imports_a_package_root_from_in
     "code",
     [
         "import batchgen.spec, batchgen.job, batchgen.cli",
-        "import model, model.generation.requests, model.generation.seeds",
+        "import model, model.generation.requests",
         "import model.checkpoints.presets, model.checkpoints.availability",
     ],
 )
