@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from batchgen.spec import SamplingConfig
+from typing import Any
 
 # Deterministic searches over several hypotheses per prompt; workers run them through model.generation.search.
 SEARCH_SAMPLERS = ("beam", "contrastive")
 
 
-def check_search_and_penalties(config: SamplingConfig, where: str, fail: Callable[[str, Any, str], Any]) -> None:
+def check_search_and_penalties(config: Any, where: str, fail: Callable[[str, Any, str], Any]) -> None:
     """The keys of penalties, logit bias and beam / contrastive search (model.generation.requests' ranges)."""
     if not (math.isfinite(config.repetition_penalty) and config.repetition_penalty > 0):
         fail(f"{where}.repetition_penalty", config.repetition_penalty, "must be > 0 (1 = off)")

@@ -28,10 +28,10 @@ from typing import Any
 from batchgen.errors import SpecError
 from batchgen.overrides import apply_overrides
 from batchgen.sampling_checks import SEARCH_SAMPLERS, check_search_and_penalties
+from model.generation.requests import STREAMING_SAMPLERS
 
-# The samplers the streaming engine runs with per-request parameters (model.generation.requests
-# STREAMING_SAMPLERS; a test keeps the two equal). Kept here so that checking a spec does not import Keras.
-STREAMING_SAMPLERS = ("greedy", "top_k", "top_p", "random", "min_p")
+# The samplers a job may name: those the streaming engine runs with per-request parameters (importing them
+# loads neither Keras nor JAX), and the searches.
 SAMPLERS = STREAMING_SAMPLERS + SEARCH_SAMPLERS
 INPUT_FORMATS = ("parquet", "jsonl", "openai_batch")
 OUTPUT_FORMATS = ("parquet", "jsonl", "openai_batch")

@@ -13,13 +13,28 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 if os.environ["KERAS_BACKEND"] != "jax":
     raise ImportError(f"batchgen's model needs KERAS_BACKEND=jax, found {os.environ['KERAS_BACKEND']!r}")
 
-from model.config import LlamaConfig, RopeScaling  # noqa: E402
-from model.backbone import LlamaBackbone  # noqa: E402
-from model.preprocessor import LlamaCausalLMPreprocessor  # noqa: E402
-from model.causal_lm import CausalLM, LlamaCausalLM  # noqa: E402
-from model import samplers  # noqa: E402
+# Names load on first use (PEP 562), so that light users (spec checking, `batchgen validate`, `batchgen presets`,
+# `model.generation.requests`) import neither Keras nor JAX.
+_EXPORTS = {
+    "LlamaConfig": "model.config",
+    "RopeScaling": "model.config",
+    "LlamaBackbone": "model.backbone",
+    "LlamaCausalLMPreprocessor": "model.preprocessor",
+    "CausalLM": "model.causal_lm",
+    "LlamaCausalLM": "model.causal_lm",
+}
+__all__ = sorted([*_EXPORTS, "samplers"])
 
-__all__ = [
-    "CausalLM", "LlamaBackbone", "LlamaCausalLM", "LlamaCausalLMPreprocessor", "LlamaConfig", "RopeScaling",
-    "samplers",
-]
+
+def __getattr__(name: str):
+    import importlib
+
+    if name == "samplers":
+        return importlib.import_module("model.samplers")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

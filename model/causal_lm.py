@@ -15,7 +15,7 @@ import numpy as np
 
 from model import parallel, samplers, transformer
 from model.backbone import LlamaBackbone
-from model.generation import scoring
+from model.generation import scoring, search
 from model.generation.engine import GenerationEngine
 from model.generation.requests import Request
 from model.preprocessor import LlamaCausalLMPreprocessor
@@ -275,7 +275,9 @@ class LlamaCausalLM(keras.Model):
         """Runs prompts through the engine (or beam / contrastive search); returns their Completions."""
         base_seed = self._base_seed(seed)
         if not self.sampler.streaming:
-            return self.sampler.search(self, prompts, budgets, stop_ids, length, stop_strings, skip_special_tokens)
+            tokenizer = self.preprocessor.tokenizer if self.preprocessor is not None else None
+            return self.sampler.search(search.bind_backbone(self.backbone), prompts, budgets, stop_ids, length,
+                                       stop_strings, skip_special_tokens, tokenizer)
         params = self.sampler.to_sampling_params()
         requests = [
             Request(i, ids, max(budget, 1), params, stop_ids, stop_strings, row_seed(base_seed, i),

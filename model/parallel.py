@@ -44,12 +44,16 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from model.config import LlamaConfig
+from model.weights import QUANTIZED_KERNELS, weight_shapes
 
 BATCH_AXIS = "batch"  # size 1: one model replica per worker; named so keras' data layout stays well-formed
 KV_AXIS = "kv"
 GROUP_AXIS = "group"
 MODEL_AXES = (KV_AXIS, GROUP_AXIS)  # split over all N devices
 
+# The KV-head axis of every KV cache layout (the dense [L, B, K, S, D] of `model.generation.kv_cache` and the
+# engine's paged pool [L, N, K, ., .]): a split cache is split along it, as the key weights' K axis.
+CACHE_HEAD_AXIS = 2
 _SCALE_SUFFIX = "_scale"  # int8 kernels' scales (see `LlamaBackbone.quantize`)
 
 
@@ -63,8 +67,6 @@ def mesh_shape(config: LlamaConfig, num_devices: int) -> tuple[int, int]:
 
 def layout_table(config: LlamaConfig, num_devices: int) -> dict[str, PartitionSpec]:
     """The layout of every weight of `config` (and of each int8 kernel's "_scale") on `num_devices` devices."""
-    from model.backbone import QUANTIZED_KERNELS, weight_shapes  # the backbone imports this module
-
     kv, group = mesh_shape(config, num_devices)
     if config.num_query_groups % group == 0:
         query_heads: Any = MODEL_AXES
@@ -195,13 +197,11 @@ def cache_sharding(backbone: Any) -> NamedSharding | None:
 
     None for a backbone whose weights are not split (the cache is then a plain array on the default device).
     """
-    from model.generation.kv_cache import HEAD_AXIS  # the engine imports this module
-
     key = backbone.weight("layers/key").value.sharding
     if not isinstance(key, NamedSharding):
         return None
     spec: list[Any] = [None] * 5
-    spec[HEAD_AXIS] = (tuple(key.spec) + (None,) * 4)[2]  # key [L, M, K, D]
+    spec[CACHE_HEAD_AXIS] = (tuple(key.spec) + (None,) * 4)[2]  # key [L, M, K, D]
     return NamedSharding(key.mesh, PartitionSpec(*spec))
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 
 from model import samplers
+from model.generation import search
 from model.generation.requests import SamplingParams
 
 
@@ -101,11 +100,11 @@ def test_bad_arguments_name_the_value(make, message):
 
 
 def test_search_samplers_give_one_completion_per_prompt(tiny_backbone):
-    lm = types.SimpleNamespace(backbone=tiny_backbone, preprocessor=None)  # search() reads only these two
+    model = search.bind_backbone(tiny_backbone)  # no tokenizer: texts are None
     prompts = [[5, 9, 11], [], [3] * 20, [40, 2]]
     budgets = [4, 4, 4, 3]
-    beam = samplers.Beam(num_beams=1).search(lm, prompts, budgets, (), 20)
-    contrastive = samplers.Contrastive(k=3, alpha=0.0).search(lm, prompts, budgets, (), 20)
+    beam = samplers.Beam(num_beams=1).search(model, prompts, budgets, (), 20)
+    contrastive = samplers.Contrastive(k=3, alpha=0.0).search(model, prompts, budgets, (), 20)
     assert [c.request_id for c in beam] == [0, 1, 2, 3]
     assert [c.finish_reason for c in beam] == ["length", "error", "error", "length"]
     assert "empty" in beam[1].error and "max_length=20" in beam[2].error
@@ -116,6 +115,6 @@ def test_search_samplers_give_one_completion_per_prompt(tiny_backbone):
     # A stop token ends the completion and is not part of it. Stopping on the most likely first token is the
     # best beam: any continuation only lowers the score.
     first = beam[0].token_ids[0]
-    stopped = samplers.Beam(num_beams=2).search(lm, prompts[:1], budgets[:1], (first,), 20)[0]
+    stopped = samplers.Beam(num_beams=2).search(model, prompts[:1], budgets[:1], (first,), 20)[0]
     assert stopped.finish_reason == "stop" and stopped.stop_token_id == first
     assert stopped.token_ids == () and stopped.completion_tokens == 1

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import parallel
-from model.backbone import LlamaBackbone, weight_shapes
+from model.backbone import LlamaBackbone
+from model.weights import weight_shapes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,11 +18,6 @@ import jax.numpy as jnp
 from model.config import LlamaConfig
 
 
-# K in [L, B, K, S, D] and in the engine's paged pool [L, N, K, ., .]; a tensor-parallel cache is split along it
-# (see `model.parallel`).
-HEAD_AXIS = 2
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:

@@ -31,7 +31,7 @@ from model.generation.sampling import first_argmax, top_k
 
 if TYPE_CHECKING:
     from model.backbone import LlamaBackbone
-    from model.causal_lm import LlamaCausalLM
+    from model.tokenizers import Tokenizer
 
 
 class BeamSearchOutput(NamedTuple):
@@ -281,9 +281,28 @@ def _unit(x: jax.Array) -> jax.Array:
 # lengths [B], stopped [B]) for the hypothesis to return.
 SearchFunction = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
+# The model as a search sees it, a callable (as keras-hub's samplers get a `next` function, never the model):
+# model(search, token_ids [B, T], lengths [B], budgets [B], max_length, stop_token_ids) runs `search` with the
+# model's weights and config and returns its (token_ids [B, S], lengths [B], stopped [B]). See `bind_backbone`.
+SearchModel = Callable[
+    [SearchFunction, np.ndarray, np.ndarray, np.ndarray, int, tuple[int, ...]], tuple[jax.Array, jax.Array, jax.Array]
+]
+
+
+def bind_backbone(backbone: "LlamaBackbone") -> SearchModel:
+    """The `SearchModel` of a backbone: its weights in its compute dtype, read once, and its config."""
+    params, dtype = _compute_params(backbone)
+    config = backbone.config
+
+    def model(search, token_ids, lengths, budgets, max_length, stop_token_ids):
+        return search(params, config, token_ids, lengths, budgets, max_length=max_length,
+                      stop_token_ids=tuple(stop_token_ids), dtype=dtype)
+
+    return model
+
 
 def search_completions(
-    lm: "LlamaCausalLM",
+    model: SearchModel,
     prompts: Sequence[Sequence[int]],
     budgets: Sequence[int],
     stop_token_ids: tuple[int, ...],
@@ -291,8 +310,11 @@ def search_completions(
     search: SearchFunction,
     stop_strings: tuple[str, ...] = (),
     skip_special_tokens: bool = True,
+    tokenizer: "Tokenizer | None" = None,
 ) -> list[Completion]:
-    """Runs `search` over the prompts as one padded batch; one Completion per prompt, in order.
+    """Runs `search` over the prompts as one padded batch through `model`; one Completion per prompt, in order.
+
+    With a `tokenizer`, each Completion carries its text; without, its text is None.
 
     Stop strings cut each searched sequence where the first of them begins (exact for a search whose
     tokens never depend on later ones, as contrastive search's; the beam sampler refuses them).
@@ -319,12 +341,9 @@ def search_completions(
         for row, i in enumerate(runnable):
             ids[row, : len(prompts[i])] = prompts[i]
             lengths[row], row_budgets[row] = len(prompts[i]), budgets[i]
-        params, dtype = _compute_params(lm.backbone)
         token_ids, out_lengths, stopped_rows = jax.device_get(
-            search(params, lm.backbone.config, ids, lengths, row_budgets, max_length=max_length,
-                   stop_token_ids=tuple(stop_token_ids), dtype=dtype)
+            model(search, ids, lengths, row_budgets, max_length, tuple(stop_token_ids))
         )
-        tokenizer = lm.preprocessor.tokenizer if lm.preprocessor is not None else None
         for row, i in enumerate(runnable):
             prompt = list(prompts[i])
             generated = [int(t) for t in token_ids[row, len(prompt) : out_lengths[row]]]

@@ -10,7 +10,7 @@ from model.generation.requests import Completion
 from model.samplers.sampler import SearchSampler, check_positive_int, check_temperature
 
 if TYPE_CHECKING:
-    from model.causal_lm import LlamaCausalLM
+    from model.tokenizers import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +35,14 @@ class BeamSampler(SearchSampler):
 
     def search(
         self,
-        lm: "LlamaCausalLM",
+        model: search.SearchModel,
         prompts: Sequence[Sequence[int]],
         budgets: Sequence[int],
         stop_token_ids: tuple[int, ...],
         max_length: int,
         stop_strings: tuple[str, ...] = (),
         skip_special_tokens: bool = True,
+        tokenizer: "Tokenizer | None" = None,
     ) -> list[Completion]:
         if stop_strings:
             # A stop string would have to finish a hypothesis inside the search, where the beams compete on
@@ -57,5 +58,5 @@ class BeamSampler(SearchSampler):
             return out.token_ids[:, 0], out.lengths[:, 0], out.stopped[:, 0]
 
         return search.search_completions(
-            lm, prompts, budgets, stop_token_ids, max_length, best_beam, skip_special_tokens=skip_special_tokens
+            model, prompts, budgets, stop_token_ids, max_length, best_beam, (), skip_special_tokens, tokenizer
         )

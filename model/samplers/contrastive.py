@@ -11,7 +11,7 @@ from model.generation.requests import Completion
 from model.samplers.sampler import SearchSampler, check_positive_int, check_temperature
 
 if TYPE_CHECKING:
-    from model.causal_lm import LlamaCausalLM
+    from model.tokenizers import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +36,14 @@ class ContrastiveSampler(SearchSampler):
 
     def search(
         self,
-        lm: "LlamaCausalLM",
+        model: search.SearchModel,
         prompts: Sequence[Sequence[int]],
         budgets: Sequence[int],
         stop_token_ids: tuple[int, ...],
         max_length: int,
         stop_strings: tuple[str, ...] = (),
         skip_special_tokens: bool = True,
+        tokenizer: "Tokenizer | None" = None,
     ) -> list[Completion]:
         # Stop strings are exact here: the one sequence's tokens never depend on later ones, so cutting the
         # searched sequence where a stop string begins gives what stopping there would have given.
@@ -50,5 +51,6 @@ class ContrastiveSampler(SearchSampler):
             return search.contrastive_search(*args, k=self.k, alpha=self.alpha, temperature=self.temperature, **kwargs)
 
         return search.search_completions(
-            lm, prompts, budgets, stop_token_ids, max_length, contrastive, stop_strings, skip_special_tokens
+            model, prompts, budgets, stop_token_ids, max_length, contrastive, stop_strings, skip_special_tokens,
+            tokenizer,
         )

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 from model.generation.requests import Completion, SamplingParams
 
 if TYPE_CHECKING:
-    from model.causal_lm import LlamaCausalLM
+    from model.generation.search import SearchModel
+    from model.tokenizers import Tokenizer
 
 
 class Sampler(abc.ABC):
@@ -49,16 +50,21 @@ class SearchSampler(Sampler):
     @abc.abstractmethod
     def search(
         self,
-        lm: "LlamaCausalLM",
+        model: "SearchModel",
         prompts: Sequence[Sequence[int]],
         budgets: Sequence[int],
         stop_token_ids: tuple[int, ...],
         max_length: int,
         stop_strings: tuple[str, ...] = (),
         skip_special_tokens: bool = True,
+        tokenizer: "Tokenizer | None" = None,
     ) -> list[Completion]:
         """One Completion per prompt (request id = its index), generating at most `budgets[i]` tokens and
-        at most `max_length` tokens in all (prompt included); its text is cut where a stop string begins.
+        at most `max_length` tokens in all (prompt included); its text (with a `tokenizer`) is cut where a stop
+        string begins.
+
+        `model` is the model as a callable (`model.generation.search.bind_backbone`), as keras-hub's samplers
+        get a `next` function rather than the model.
 
         A sampler that cannot honour stop strings raises ValueError when given any, never ignores them."""
 

@@ -10,8 +10,8 @@ from model.tokenizers.chat_template import ChatTemplate
 from model.tokenizers.base import END_OF_TURN_TOKENS, Tokenizer, default_stop_token_ids
 from model.tokenizers.byte_pair_tokenizer import BytePairTokenizer
 from model.tokenizers.sentencepiece_tokenizer import LlamaTokenizer
-from model.tokenizers.gguf_metadata import read_gguf_metadata, tokenizer_from_gguf_metadata
-from model.tokenizers.huggingface_files import tokenizer_from_huggingface
+from model.tokenizers.detect import tokenizer_from_gguf_metadata, tokenizer_from_huggingface
+from model.tokenizers.gguf_metadata import read_gguf_metadata
 
 __all__ = [
     "BytePairTokenizer",

@@ -1,14 +1,12 @@
-"""The tokenizer metadata of a GGUF file as plain Python values, and the tokenizer it describes."""
+"""The tokenizer metadata of a GGUF file as plain Python values."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Any
 
 from gguf import GGUFReader
 
-from model.tokenizers.base import Tokenizer
 
 
 def read_gguf_metadata(
@@ -31,19 +29,3 @@ def read_gguf_metadata(
         except (ValueError, OSError) as e:
             raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
     return {key: field.contents() for key, field in reader.fields.items() if key.startswith(prefixes)}
-
-
-def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
-    """The tokenizer that GGUF metadata describes; ValueError naming `tokenizer.ggml.model` when unsupported."""
-    from model.tokenizers.byte_pair_tokenizer import BytePairTokenizer
-    from model.tokenizers.sentencepiece_tokenizer import LlamaTokenizer
-
-    model = metadata.get("tokenizer.ggml.model")
-    if model == "gpt2":
-        return BytePairTokenizer.from_gguf_metadata(metadata)
-    if model == "llama":
-        return LlamaTokenizer.from_gguf_metadata(metadata)
-    raise ValueError(
-        f"GGUF tokenizer.ggml.model {model!r} is not supported; batchgen reads 'gpt2' (byte-level BPE) and "
-        "'llama' (SentencePiece)"
-    )

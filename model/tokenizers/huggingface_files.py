@@ -1,4 +1,4 @@
-"""The tokenizer files of a Hugging Face checkpoint directory: which tokenizer they describe, and its config."""
+"""The tokenizer config of a Hugging Face checkpoint directory: tokenizer_config.json, special tokens, chat template."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from model.tokenizers import storage
-from model.tokenizers.base import Tokenizer
 
 
 def read_tokenizer_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -49,19 +48,3 @@ def config_chat_template(config: Mapping[str, Any]) -> str | None:
             return named["default"]
         raise ValueError(f"tokenizer_config.json has named chat templates {sorted(named)} but none is 'default'")
     raise ValueError(f"tokenizer_config.json chat_template must be a string or a list, got {type(template).__name__}")
-
-
-def tokenizer_from_huggingface(directory: str | os.PathLike[str]) -> Tokenizer:
-    """The tokenizer of a Hugging Face checkpoint directory (path or URL).
-
-    A SentencePiece `tokenizer.model` wins over `tokenizer.json` when both are there (Llama 2 repositories ship
-    both): SentencePiece itself is the reference the converted tokenizer.json only approximates.
-    """
-    from model.tokenizers.byte_pair_tokenizer import BytePairTokenizer
-    from model.tokenizers.sentencepiece_tokenizer import LlamaTokenizer
-
-    if storage.exists(storage.join(directory, "tokenizer.model")):
-        return LlamaTokenizer.from_huggingface(directory)
-    if storage.exists(storage.join(directory, "tokenizer.json")):
-        return BytePairTokenizer.from_huggingface(directory)
-    raise FileNotFoundError(f"{os.fspath(directory)} has neither tokenizer.model nor tokenizer.json")
