@@ -10,7 +10,7 @@ to failed shards; the job succeeds when it is at most `execution.max_error_rate`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from batchgen import metrics as metric_sums
