@@ -48,12 +48,17 @@ def run_searches(lm: Any, runs: Sequence[SearchRun], max_length: int, max_slots:
         request = run.request
         key = (search_sampler(run.settings), request.stop_token_ids, request.stop_strings, request.skip_special_tokens)
         groups[key].append(run)
+    from model.generation.search import bind_backbone  # Keras and JAX: loaded only where a search runs
+
+    model = bind_backbone(lm.backbone)
+    tokenizer = lm.preprocessor.tokenizer if lm.preprocessor is not None else None
     for (sampler, stop_ids, stop_strings, skip_special), members in groups.items():
         batch = max(1, max_slots // hypotheses(members[0].settings))
         for start in range(0, len(members), batch):
             chunk = members[start : start + batch]
             prompts = [list(run.request.prompt_ids) for run in chunk]
             budgets = [run.request.max_new_tokens for run in chunk]
-            completions = sampler.search(lm, prompts, budgets, stop_ids, max_length, stop_strings, skip_special)
+            completions = sampler.search(model, prompts, budgets, stop_ids, max_length, stop_strings, skip_special,
+                                         tokenizer)
             for run, completion in zip(chunk, completions):
                 yield dataclasses.replace(completion, request_id=run.request.request_id)

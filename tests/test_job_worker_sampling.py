@@ -54,7 +54,10 @@ def test_search_samplers_run_through_the_models_search_path(tmp_path, runner, sa
     rows = run_all(spec, runner)
     sampler = BeamSampler(num_beams=3) if sampling["sampler"] == "beam" else ContrastiveSampler(k=3, alpha=0.4)
     ids = [runner.tokenizer.tokenize(p) for p in prompts]
-    expected = sampler.search(runner.lm, ids, [5] * 3, runner.stop_token_ids, runner.engine.max_length)
+    from model.generation.search import bind_backbone
+
+    expected = sampler.search(bind_backbone(runner.lm.backbone), ids, [5] * 3, runner.stop_token_ids,
+                              runner.engine.max_length, tokenizer=runner.tokenizer)
     assert [r["completion"] for r in rows] == [c.text for c in expected]
     assert [r["completion_tokens"] for r in rows] == [c.completion_tokens for c in expected]
     assert all(r["error"] is None for r in rows)
