@@ -36,18 +36,21 @@ class InputFile:
         return sum(self.row_group_rows)
 
 
-def list_input_files(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """The Parquet files `url` names, as full URLs in sorted order.
+def list_input_files(
+    url: str, storage_options: Mapping[str, Any] | None = None, suffixes: tuple[str, ...] = (".parquet",),
+    kind: str = "Parquet",
+) -> list[str]:
+    """The input files `url` names (Parquet unless `suffixes` and `kind` say otherwise), full URLs, sorted.
 
-    A directory gives every `*.parquet` below it (names starting with `_` or `.` are left out, as Spark and
-    pyarrow do); a glob gives its matches; anything else must be one existing file.
+    A directory gives every file below it ending in one of `suffixes` (names starting with `_` or `.` are left
+    out, as Spark and pyarrow do); a glob gives its matches; anything else must be one existing file.
     """
     fs, path = filesystem(url, storage_options)
     try:
         if any(character in path for character in _GLOB_CHARACTERS):
             paths = [p for p in fs.glob(path) if fs.isfile(p)]
         elif fs.isdir(path):
-            paths = [p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p[len(path) :])]
+            paths = [p for p in fs.find(path) if p.endswith(suffixes) and not _hidden(p[len(path) :])]
         elif fs.isfile(path):
             paths = [path]
         else:
@@ -55,7 +58,7 @@ def list_input_files(url: str, storage_options: Mapping[str, Any] | None = None)
     except (OSError, PermissionError) as error:
         raise InputError(f"input.url {url!r} cannot be listed: {error}") from error
     if not paths:
-        raise InputError(f"input.url {url!r} matches no Parquet files")
+        raise InputError(f"input.url {url!r} matches no {kind} files")
     return [url_of(fs, p) for p in sorted(paths)]
 
 

@@ -22,12 +22,12 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 
 from batchgen.errors import InputError
-from batchgen.storage import filesystem, url_of
+from batchgen.inputs import list_input_files
+from batchgen.storage import filesystem
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 # Rows whose keys and values give the input's Arrow schema (for the output's id and carried column types).
 SCHEMA_SAMPLE_ROWS = 1000
-_GLOB_CHARACTERS = ("*", "?", "[")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,24 +45,7 @@ class JsonlFile:
 
 def list_jsonl_files(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """The JSONL files `url` names (a file, a directory of `*.jsonl[.gz]` / `*.ndjson[.gz]`, or a glob), sorted."""
-    fs, path = filesystem(url, storage_options)
-    try:
-        if any(character in path for character in _GLOB_CHARACTERS):
-            paths = [p for p in fs.glob(path) if fs.isfile(p)]
-        elif fs.isdir(path):
-            paths = [
-                p for p in fs.find(path)
-                if p.endswith(JSONL_SUFFIXES) and not any(part.startswith(("_", ".")) for part in p[len(path):].split("/") if part)
-            ]
-        elif fs.isfile(path):
-            paths = [path]
-        else:
-            raise InputError(f"input.url {url!r}: no such file or directory")
-    except (OSError, PermissionError) as error:
-        raise InputError(f"input.url {url!r} cannot be listed: {error}") from error
-    if not paths:
-        raise InputError(f"input.url {url!r} matches no JSONL files ({', '.join(JSONL_SUFFIXES)})")
-    return [url_of(fs, p) for p in sorted(paths)]
+    return list_input_files(url, storage_options, JSONL_SUFFIXES, f"JSONL ({', '.join(JSONL_SUFFIXES)})")
 
 
 def scan_file(url: str, storage_options: Mapping[str, Any] | None = None) -> JsonlFile:
