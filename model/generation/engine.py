@@ -33,6 +33,7 @@ from model.backbone import LlamaBackbone
 from model.generation import compile_counter, logprobs, paged_cache, penalties, sampling, scoring, steps
 from model.generation.detokenizer import IncrementalDetokenizer
 from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
+from model.generation.prefix_cache import PrefixCache, prompt_key
 from model.generation.requests import Completion, Request
 from model.generation.scheduler import (
     MIN_PACK_BUCKET, Slot, SlotTable, bucket, plan_packs, rows_bucket, segments_for,
@@ -66,7 +67,9 @@ class _Weights:
 class EngineStats:
     """What the engine did, for benchmarks and progress reports."""
 
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prefilled (computed by prefill calls)
+    prompt_tokens_shared: int = 0  # copied from a cached copy of the same prompt instead (prefix_cache.py)
+    prompt_tokens_received: int = 0  # of every request run: prefilled + shared + one per shared prompt (recomputed)
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -90,6 +93,9 @@ class GenerationEngine:
             cache cannot hold its prompt and whole token budget beside the sequences in flight.
         continuous: refill a slot as soon as its sequence ends; False runs static batches (a new batch starts
             only when every slot is free), kept to measure what continuous batching gains.
+        prefix_caching: a prompt already in the cache (the n samples of one prompt, the same prompt under
+            several sampling settings) is copied, not prefilled again (`prefix_cache.py`); False prefills every
+            request, kept to measure what sharing gains.
     """
 
     # What the engine honours beyond plain sampling (the batch workers turn rows asking for more into error rows).
@@ -107,6 +113,7 @@ class GenerationEngine:
         cache_dtype: Any = None,
         cache_tokens: int | None = None,
         continuous: bool = True,
+        prefix_caching: bool = True,
     ) -> None:
         config = backbone.config
         max_length = max_length or min(config.max_sequence_length, 2048)
@@ -127,6 +134,7 @@ class GenerationEngine:
         self.max_length = max_length
         self.steps_per_call = steps_per_call
         self.continuous = continuous
+        self.prefix_caching = prefix_caching
         self.cache_tokens = cache_tokens or max_slots * max_length
         if self.cache_tokens < max_length:
             raise ValueError(f"cache_tokens {self.cache_tokens} cannot hold one sequence of max_length {max_length}")
@@ -194,7 +202,10 @@ class GenerationEngine:
             self._cache = PagedKVCache.allocate(
                 self.config, self.cache_pages, PAGE_SIZE, self.cache_dtype, parallel.cache_sharding(self.backbone)
             )
-        pages = PageTable(self.cache_pages, PAGE_SIZE, self.max_slots, self.max_length)
+        # Prompts are shared within one call (a worker's shard, a generate() batch): a later call's first pass
+        # must not find the cache warm.
+        prefix = PrefixCache() if self.prefix_caching else None
+        pages = PageTable(self.cache_pages, PAGE_SIZE, self.max_slots, self.max_length, prefix)
         table = SlotTable.empty(self.max_slots, pages)
         waiting: collections.deque[Request] = collections.deque()
         pending = iter(requests)
@@ -207,17 +218,38 @@ class GenerationEngine:
                 if request is not None:
                     waiting.append(request)
             free = table.free_slots() if self.continuous or not table.active.any() else []
-            admitted: list[tuple[int, Request]] = []
+            admitted: list[tuple[int, Request]] = []  # to prefill
+            shared: list[tuple[int, Request, bytes]] = []  # to copy from a prompt prefilled earlier or now
+            leaders: set[bytes] = set()  # prompts prefilled by this round's calls
+            pinned: set[bytes] = set()  # cached prompts this round copies: no admission may evict them
             while free and waiting:
-                error = self._validate(waiting[0])
+                request = waiting[0]
+                error = self._validate(request)
+                key = prompt_key(request.prompt_ids) if prefix is not None and not error else None
+                copy = key is not None and (key in leaders or prefix.lookup(key) is not None)
+                newly_pinned = copy and key not in pinned
+                if copy:
+                    pinned.add(key)
                 if error:  # rejected alone; the rest of the batch goes on
                     yield self._error(waiting.popleft(), error)
-                elif table.reserve(free[0], waiting[0], self.max_length):
+                elif table.reserve(free[0], request, self.max_length, keep=pinned):
+                    if copy:
+                        shared.append((free.pop(0), waiting.popleft(), key))
+                    else:
+                        admitted.append((free.pop(0), waiting.popleft()))
+                        if key is not None:
+                            leaders.add(key)
+                elif newly_pinned and table.reserve(free[0], request, self.max_length, keep=pinned - {key}):
+                    # Keeping the cached copy would leave this request no room (a small cache): prefill it
+                    # instead, and let its pages be reused.
+                    pinned.discard(key)
                     admitted.append((free.pop(0), waiting.popleft()))
                 else:  # the cache is full: the next request waits (in order) for a sequence to finish
                     break
             if admitted:
                 yield from self._prefill_admitted(weights.stacked, admitted, table)
+            if shared:
+                self._start_shared(shared, table)
             if table.active.any():
                 yield from self._decode_once(weights.per_layer, table)
             elif exhausted and not waiting:
@@ -281,7 +313,12 @@ class GenerationEngine:
         first_logprobs = None if first_logprobs is None else [np.asarray(a)[:, None] for a in first_logprobs]
         self.stats.prefill_seconds += time.perf_counter() - start
         for j, (slot, request) in enumerate(pack):
-            self.stats.prompt_tokens += len(request.prompt_ids)
+            n = len(request.prompt_ids)
+            self.stats.prompt_tokens += n
+            self.stats.prompt_tokens_received += n
+            if table.pages.prefix is not None:  # before the slot may finish (then its prompt's pages stay cached)
+                prompt_pages = table.pages.table[slot, : paged_cache.pages_for(n, PAGE_SIZE)]
+                table.pages.prefix.remember(prompt_key(request.prompt_ids), prompt_pages, n, slot)
             state = table.occupy(slot, int(first[j]), seeds[j])
             done = self._append(state, [int(first[j])], _entries(first_logprobs, j, 1, request))
             if done is None and (table.counts[slot] >= table.budgets[slot] or table.lengths[slot] + 1 >= self.max_length):
@@ -289,6 +326,26 @@ class GenerationEngine:
             if done is not None:
                 table.release(slot)
                 yield done
+
+    def _start_shared(self, shared: list[tuple[int, Request, bytes]], table: "SlotTable") -> None:
+        """Copies each shared prompt's pages into its slot's (one call for all), then starts the slots at their
+        prompts' last token: the next decode call samples their first tokens (see `prefix_cache.py`)."""
+        pages = table.pages
+        source, target = [], []
+        for slot, request, key in shared:
+            cached = pages.prefix.lookup(key)
+            source.extend(cached.pages)
+            target.extend(pages.table[slot, : len(cached.pages)])
+        m = bucket(len(source), 8)  # few programs: one per power of two of pages copied
+        padded = lambda pages_, fill: np.array(pages_ + [fill] * (m - len(pages_)), np.int32)  # noqa: E731
+        start = time.perf_counter()
+        self._cache = steps.copy_pages(self._cache, padded(source, 0), padded(target, self.cache_pages))
+        self.stats.prefill_seconds += time.perf_counter() - start
+        for slot, request, _ in shared:
+            n = len(request.prompt_ids)
+            self.stats.prompt_tokens_shared += n - 1
+            self.stats.prompt_tokens_received += n
+            table.occupy_at_last_prompt_token(slot, request.seed & 0xFFFFFFFF)
 
     def _decode_once(self, params, table: "SlotTable"):
         table.compact()

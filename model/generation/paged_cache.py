@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import Sequence
+from typing import Collection, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ import numpy as np
 
 from model.config import LlamaConfig
 from model.generation.kv_cache import keep_layout
+from model.generation.prefix_cache import PrefixCache
 
 PAGE_SIZE = 32  # positions per page: a slot wastes P / 2 on average; smaller pages mean more, slower pages
 
@@ -138,6 +139,35 @@ def write(cache: PagedKVCache, new_k: jax.Array, new_v: jax.Array, pages: jax.Ar
     return PagedKVCache(tuple(k for k, _ in written), tuple(v for _, v in written), cache.sharding)
 
 
+def copy_pages(cache: PagedKVCache, source: jax.Array, target: jax.Array) -> PagedKVCache:
+    """Copies whole pages source [M] -> target [M] in every layer (a target of N or more is dropped: padding)."""
+
+    def gather(chunks: Sequence[jax.Array]) -> jax.Array:  # [M, ...] the source pages, wherever their chunk
+        picked, first = None, 0
+        for chunk in chunks:
+            n = chunk.shape[0]
+            local = source - first
+            inside = ((local >= 0) & (local < n)).reshape((-1,) + (1,) * (chunk.ndim - 1))
+            taken = chunk[jnp.clip(local, 0, n - 1)]
+            picked = taken if picked is None else jnp.where(inside, taken, picked)
+            first += n
+        return picked
+
+    def scatter(chunks: Sequence[jax.Array], pages: jax.Array) -> tuple[jax.Array, ...]:
+        out, first = [], 0
+        for chunk in chunks:
+            n = chunk.shape[0]
+            local = target - first
+            local = jnp.where((local >= 0) & (local < n), local, n)  # n: not in this chunk, dropped
+            out.append(keep_layout(cache.sharding, chunk.at[local].set(pages, mode="drop"))[0])
+            first += n
+        return tuple(out)
+
+    keys = tuple(scatter(chunks, gather(chunks)) for chunks in cache.k)
+    values = tuple(scatter(chunks, gather(chunks)) for chunks in cache.v)
+    return PagedKVCache(keys, values, cache.sharding)
+
+
 def pages_for(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
@@ -149,8 +179,13 @@ class PageTable:
     page's first entry; table [B, pages per slot]: each slot's pages in order, N where none is allocated yet.
     """
 
-    def __init__(self, pages: int, page_size: int, slots: int, max_length: int) -> None:
+    def __init__(
+        self, pages: int, page_size: int, slots: int, max_length: int, prefix: PrefixCache | None = None
+    ) -> None:
         self.pages, self.page_size, self.slots = pages, page_size, slots
+        # Prompts kept for sharing (`prefix_cache.py`): their pages are neither free nor promised, and go back
+        # to the free list, least recently used first, when a slot needs a page and none is free.
+        self.prefix = prefix
         self.pages_per_slot = pages_for(max_length, page_size)
         self.owner = np.full(pages, slots, np.int32)
         self.start = np.zeros(pages, np.int32)
@@ -160,27 +195,33 @@ class PageTable:
         self._reserved = [0] * slots  # pages promised per slot (its worst case), allocated or not
         self._promised = 0  # sum of _reserved
 
-    def can_admit(self, max_tokens: int) -> bool:
-        """Whether a request that may grow to `max_tokens` positions fits beside every promise made so far."""
-        return self._promised + pages_for(max_tokens, self.page_size) <= self.pages
+    def can_admit(self, max_tokens: int, keep: Collection[bytes] = ()) -> bool:
+        """Whether a request that may grow to `max_tokens` positions fits beside every promise made so far and
+        the cached prompts `keep`, which may not be evicted for it."""
+        pinned = self.prefix.cached_pages(keep) if self.prefix is not None and keep else 0
+        return self._promised + pinned + pages_for(max_tokens, self.page_size) <= self.pages
 
-    def admit(self, slot: int, prompt_tokens: int, max_tokens: int) -> None:
-        """Promises `slot` room for `max_tokens` positions and allocates the pages of its prompt."""
+    def admit(self, slot: int, prompt_tokens: int, max_tokens: int, keep: Collection[bytes] = ()) -> None:
+        """Promises `slot` room for `max_tokens` positions and allocates the pages of its prompt, evicting none
+        of the cached prompts `keep` (those about to be copied)."""
         if self._reserved[slot]:
             raise ValueError(f"slot {slot} is still in use")
-        if not self.can_admit(max_tokens):
+        if not self.can_admit(max_tokens, keep):
             raise ValueError(f"no room for {max_tokens} more tokens in a pool of {self.pages} pages")
         needed = pages_for(max_tokens, self.page_size)
         if needed > self.pages_per_slot:
             raise ValueError(f"{max_tokens} tokens exceed the {self.pages_per_slot} pages a slot may hold")
         self._reserved[slot] = needed
         self._promised += needed
-        self.grow(slot, prompt_tokens)
+        self.grow(slot, prompt_tokens, keep)
 
-    def grow(self, slot: int, tokens: int) -> None:
+    def grow(self, slot: int, tokens: int, keep: Collection[bytes] = ()) -> None:
         """Allocates pages until `slot` has room for `tokens` positions (at most what it was promised)."""
         wanted = min(pages_for(tokens, self.page_size), self._reserved[slot])
         while self._held[slot] < wanted:
+            if not self._free and self.prefix is not None:
+                for page in self.prefix.evict(keep):
+                    heapq.heappush(self._free, int(page))
             page = heapq.heappop(self._free)
             index = self._held[slot]
             self.owner[page], self.start[page] = slot, index * self.page_size
@@ -188,10 +229,12 @@ class PageTable:
             self._held[slot] += 1
 
     def release(self, slot: int) -> None:
-        """Returns every page of `slot` and its promise."""
+        """Returns every page of `slot` and its promise; the pages of a prompt kept for sharing stay cached."""
+        kept = set(self.prefix.pages_kept_at_release(slot)) if self.prefix is not None else set()
         for page in self.table[slot, : self._held[slot]]:
-            self.owner[page] = self.slots
-            heapq.heappush(self._free, int(page))
+            self.owner[page] = self.slots  # owned by no slot: decode attention never reads a cached page
+            if int(page) not in kept:
+                heapq.heappush(self._free, int(page))
         self.table[slot] = self.pages
         self._held[slot] = 0
         self._promised -= self._reserved[slot]
@@ -206,6 +249,8 @@ class PageTable:
         self.owner[self.table[target, :held]] = target
         self._held[target], self._held[source] = held, 0
         self._reserved[target], self._reserved[source] = self._reserved[source], 0
+        if self.prefix is not None:
+            self.prefix.moved(source, target)
 
     def extent(self) -> int:
         """One past the highest page in use: a decode step reads pages [0, extent)."""

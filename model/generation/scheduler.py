@@ -8,7 +8,7 @@ keep the jitted steps' shapes to a small set.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -106,13 +106,14 @@ class SlotTable:
     def free_slots(self) -> list[int]:
         return [i for i, entry in enumerate(self.entries) if entry is None]
 
-    def reserve(self, slot: int, request: Request, max_length: int) -> bool:
-        """Claims `slot` and room in the cache for the request's worst case; False when the cache is full."""
+    def reserve(self, slot: int, request: Request, max_length: int, keep: Collection[bytes] = ()) -> bool:
+        """Claims `slot` and room in the cache for the request's worst case; False when the cache is full.
+        `keep`: cached prompts about to be copied into slots (not evicted to make room)."""
         n = len(request.prompt_ids)
         most = min(n + request.max_new_tokens, max_length)
-        if not self.pages.can_admit(most):
+        if not self.pages.can_admit(most, keep):
             return False
-        self.pages.admit(slot, n, most)
+        self.pages.admit(slot, n, most, keep)
         self.entries[slot] = Slot(request, n, frozenset(request.stop_token_ids), [])
         return True
 
@@ -120,6 +121,16 @@ class SlotTable:
         """Starts decoding reserved `slot` after its prompt was prefilled and sampled `first_token`."""
         state = self.entries[slot]
         self.tokens[slot], self.lengths[slot], self.counts[slot] = first_token, state.prompt_tokens, 1
+        self.budgets[slot], self.seeds[slot], self.active[slot] = state.request.max_new_tokens, seed, True
+        return state
+
+    def occupy_at_last_prompt_token(self, slot: int, seed: int) -> Slot:
+        """Starts reserved `slot`, whose prompt's keys and values were copied into its pages, at its prompt's last
+        token: the next decode step recomputes that token and samples the first generated one from it, as prefill
+        would (the same key: a row's key is its seed and the tokens generated so far, 0)."""
+        state = self.entries[slot]
+        prompt = state.request.prompt_ids
+        self.tokens[slot], self.lengths[slot], self.counts[slot] = int(prompt[-1]), len(prompt) - 1, 0
         self.budgets[slot], self.seeds[slot], self.active[slot] = state.request.max_new_tokens, seed, True
         return state
 

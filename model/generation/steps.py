@@ -129,3 +129,9 @@ def decode(
     return cache, tokens, lengths, counts, active, emitted.T, token_logprobs
 
 
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def copy_pages(cache: PagedKVCache, source: jax.Array, target: jax.Array) -> PagedKVCache:
+    """Copies pages source [M] -> target [M] of every layer's pool (prompt sharing: `prefix_cache.py`)."""
+    return paged_cache.copy_pages(cache, source, target)

@@ -1,0 +1,110 @@
+"""Prompt sharing: a prompt already in the KV cache is copied, not prefilled again, and every output is the one
+that prefilling it would give (the same tokens, the same seeded samples)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.generation.engine import GenerationEngine
+from model.generation.paged_cache import PageTable
+from model.generation.prefix_cache import PrefixCache, prompt_key
+from model.generation.requests import Request, SamplingParams
+
+
+def samples(prompts: list[list[int]], n: int, sampling: SamplingParams, max_new_tokens: int = 12) -> list[Request]:
+    """n samples of every prompt, as a synthesis job asks for them: one request each, its own seed."""
+    return [
+        Request(f"{p}-{s}", prompt, max_new_tokens, sampling, seed=1000 * p + s)
+        for p, prompt in enumerate(prompts) for s in range(n)
+    ]
+
+
+def run(backbone, requests, **engine_args):
+    engine = GenerationEngine(backbone, max_slots=engine_args.pop("max_slots", 8), max_length=96, **engine_args)
+    completions = engine.generate(requests)
+    return [c.token_ids for c in completions], engine.stats
+
+
+def test_prompt_keys_are_equal_for_equal_tokens_only():
+    assert prompt_key([1, 2, 3]) == prompt_key(np.array([1, 2, 3], np.int32))
+    assert prompt_key([1, 2, 3]) != prompt_key([1, 2, 4]) and prompt_key([1, 2]) != prompt_key([1, 2, 0])
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams("greedy"), SamplingParams("top_k", temperature=1.0, top_k=20)])
+def test_samples_of_one_prompt_prefill_it_once_and_equal_the_unshared_run(tiny_backbone, sampling):
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(1, 90, n)) for n in (5, 33, 64, 20)]  # page size 32: partial, full + 1, exact
+    requests = samples(prompts, n=5, sampling=sampling)
+    shared, with_sharing = run(tiny_backbone, requests)
+    alone, without = run(tiny_backbone, requests, prefix_caching=False)
+    assert shared == alone
+    received = sum(len(r.prompt_ids) for r in requests)
+    assert without.prompt_tokens == without.prompt_tokens_received == received and without.prompt_tokens_shared == 0
+    # Each distinct prompt prefilled once; the other samples copy it and recompute only its last token.
+    assert with_sharing.prompt_tokens == sum(len(p) for p in prompts)
+    assert with_sharing.prompt_tokens_shared == sum(4 * (len(p) - 1) for p in prompts)
+    assert with_sharing.prompt_tokens_received == received
+
+
+def test_a_prompt_is_shared_after_the_sequence_that_prefilled_it_finished(tiny_backbone):
+    # 2 slots, 6 samples of one prompt with short budgets: later samples find the prompt in pages the cache
+    # kept after its first owner finished, while other prompts come and go.
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(1, 90, n)) for n in (40, 7)]
+    requests = samples(prompts, n=6, sampling=SamplingParams("random", temperature=0.8), max_new_tokens=5)
+    shared, stats = run(tiny_backbone, requests, max_slots=2)
+    alone, _ = run(tiny_backbone, requests, max_slots=2, prefix_caching=False)
+    assert shared == alone
+    assert stats.prompt_tokens == 47
+
+
+def test_cached_prompts_give_their_pages_back_when_the_pool_runs_short(tiny_backbone):
+    # A cache of 6 pages, prompts of 2 pages each: a finished prompt's pages are cached until a new prompt
+    # needs them. Every request still completes, and equals the unshared run.
+    rng = np.random.default_rng(7)
+    prompts = [list(rng.integers(1, 90, 50)) for _ in range(5)]
+    requests = [r for prompt in prompts for r in samples([prompt], n=2, sampling=SamplingParams("greedy"), max_new_tokens=8)]
+    shared, _ = run(tiny_backbone, requests, max_slots=2, cache_tokens=6 * 32)
+    alone, _ = run(tiny_backbone, requests, max_slots=2, cache_tokens=6 * 32, prefix_caching=False)
+    assert shared == alone and all(len(t) == 8 for t in shared)
+
+
+def test_the_page_table_keeps_a_finished_prompts_pages_cached_and_evicts_the_least_recently_used():
+    prefix = PrefixCache()
+    table = PageTable(pages=4, page_size=4, slots=2, max_length=16, prefix=prefix)
+    table.admit(0, prompt_tokens=6, max_tokens=8)  # pages 0, 1
+    prefix.remember(b"a", table.table[0, :2], 6, slot=0)
+    table.admit(1, prompt_tokens=3, max_tokens=4)  # page 2
+    prefix.remember(b"b", table.table[1, :1], 3, slot=1)
+    table.release(0)
+    assert list(table.owner) == [2, 2, 1, 2] and prefix.cached_pages() == 2  # owned by no slot, not free
+    table.release(1)
+    table.admit(0, prompt_tokens=16, max_tokens=16)  # 4 pages: page 3 free, then "a" (older) then "b" evicted
+    assert sorted(table.table[0]) == [0, 1, 2, 3] and len(prefix) == 0
+
+
+def test_eviction_spares_the_prompts_about_to_be_copied():
+    prefix = PrefixCache()
+    table = PageTable(pages=3, page_size=4, slots=2, max_length=12, prefix=prefix)
+    table.admit(0, prompt_tokens=4, max_tokens=4)
+    prefix.remember(b"a", table.table[0, :1], 4, slot=0)
+    table.release(0)
+    table.admit(1, prompt_tokens=8, max_tokens=8)  # pages 1, 2: no eviction needed
+    assert prefix.lookup(b"a") is not None
+    table.release(1)
+    # The pinned prompt's page counts as taken: a request it would not leave room for waits.
+    assert table.can_admit(12) and not table.can_admit(12, keep={b"a"}) and table.can_admit(8, keep={b"a"})
+    with pytest.raises(ValueError, match="no room"):
+        table.admit(0, prompt_tokens=12, max_tokens=12, keep={b"a"})
+    table.admit(0, prompt_tokens=8, max_tokens=8, keep={b"a"})
+    assert prefix.lookup(b"a") is not None
+
+
+def test_a_cache_too_small_to_keep_a_prompt_beside_its_copy_prefills_it_again(tiny_backbone):
+    # One sequence of 3 pages fits the pool, no more: the cached prompt (2 pages) must give way to its repeat.
+    prompt = list(np.random.default_rng(9).integers(1, 90, 60))
+    requests = samples([prompt], n=3, sampling=SamplingParams("greedy"), max_new_tokens=30)
+    shared, stats = run(tiny_backbone, requests, max_slots=2, cache_tokens=3 * 32)
+    alone, _ = run(tiny_backbone, requests, max_slots=2, cache_tokens=3 * 32, prefix_caching=False)
+    assert shared == alone and stats.prompt_tokens == 3 * 60
