@@ -35,6 +35,9 @@ class ModelRunner:
         self.engine = engine
         self.stop_token_ids = stop_token_ids
         self.lm = lm  # the LlamaCausalLM, for beam and contrastive search (outside the streaming engine)
+        # Prompt tokens run through the model so far; fewer than received when the engine shared a repeated
+        # prompt (n samples): it copies the prompt's cache pages and recomputes only its last token.
+        self.prompt_tokens_computed = 0
 
     @classmethod
     def load(cls, model: ModelSpec, max_slots: int | str, compilation_cache: str = "") -> ModelRunner:
@@ -155,10 +158,16 @@ class ModelRunner:
         streaming = [request for request, settings in pairs if not settings.is_search]
         searches = [SearchRun(request, settings) for request, settings in pairs if settings.is_search]
         if searches:
+            self.prompt_tokens_computed += sum(len(run.request.prompt_ids) for run in searches)
             for completion in run_searches(self.lm, searches, self.engine.max_length, self.engine.max_slots):
                 yield self.record(completion)
-        for completion in self.engine.generate_stream(streaming):
-            yield self.record(completion)
+        stats = self.engine.stats
+        before = stats.prompt_tokens_received - stats.prompt_tokens_shared
+        try:
+            for completion in self.engine.generate_stream(streaming):
+                yield self.record(completion)
+        finally:
+            self.prompt_tokens_computed += stats.prompt_tokens_received - stats.prompt_tokens_shared - before
 
     def score(
         self, rows: Sequence[PromptRow], continuations: Sequence[list[str] | None], errors: Sequence[str | None],
@@ -207,17 +216,22 @@ class ModelRunner:
         """Generate a few tokens of a short prompt under each configuration, so that the common programs are
         compiled before the first shard (whose time `execution.shard_timeout` then measures fairly).
 
-        One more sample than there are slots: a full prefill, decode, then a refill of one slot.
+        One more prompt than there are slots: a full prefill, decode, then a refill of one slot. The prompts
+        differ (the engine prefills a repeated prompt once and copies it), and the first has two samples, which
+        compiles the page copy of a shared prompt too.
         """
-        row = PromptRow(index=0, row_id="warm-up", text="Hello")
-        samples = self.engine.max_slots + 1
+        slots = self.engine.max_slots
+        rows = [PromptRow(index=i, row_id=f"warm-up-{i}", text=f"Hello {i}", n=2 if i == 0 else 1) for i in range(slots + 1)]
         # A search sampler is deterministic and runs outside the engine: one sample compiles its program.
-        short = [
-            dataclasses.replace(c, n=1 if c.sampler in SEARCH_SAMPLERS else samples, max_new_tokens=min(c.max_new_tokens, 4))
-            for c in configs
-        ]
-        for _ in self.run([row], short):
-            pass
+        short = [dataclasses.replace(c, max_new_tokens=min(c.max_new_tokens, 4)) for c in configs]
+        streaming = [c for c in short if c.sampler not in SEARCH_SAMPLERS]
+        if streaming:
+            for _ in self.run(rows, streaming):
+                pass
+        searching = [c for c in short if c.sampler in SEARCH_SAMPLERS]
+        if searching:
+            for _ in self.run([dataclasses.replace(rows[1], index=0)], searching):
+                pass
 
     @staticmethod
     def record(completion: Any) -> OutputRecord:

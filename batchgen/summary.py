@@ -55,6 +55,9 @@ class JobSummary:
     prompt_tokens_per_second: float = 0.0  # this run's, after start-up: a scoring job's throughput
     # {"model/config": {"metric", "value", "count"}} over every committed shard (batchgen/metrics.py).
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Of prompt_tokens: those the model computed. A prompt repeated within a shard (the n samples of a row, one
+    # row under several configurations) is computed once and copied (model.generation.prefix_cache).
+    prompt_tokens_computed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,8 +68,8 @@ class JobSummary:
             f"job {self.status} (exit {self.exit_code}) -> {self.output_url}",
             f"  rows        {self.rows_ok} ok, {self.rows_error} error, of {self.expected_rows} expected "
             f"({self.input_rows} input rows)",
-            f"  tokens      {self.prompt_tokens} prompt, {self.completion_tokens} generated; "
-            f"{self.error_prompt_tokens} prompt tokens in error rows, not run",
+            f"  tokens      {self.prompt_tokens} prompt ({self.prompt_tokens_computed} computed, the rest shared), "
+            f"{self.completion_tokens} generated; {self.error_prompt_tokens} prompt tokens in error rows, not run",
             f"  throughput  {self.tokens_per_second:.1f} generated tokens/s over {self.wall_seconds:.1f} s wall "
             f"({self.run_completion_tokens} tokens this run); {self.generation_tokens_per_second:.1f} tokens/s "
             f"after {self.startup_seconds:.1f} s of start-up (Ray, model load, compilation)",
@@ -157,4 +160,8 @@ def summarize(
         run_prompt_tokens=run_prompt_tokens,
         prompt_tokens_per_second=run_prompt_tokens / generating_seconds if generating_seconds > 0 else 0.0,
         metrics=metric_sums.merge(entries),
+        # Shards committed before this counter existed (and scoring shards) computed every prompt token.
+        prompt_tokens_computed=sum(
+            e["prompt_tokens"] if e.get("prompt_tokens_computed") is None else e["prompt_tokens_computed"] for e in entries
+        ),
     )

@@ -50,6 +50,8 @@ class ShardResult:
     model: str = "default"
     # {"model/config": {"metric", "sum", "count"}}: this shard's part of the job's metric (batchgen/metrics.py).
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Of prompt_tokens: those the model computed (the engine shares a repeated prompt: model.generation.prefix_cache).
+    prompt_tokens_computed: int | None = None
 
     def manifest_entry(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,6 +114,7 @@ class ShardWorker:
         generate = self.spec.task.kind == "generate"
         expected = sum(row.samples(config.n) for row in rows for config in self.spec.sampling) if generate else len(rows)
         records: list[Any] = []
+        computed_before = self.runner.prompt_tokens_computed
         for record in self._records(rows, table):
             records.append(record)
             if len(records) == max(expected // 2, 1):
@@ -155,6 +158,7 @@ class ShardWorker:
             part_file=part.rsplit("/", 1)[-1] if part else part_name(shard.shard_id, self.sink.suffix),
             model=shard.model,
             metrics=self._metrics(records, table, shard.model),
+            prompt_tokens_computed=self.runner.prompt_tokens_computed - computed_before if generate else None,
         )
 
     def _records(self, rows: list[Any], table: pa.Table) -> Any:

@@ -109,3 +109,18 @@ def test_an_openai_batch_shard_answers_each_custom_id_once_with_its_n(tmp_path, 
     assert [line["custom_id"] for line in lines] == ["c0", "c1", "c2"]
     assert [len(line["response"]["body"]["choices"]) for line in lines] == [1, 2, 3]
     assert all(c["finish_reason"] in ("stop", "length") for line in lines for c in line["response"]["body"]["choices"])
+
+
+def test_the_samples_of_a_row_compute_its_prompt_once_and_the_shard_says_so(tmp_path, runner):
+    prompts = ["Once upon a time there was", "The weather today", "Tell me about the sea"]
+    path = write_prompts(tmp_path / "in.parquet", prompts, ids=[1, 2, 3])
+    sampling = {"sampler": "random", "temperature": 1.0, "max_new_tokens": 4, "n": 4, "seed": 5}
+    spec = make_spec(path, str(tmp_path / "out"), sampling=sampling)
+    plan = plan_job(spec)
+    worker = ShardWorker(spec, plan.schema, runner=runner)
+    worker.sink.prepare({"fingerprint": spec.fingerprint(), "shards": [{"shard_id": s.shard_id} for s in plan.shards]}, False)
+    results = [worker.run_shard(shard, attempt=1) for shard in plan.shards]
+    lengths = [len(runner.tokenizer.tokenize(p)) for p in prompts]
+    assert sum(r.prompt_tokens for r in results) == 4 * sum(lengths)  # received: every sample's prompt
+    # Computed: each prompt once, plus its last token again for each of the 3 other samples.
+    assert sum(r.prompt_tokens_computed for r in results) == sum(lengths) + 3 * len(prompts)
