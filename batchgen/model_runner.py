@@ -65,7 +65,7 @@ class ModelRunner:
         # The spec checked cache_tokens >= its max_length; 0 is the engine's default (every slot at full length).
         engine = GenerationEngine(
             lm.backbone, tokenizer, max_slots=max_slots, max_length=max_length, cache_tokens=model.cache_tokens or None,
-            cache_dtype=None if model.cache_dtype == "auto" else model.cache_dtype,
+            cache_dtype=None if model.cache_dtype == "auto" else model.cache_dtype, prefix_caching=model.prefix_caching,
         )
         # The model's own list: the tokenizer's end-of-turn tokens plus the checkpoint's generation config.
         return cls(tokenizer, engine, tuple(lm.stop_token_ids or tokenizer.stop_token_ids), lm)

@@ -70,6 +70,9 @@ class ModelSpec:
     # dtype of the KV cache: "auto" is the compute dtype; "bfloat16" halves a float32 model's cache (more rows in
     # the same memory) at a small cost in accuracy.
     cache_dtype: str = "auto"
+    # A prompt repeated within a shard (n samples, several configurations) is prefilled once and its cache pages
+    # copied (model.generation.prefix_cache); false prefills every copy (to measure what sharing gains).
+    prefix_caching: bool = True
     devices_per_replica: int = 1
     # The Ray resource that counts a worker's devices: "" picks GPU where the cluster has GPUs, else CPU; any
     # other name (a custom resource such as "TPU") is requested as it is, devices_per_replica units per worker.
@@ -207,7 +210,7 @@ class JobSpec:
         which resource counts them) and storage options are left out: they change how the job runs, not what it writes. rows_per_shard is in,
         since it decides the shards.
         """
-        how_it_runs = ("devices_per_replica", "device_resource", "cache_tokens")
+        how_it_runs = ("devices_per_replica", "device_resource", "cache_tokens", "prefix_caching")
         def model(spec: ModelSpec) -> dict[str, Any]:
             return {k: v for k, v in dataclasses.asdict(spec).items() if k not in how_it_runs + ("name",)}
 

@@ -144,6 +144,7 @@ def test_fingerprint_follows_what_changes_the_output_only():
         raw(model={"devices_per_replica": 8}),
         raw(model={"device_resource": "TPU"}),
         raw(model={"cache_tokens": 4096}),
+        raw(model={"prefix_caching": False}),
         raw(input={"date": "2020-01-01"}),  # no {date} in the URL: the date changes nothing
     ]
     different = [
