@@ -303,3 +303,13 @@ def test_a_peer_whose_interpreter_lacks_its_packages_is_unavailable(tmp_path):
     assert "does not exist" in peers.unavailable_reason(peers.KERAS_HUB, str(tmp_path / "no-python"))
     # The interpreter running the tests has what the check itself needs:
     assert peers.unavailable_reason(peers.Peer("x", pathlib.Path("x"), ("json",), ""), sys.executable) is None
+
+
+def test_synthesis_prompts_are_distinct_and_share_a_system_prompt_of_over_200_tokens(demo_tokenizer):
+    from batchgen.bench.synthesis import SYSTEM_PROMPT, synthesis_prompts
+
+    prompts = synthesis_prompts(demo_tokenizer, 16, seed=0)
+    assert len({tuple(p) for p in prompts}) == 16 and prompts == synthesis_prompts(demo_tokenizer, 16, seed=0)
+    assert len(demo_tokenizer.tokenize(SYSTEM_PROMPT)) >= 200
+    shared = min(next((i for i, (a, b) in enumerate(zip(prompts[0], p)) if a != b), len(p)) for p in prompts[1:])
+    assert shared >= 200  # every prompt starts with the same 200+ tokens
