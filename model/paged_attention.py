@@ -6,10 +6,10 @@ Here the cache is a pool of fixed-size pages (see `model.generation.paged_cache`
 positions start[n] .. start[n] + P - 1 of slot owner[n]. One decode step scores its query against every page
 in use at once (one vectorised pass over the pool, whichever slot owns what), then combines each slot's pages
 with a softmax taken across pages: per page the largest score, the sum of exponentials and the weighted sum of
-values, reduced per slot (segment max / sum), the split-softmax of flash-decoding.
+values, gathered per slot through its row of the page table, the split softmax of flash-decoding.
 
 Dimension letters as in `model.transformer`: B slots, K KV heads, G query heads per KV head, D head dim,
-N pages, P positions per page.
+N pages, P positions per page, W pages per slot (the page table's width).
 """
 
 from __future__ import annotations
@@ -27,17 +27,21 @@ _MASKED = -1e30  # as in model.transformer: a masked score's exponential is exac
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PageView:
-    """What one decode step needs to read the pool: which slot owns each page, and where the page starts.
+    """What one decode step needs to read the pool: which slot owns each page, where the page starts, and each
+    slot's pages.
 
     owner [N] int32: the slot whose positions page n holds; B (one past the last slot) for a free page.
     start [N] int32: the position of the page's first entry in its slot's sequence.
     lengths [B] int32: each slot's new token's position; entries 0..lengths[b] are in the pool (the new token's
     key and value are written before attention reads them) and visible.
+    table [B, W] int32: each slot's pages in order, N (or more) past its last; W covers the most pages any slot
+    holds.
     """
 
     owner: jax.Array
     start: jax.Array
     lengths: jax.Array
+    table: jax.Array
 
 
 def decode_attention(
@@ -48,46 +52,45 @@ def decode_attention(
 ) -> jax.Array:
     """Grouped-query attention of one new token per slot over its pages, the new token's own included: [B, 1, H, D].
 
-    Which page belongs to which slot is a one-hot matrix [N, B]: moving queries to their pages and summing pages
-    back into slots are then small matrix products, which run as library calls at full speed on CPU, where the
-    gathers and segment sums they replace ran as scalar loops (measured at the demo's shapes, 64 slots, 272
-    pages, 30 layers: 450 -> 50 ms per step with the write-then-read order below). The pool comes in chunks
-    (see `model.generation.paged_cache`) so that reading its first pages needs no slice, which XLA would copy.
+    Per page (one vectorised pass over the pages of every slot): its owner's queries, gathered by the page's
+    owner, scored against the page's keys; the page's largest score m, its sum of exponentials s and its
+    weighted sum of values o, each relative to m. Per slot: its pages' (m, s, o), gathered through its row of
+    the page table, rescaled to the slot's largest m and summed (the split softmax of flash-decoding).
+    Both moves are gathers of whole rows, linear in slots and pages. (One-hot matrix products did the same
+    moves before, [pages, slots] each: quadratic in the batch, 29% of a 64-slot step's op time and 45% of a
+    256-slot one's; gathers of rows run as copies.) The pool comes in chunks (see
+    `model.generation.paged_cache`) so that reading its first pages needs no slice, which XLA would copy.
     """
     b, _, h, d = q.shape
     k_heads, page = chunks_k[0].shape[1], chunks_k[0].shape[3]
     g = h // k_heads
     qg = (q[:, 0].astype(jnp.float32) * d**-0.5).reshape(b, h * d)
-    slots = jnp.arange(b)[None, :]
 
-    # Per chunk: each page's scores against its owner's queries, and the page's largest score.
-    chunks, offset = [], 0
+    page_max, page_sum, page_out, offset = [], [], [], 0
     for pages_k, pages_v in zip(chunks_k, chunks_v):
         n = pages_k.shape[0]
         owner, start = view.owner[offset : offset + n], view.start[offset : offset + n]
         offset += n
-        owned = (owner[:, None] == slots).astype(jnp.float32)  # [n, B]; a free page: all 0
-        page_q = (owned @ qg).reshape(n, k_heads, g, d)  # each page's owner's queries (0 for a free page)
-        page_length = owned @ view.lengths.astype(jnp.float32)  # [n] the owner's position of the new token
+        # A free page's owner is B: out of range, so it gets zero queries and sees no position.
+        page_q = jnp.take(qg, owner, axis=0, mode="fill", fill_value=0).reshape(n, k_heads, g, d)
+        page_length = jnp.take(view.lengths, owner, mode="fill", fill_value=-1)  # the owner's new token's position
         positions = start[:, None] + jnp.arange(page)[None]  # [n, P]
-        visible = (owner < b)[:, None] & (positions <= page_length[:, None])
+        visible = positions <= page_length[:, None]
         scores = jnp.einsum("nkgd,nkdp->nkgp", page_q, pages_k.astype(jnp.float32))
         scores = jnp.where(visible[:, None, None, :], scores, _MASKED)
-        chunks.append((owned, scores, jnp.max(scores, axis=-1), pages_v))  # page max [n, K, G]
+        top = jnp.max(scores, axis=-1)  # [n, K, G]; _MASKED for a page with nothing visible
+        weights = jnp.where(visible[:, None, None, :], jnp.exp(scores - top[..., None]), 0.0)
+        page_max.append(top)
+        page_sum.append(jnp.sum(weights, axis=-1))
+        page_out.append(jnp.einsum("nkgp,nkpd->nkgd", weights, pages_v.astype(jnp.float32)))  # [n, K, G, D]
 
-    # Softmax across a slot's pages: the slot's maximum first, then each page's share relative to it.
-    slot_max = functools.reduce(jnp.maximum, [
-        jnp.max(jnp.where(owned.T[:, :, None, None] > 0, page_max[None], _MASKED), axis=1)  # [B, K, G]
-        for owned, _, page_max, _ in chunks
-    ])
-    total, out = 0.0, 0.0
-    for owned, scores, _, pages_v in chunks:
-        n = owned.shape[0]
-        weights = jnp.exp(scores - (owned @ slot_max.reshape(b, -1)).reshape(n, k_heads, g)[..., None])  # masked: 0
-        page_out = jnp.einsum("nkgp,nkpd->nkgd", weights, pages_v.astype(jnp.float32))  # [n, K, G, D]
-        total = total + owned.T @ jnp.sum(weights, axis=-1).reshape(n, -1)  # [B, K*G]
-        out = out + owned.T @ page_out.reshape(n, -1)  # [B, K*G*D]
-    # An active slot sees at least its new token; an idle one sees nothing and gets 0 (never NaN, which the
-    # one-hot products would spread to every page on the next layer).
-    out = out.reshape(b, h, d) / jnp.maximum(total, 1e-30).reshape(b, h)[..., None]
+    # Each slot's pages, in page-table order; entries past its last page fill with (masked, 0, 0).
+    take = lambda parts, fill: jnp.take(jnp.concatenate(parts), view.table, axis=0, mode="fill", fill_value=fill)  # noqa: E731
+    slot_pages_max = take(page_max, _MASKED)  # [B, W, K, G]
+    slot_max = jnp.max(slot_pages_max, axis=1, keepdims=True)
+    rescale = jnp.exp(slot_pages_max - slot_max)  # a page with nothing visible: exp(-1e30 - max) = 0
+    total = jnp.sum(take(page_sum, 0.0) * rescale, axis=1)  # [B, K, G]
+    out = jnp.sum(take(page_out, 0.0) * rescale[..., None], axis=1)  # [B, K, G, D]
+    # An active slot sees at least its new token; an idle one may see nothing and gets 0, never NaN.
+    out = out / jnp.maximum(total, 1e-30)[..., None]
     return out.reshape(b, 1, h, d).astype(q.dtype)

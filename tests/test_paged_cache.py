@@ -92,7 +92,10 @@ def test_paged_decode_attention_equals_dense_attention(heads, kv_heads):
         (new_page,), (offset,) = (a[-1:] for a in table.token_locations(slot, int(lengths[slot]) + 1))
         pool_k[new_page, :, :, offset], pool_v[new_page, :, offset] = new_k[slot, 0], new_v[slot, 0]
     window = table.extent()
-    view = paged_attention.PageView(jnp.asarray(table.owner[:window]), jnp.asarray(table.start[:window]), jnp.asarray(lengths))
+    view = paged_attention.PageView(
+        jnp.asarray(table.owner[:window]), jnp.asarray(table.start[:window]), jnp.asarray(lengths),
+        jnp.asarray(table.table[:, : table.width(b)]),
+    )
     paged = paged_attention.decode_attention(q, [pool_k[:window]], [pool_v[:window]], view)
     # The same pool read in chunks of 3 pages: the softmax across chunks gives the same attention.
     cuts = list(range(3, window, 3))

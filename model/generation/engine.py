@@ -354,10 +354,11 @@ class GenerationEngine:
         for slot in np.flatnonzero(table.active):  # pages for every position these steps may write
             pages.grow(int(slot), int(table.lengths[slot]) + self.steps_per_call)
         chunks = paged_cache.chunks_to_read(pages.extent(), self.cache_pages)
+        width = pages.width(b)  # page-table columns: the most pages a slot of the call holds
         window = sum(paged_cache.chunk_sizes(self.cache_pages)[:chunks])  # the pages of those chunks
         rows, variant = sampling.row_sampling_params(table.sampling_rows()[:b])
         start = time.perf_counter()
-        self.stats.shapes.add(("decode", b, chunks, variant))
+        self.stats.shapes.add(("decode", b, chunks, width, variant))
         k = _logprobs_width(entry.request for entry in table.entries[:b] if entry is not None)
         entries = [entry if entry is not None else next(e for e in table.entries if e is not None) for entry in table.entries[:b]]
         slot_penalties = penalties.build(
@@ -365,7 +366,7 @@ class GenerationEngine:
             [e.generated for e in entries], self.config.vocabulary_size,
         )
         self._cache, tokens, lengths, counts, active, emitted, token_logprobs = steps.decode(
-            params, self._cache, pages.table[:b], pages.owner[:window], pages.start[:window], table.tokens[:b],
+            params, self._cache, pages.table[:b, :width], pages.owner[:window], pages.start[:window], table.tokens[:b],
             table.lengths[:b], table.counts[:b], table.active[:b], table.budgets[:b], table.stop_id_table()[:b], rows,
             table.seeds[:b], slot_penalties, config=self.config, variant=variant, steps=self.steps_per_call, chunks=chunks,
             max_length=self.max_length, logprobs_k=k,

@@ -252,6 +252,15 @@ class PageTable:
         if self.prefix is not None:
             self.prefix.moved(source, target)
 
+    def width(self, slots: int) -> int:
+        """Columns of the page table a decode call of the first `slots` slots reads: the most pages one of them
+        holds, rounded up to a power of two from 4 (a few programs), at most a slot's whole row."""
+        held = max(self._held[:slots], default=0)
+        width = 4
+        while width < held:
+            width *= 2
+        return min(width, self.pages_per_slot)
+
     def extent(self) -> int:
         """One past the highest page in use: a decode step reads pages [0, extent)."""
         used = np.flatnonzero(self.owner < self.slots)

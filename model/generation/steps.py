@@ -67,7 +67,7 @@ def prefill(
 def decode(
     params: transformer.Params,  # with per-layer `layers` (transformer.unstack_layers)
     cache: PagedKVCache,
-    page_table: jax.Array,  # [B, pages per slot] each slot's pages in order; N where none is allocated
+    page_table: jax.Array,  # [B, W] each slot's pages in order, N where none is allocated; W >= pages any slot holds
     owner: jax.Array,  # [pages of the chunks read] the slot owning each page; B for a free page
     start: jax.Array,  # [pages of the chunks read] the position of each page's first entry
     tokens: jax.Array,  # [B] last token of each slot, not yet in the cache
@@ -103,7 +103,7 @@ def decode(
             return paged_cache.write_layer(chunks_k, chunks_v, k, v, target, lengths % page_size, cache.sharding)
 
         # Reads only the first `chunks` chunks of each pool: every page in use lies below them.
-        view = paged_attention.PageView(owner, start, lengths)
+        view = paged_attention.PageView(owner, start, lengths, page_table)
         hidden, pages_k, pages_v = transformer.decode_paged(
             params, config, tokens[:, None], cache.k, cache.v, view, write, chunks
         )
