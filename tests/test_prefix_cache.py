@@ -8,7 +8,7 @@ import pytest
 
 from model.generation.engine import GenerationEngine
 from model.generation.paged_cache import PageTable
-from model.generation.prefix_cache import PrefixCache, prompt_key
+from model.generation.prefix_cache import PrefixCache, page_keys
 from model.generation.requests import Request, SamplingParams
 
 
@@ -26,9 +26,12 @@ def run(backbone, requests, **engine_args):
     return [c.token_ids for c in completions], engine.stats
 
 
-def test_prompt_keys_are_equal_for_equal_tokens_only():
-    assert prompt_key([1, 2, 3]) == prompt_key(np.array([1, 2, 3], np.int32))
-    assert prompt_key([1, 2, 3]) != prompt_key([1, 2, 4]) and prompt_key([1, 2]) != prompt_key([1, 2, 0])
+def test_a_pages_key_stands_for_every_token_up_to_its_end():
+    keys = page_keys([1, 2, 3, 4, 5], page_size=2)
+    assert len(keys) == 3 and keys == page_keys(np.array([1, 2, 3, 4, 5], np.int32), page_size=2)
+    assert page_keys([1, 2, 3, 4, 6], 2)[:2] == keys[:2] and page_keys([1, 2, 3, 4, 6], 2)[2] != keys[2]
+    assert page_keys([9, 2, 3, 4], 2)[1] != keys[1]  # the same tokens after a different first page
+    assert page_keys([1, 2, 3], 2)[1] != keys[1]  # a partly filled page is not the full one
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams("greedy"), SamplingParams("top_k", temperature=1.0, top_k=20)])
@@ -74,31 +77,32 @@ def test_the_page_table_keeps_a_finished_prompts_pages_cached_and_evicts_the_lea
     prefix = PrefixCache()
     table = PageTable(pages=4, page_size=4, slots=2, max_length=16, prefix=prefix)
     table.admit(0, prompt_tokens=6, max_tokens=8)  # pages 0, 1
-    prefix.remember(b"a", table.table[0, :2], 6, slot=0)
+    prefix.remember([b"a1", b"a2"], table.table[0, :2], slot=0)
     table.admit(1, prompt_tokens=3, max_tokens=4)  # page 2
-    prefix.remember(b"b", table.table[1, :1], 3, slot=1)
+    prefix.remember([b"b1"], table.table[1, :1], slot=1)
     table.release(0)
     assert list(table.owner) == [2, 2, 1, 2] and prefix.cached_pages() == 2  # owned by no slot, not free
     table.release(1)
-    table.admit(0, prompt_tokens=16, max_tokens=16)  # 4 pages: page 3 free, then "a" (older) then "b" evicted
-    assert sorted(table.table[0]) == [0, 1, 2, 3] and len(prefix) == 0
+    assert prefix.lookup([b"a1", b"a2"]) == [0, 1]  # "a" is now more recent than "b"
+    table.admit(0, prompt_tokens=12, max_tokens=12)  # 3 pages: page 3 free, then "b1", then "a2" evicted
+    assert sorted(table.table[0, :3]) == [1, 2, 3] and prefix.lookup([b"a1", b"a2"]) == [0]
 
 
-def test_eviction_spares_the_prompts_about_to_be_copied():
+def test_eviction_spares_the_pages_about_to_be_copied():
     prefix = PrefixCache()
     table = PageTable(pages=3, page_size=4, slots=2, max_length=12, prefix=prefix)
     table.admit(0, prompt_tokens=4, max_tokens=4)
-    prefix.remember(b"a", table.table[0, :1], 4, slot=0)
+    prefix.remember([b"a"], table.table[0, :1], slot=0)
     table.release(0)
     table.admit(1, prompt_tokens=8, max_tokens=8)  # pages 1, 2: no eviction needed
-    assert prefix.lookup(b"a") is not None
+    assert prefix.lookup([b"a"]) == [0]
     table.release(1)
-    # The pinned prompt's page counts as taken: a request it would not leave room for waits.
+    # The pinned page counts as taken: a request it would not leave room for waits.
     assert table.can_admit(12) and not table.can_admit(12, keep={b"a"}) and table.can_admit(8, keep={b"a"})
     with pytest.raises(ValueError, match="no room"):
         table.admit(0, prompt_tokens=12, max_tokens=12, keep={b"a"})
     table.admit(0, prompt_tokens=8, max_tokens=8, keep={b"a"})
-    assert prefix.lookup(b"a") is not None
+    assert prefix.lookup([b"a"]) == [0]
 
 
 def test_a_cache_too_small_to_keep_a_prompt_beside_its_copy_prefills_it_again(tiny_backbone):
@@ -108,3 +112,27 @@ def test_a_cache_too_small_to_keep_a_prompt_beside_its_copy_prefills_it_again(ti
     shared, stats = run(tiny_backbone, requests, max_slots=2, cache_tokens=3 * 32)
     alone, _ = run(tiny_backbone, requests, max_slots=2, cache_tokens=3 * 32, prefix_caching=False)
     assert shared == alone and stats.prompt_tokens == 3 * 60
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams("greedy"), SamplingParams("top_p", temperature=0.9, top_p=0.95)])
+def test_prompts_that_start_alike_prefill_only_what_follows_their_cached_pages(tiny_backbone, sampling):
+    # One 70-token "system prompt" (two full pages and a bit) before different questions, 2 samples each, 4 slots
+    # so that later prompts arrive after the first ones' pages are cached.
+    rng = np.random.default_rng(11)
+    system = list(rng.integers(1, 90, 70))
+    questions = [list(rng.integers(1, 90, n)) for n in (3, 9, 14, 19, 5, 17)]  # prompts of 73-89 tokens
+    prompts = [system + q for q in questions]
+    requests = samples(prompts, n=2, sampling=sampling, max_new_tokens=6)
+    shared, stats = run(tiny_backbone, requests, max_slots=4)
+    alone, _ = run(tiny_backbone, requests, max_slots=4, prefix_caching=False)
+    assert shared == alone and all(len(tokens) == 6 for tokens in shared)
+    assert stats.prompt_tokens_received == sum(2 * len(p) for p in prompts)
+    # The first round prefills whole; later prompts copy the system prompt's two full pages (64 tokens).
+    assert stats.prompt_tokens < sum(len(p) for p in prompts) - 64 * 2
+    assert any(shape[0] == "prefill_with_context" for shape in shapes(tiny_backbone, requests))
+
+
+def shapes(backbone, requests):
+    engine = GenerationEngine(backbone, max_slots=4, max_length=96)
+    engine.generate(requests)
+    return engine.stats.shapes

@@ -33,7 +33,8 @@ from model.backbone import LlamaBackbone
 from model.generation import compile_counter, logprobs, paged_cache, penalties, sampling, scoring, steps
 from model.generation.detokenizer import IncrementalDetokenizer
 from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
-from model.generation.prefix_cache import PrefixCache, prompt_key
+from model.generation.context_prefill import MAX_ROWS, ContextPrompt, build_call
+from model.generation.prefix_cache import PrefixCache, page_keys
 from model.generation.requests import Completion, Request
 from model.generation.scheduler import (
     MIN_PACK_BUCKET, Slot, SlotTable, bucket, plan_packs, rows_bucket, segments_for,
@@ -218,38 +219,60 @@ class GenerationEngine:
                 if request is not None:
                     waiting.append(request)
             free = table.free_slots() if self.continuous or not table.active.any() else []
-            admitted: list[tuple[int, Request]] = []  # to prefill
-            shared: list[tuple[int, Request, bytes]] = []  # to copy from a prompt prefilled earlier or now
-            leaders: set[bytes] = set()  # prompts prefilled by this round's calls
-            pinned: set[bytes] = set()  # cached prompts this round copies: no admission may evict them
+            admitted: list[tuple[int, Request]] = []  # to prefill whole
+            shared: list[tuple[int, Request, list[bytes]]] = []  # the whole prompt cached (or prefilled this round)
+            with_context: list[ContextPrompt] = []  # its first pages cached: prefill the rest
+            leaders: set[bytes] = set()  # prompts (their last page's key) prefilled by this round's calls
+            completing: set[bytes] = set()  # prompts whose rest this round prefills after their cached pages
+            shared_later: list[tuple[int, Request, list[bytes]]] = []  # repeats of those: copied after that
+            pinned: set[bytes] = set()  # cached pages this round copies: no admission may evict them
             while free and waiting:
                 request = waiting[0]
                 error = self._validate(request)
-                key = prompt_key(request.prompt_ids) if prefix is not None and not error else None
-                copy = key is not None and (key in leaders or prefix.lookup(key) is not None)
-                newly_pinned = copy and key not in pinned
-                if copy:
-                    pinned.add(key)
+                # Constrained rows (response_format) are prefilled whole: their first token needs its mask.
+                keys = None
+                if prefix is not None and not error and getattr(request, "response_format", None) is None:
+                    keys = page_keys(request.prompt_ids, PAGE_SIZE)
+                found = prefix.lookup(keys) if keys else []
+                whole = keys is not None and (len(found) == len(keys) or keys[-1] in leaders)
+                later = keys is not None and not whole and keys[-1] in completing
+                new_pins = set(keys[: len(found)]) - pinned if keys else set()
+                pinned |= new_pins
                 if error:  # rejected alone; the rest of the batch goes on
                     yield self._error(waiting.popleft(), error)
                 elif table.reserve(free[0], request, self.max_length, keep=pinned):
-                    if copy:
-                        shared.append((free.pop(0), waiting.popleft(), key))
+                    slot = free.pop(0)
+                    waiting.popleft()
+                    if whole:
+                        shared.append((slot, request, keys))
+                    elif later:
+                        shared_later.append((slot, request, keys))
+                    elif found:
+                        with_context.append(ContextPrompt(slot, request, len(found)))
+                        completing.add(keys[-1])
                     else:
-                        admitted.append((free.pop(0), waiting.popleft()))
-                        if key is not None:
-                            leaders.add(key)
-                elif newly_pinned and table.reserve(free[0], request, self.max_length, keep=pinned - {key}):
-                    # Keeping the cached copy would leave this request no room (a small cache): prefill it
-                    # instead, and let its pages be reused.
-                    pinned.discard(key)
+                        admitted.append((slot, request))
+                        leaders.update(keys[-1:] if keys else ())
+                elif new_pins and table.reserve(free[0], request, self.max_length, keep=pinned - new_pins):
+                    # Keeping the cached pages would leave this request no room (a small cache): prefill it
+                    # whole instead, and let those pages be reused.
+                    pinned -= new_pins
                     admitted.append((free.pop(0), waiting.popleft()))
+                    leaders.update(keys[-1:])
                 else:  # the cache is full: the next request waits (in order) for a sequence to finish
                     break
             if admitted:
                 yield from self._prefill_admitted(weights.stacked, admitted, table)
-            if shared:
-                self._start_shared(shared, table)
+            if shared or with_context:
+                self._copy_cached(shared, with_context, table)
+                for slot, request, _ in shared:
+                    self._start_shared(slot, request, table)
+                for start in range(0, len(with_context), MAX_ROWS):
+                    yield from self._prefill_with_context(weights.stacked, with_context[start : start + MAX_ROWS], table)
+            if shared_later:  # their prompts are whole in the cache now
+                self._copy_cached(shared_later, [], table)
+                for slot, request, _ in shared_later:
+                    self._start_shared(slot, request, table)
             if table.active.any():
                 yield from self._decode_once(weights.per_layer, table)
             elif exhausted and not waiting:
@@ -316,36 +339,78 @@ class GenerationEngine:
             n = len(request.prompt_ids)
             self.stats.prompt_tokens += n
             self.stats.prompt_tokens_received += n
-            if table.pages.prefix is not None:  # before the slot may finish (then its prompt's pages stay cached)
-                prompt_pages = table.pages.table[slot, : paged_cache.pages_for(n, PAGE_SIZE)]
-                table.pages.prefix.remember(prompt_key(request.prompt_ids), prompt_pages, n, slot)
-            state = table.occupy(slot, int(first[j]), seeds[j])
-            done = self._append(state, [int(first[j])], _entries(first_logprobs, j, 1, request))
-            if done is None and (table.counts[slot] >= table.budgets[slot] or table.lengths[slot] + 1 >= self.max_length):
-                done = self._finish(state, "length")
+            done = self._first_token(slot, request, int(first[j]), seeds[j], _entries(first_logprobs, j, 1, request), table)
             if done is not None:
-                table.release(slot)
                 yield done
 
-    def _start_shared(self, shared: list[tuple[int, Request, bytes]], table: "SlotTable") -> None:
-        """Copies each shared prompt's pages into its slot's (one call for all), then starts the slots at their
-        prompts' last token: the next decode call samples their first tokens (see `prefix_cache.py`)."""
+    def _first_token(self, slot: int, request: Request, token: int, seed, logprobs, table: "SlotTable"):
+        """Starts `slot`, its prompt prefilled and its first token sampled; the Completion if that ended it."""
+        if table.pages.prefix is not None:  # before the slot may finish (then its prompt's pages stay cached)
+            keys = page_keys(request.prompt_ids, PAGE_SIZE)
+            table.pages.prefix.remember(keys, table.pages.table[slot, : len(keys)], slot)
+        state = table.occupy(slot, token, seed)
+        done = self._append(state, [token], logprobs)
+        if done is None and (table.counts[slot] >= table.budgets[slot] or table.lengths[slot] + 1 >= self.max_length):
+            done = self._finish(state, "length")
+        if done is not None:
+            table.release(slot)
+        return done
+
+    def _copy_cached(self, shared, with_context: list[ContextPrompt], table: "SlotTable") -> None:
+        """Copies cached prompt pages into the slots that reuse them, in one call (see `prefix_cache.py`)."""
         pages = table.pages
         source, target = [], []
-        for slot, request, key in shared:
-            cached = pages.prefix.lookup(key)
-            source.extend(cached.pages)
-            target.extend(pages.table[slot, : len(cached.pages)])
+        for slot, _, keys in shared:  # the whole prompt, the last page included
+            found = pages.prefix.lookup(keys)
+            assert len(found) == len(keys), "a shared prompt's pages were evicted before their copy"
+            source.extend(found)
+            target.extend(pages.table[slot, : len(found)])
+        for prompt in with_context:  # its first pages
+            found = pages.prefix.lookup(page_keys(prompt.request.prompt_ids, PAGE_SIZE)[: prompt.context_pages])
+            source.extend(found)
+            target.extend(pages.table[prompt.slot, : prompt.context_pages])
         m = bucket(len(source), 8)  # few programs: one per power of two of pages copied
-        padded = lambda pages_, fill: np.array(pages_ + [fill] * (m - len(pages_)), np.int32)  # noqa: E731
+        padded = lambda pages_, fill: np.array(list(pages_) + [fill] * (m - len(pages_)), np.int32)  # noqa: E731
         start = time.perf_counter()
         self._cache = steps.copy_pages(self._cache, padded(source, 0), padded(target, self.cache_pages))
         self.stats.prefill_seconds += time.perf_counter() - start
-        for slot, request, _ in shared:
-            n = len(request.prompt_ids)
-            self.stats.prompt_tokens_shared += n - 1
+
+    def _start_shared(self, slot: int, request: Request, table: "SlotTable") -> None:
+        """Starts a slot whose whole prompt was copied at its prompt's last token: the next decode call
+        recomputes that token and samples the first generated one (see `prefix_cache.py`)."""
+        n = len(request.prompt_ids)
+        self.stats.prompt_tokens_shared += n - 1
+        self.stats.prompt_tokens_received += n
+        table.occupy_at_last_prompt_token(slot, request.seed & 0xFFFFFFFF)
+
+    def _prefill_with_context(self, params, prompts: list[ContextPrompt], table: "SlotTable"):
+        """Prefills the rest of prompts whose first pages were copied from the cache (one call)."""
+        call = build_call(prompts, table.pages)
+        b, t = call.token_ids.shape
+        rows, variant = sampling.row_sampling_params([r.sampling for r in call.padded])
+        k = _logprobs_width(call.padded)
+        row_penalties = penalties.build(
+            [r.sampling for r in call.padded], [r.prompt_ids for r in call.padded], [()] * b, self.config.vocabulary_size
+        )
+        self.stats.shapes.add(("prefill_with_context", b, t, call.context_pages.shape[1], variant))
+        start = time.perf_counter()
+        self._cache, first, first_logprobs = steps.prefill_with_context(
+            params, self._cache, call.token_ids, call.positions, call.token_mask, call.context_pages,
+            call.context_lengths, call.pages, call.offsets, call.last, rows, call.seeds, row_penalties,
+            config=self.config, variant=variant, logprobs_k=k,
+        )
+        first = np.asarray(first)
+        first_logprobs = None if first_logprobs is None else [np.asarray(a)[:, None] for a in first_logprobs]
+        self.stats.prefill_seconds += time.perf_counter() - start
+        for j, prompt in enumerate(prompts):
+            n, context = len(prompt.request.prompt_ids), prompt.context_pages * PAGE_SIZE
+            self.stats.prompt_tokens += n - context
+            self.stats.prompt_tokens_shared += context
             self.stats.prompt_tokens_received += n
-            table.occupy_at_last_prompt_token(slot, request.seed & 0xFFFFFFFF)
+            entries = _entries(first_logprobs, j, 1, prompt.request)
+            done = self._first_token(prompt.slot, prompt.request, int(first[j]), call.seeds[j], entries, table)
+            if done is not None:
+                yield done
 
     def _decode_once(self, params, table: "SlotTable"):
         table.compact()

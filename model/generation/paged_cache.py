@@ -139,19 +139,22 @@ def write(cache: PagedKVCache, new_k: jax.Array, new_v: jax.Array, pages: jax.Ar
     return PagedKVCache(tuple(k for k, _ in written), tuple(v for _, v in written), cache.sharding)
 
 
+def gather_pages(chunks: Sequence[jax.Array], pages: jax.Array) -> jax.Array:
+    """Pages `pages` (any shape of ids, all in range) of one layer's pool in chunks: [*pages.shape, ...page]."""
+    flat = pages.reshape(-1)
+    picked, first = None, 0
+    for chunk in chunks:
+        n = chunk.shape[0]
+        local = flat - first
+        inside = ((local >= 0) & (local < n)).reshape((-1,) + (1,) * (chunk.ndim - 1))
+        taken = chunk[jnp.clip(local, 0, n - 1)]
+        picked = taken if picked is None else jnp.where(inside, taken, picked)
+        first += n
+    return picked.reshape(pages.shape + chunks[0].shape[1:])
+
+
 def copy_pages(cache: PagedKVCache, source: jax.Array, target: jax.Array) -> PagedKVCache:
     """Copies whole pages source [M] -> target [M] in every layer (a target of N or more is dropped: padding)."""
-
-    def gather(chunks: Sequence[jax.Array]) -> jax.Array:  # [M, ...] the source pages, wherever their chunk
-        picked, first = None, 0
-        for chunk in chunks:
-            n = chunk.shape[0]
-            local = source - first
-            inside = ((local >= 0) & (local < n)).reshape((-1,) + (1,) * (chunk.ndim - 1))
-            taken = chunk[jnp.clip(local, 0, n - 1)]
-            picked = taken if picked is None else jnp.where(inside, taken, picked)
-            first += n
-        return picked
 
     def scatter(chunks: Sequence[jax.Array], pages: jax.Array) -> tuple[jax.Array, ...]:
         out, first = [], 0
@@ -163,8 +166,8 @@ def copy_pages(cache: PagedKVCache, source: jax.Array, target: jax.Array) -> Pag
             first += n
         return tuple(out)
 
-    keys = tuple(scatter(chunks, gather(chunks)) for chunks in cache.k)
-    values = tuple(scatter(chunks, gather(chunks)) for chunks in cache.v)
+    keys = tuple(scatter(chunks, gather_pages(chunks, source)) for chunks in cache.k)
+    values = tuple(scatter(chunks, gather_pages(chunks, source)) for chunks in cache.v)
     return PagedKVCache(keys, values, cache.sharding)
 
 
@@ -220,8 +223,9 @@ class PageTable:
         wanted = min(pages_for(tokens, self.page_size), self._reserved[slot])
         while self._held[slot] < wanted:
             if not self._free and self.prefix is not None:
-                for page in self.prefix.evict(keep):
-                    heapq.heappush(self._free, int(page))
+                evicted = self.prefix.evict(keep)
+                if evicted is not None:
+                    heapq.heappush(self._free, evicted)
             page = heapq.heappop(self._free)
             index = self._held[slot]
             self.owner[page], self.start[page] = slot, index * self.page_size
@@ -230,7 +234,7 @@ class PageTable:
 
     def release(self, slot: int) -> None:
         """Returns every page of `slot` and its promise; the pages of a prompt kept for sharing stay cached."""
-        kept = set(self.prefix.pages_kept_at_release(slot)) if self.prefix is not None else set()
+        kept = self.prefix.pages_kept_at_release(slot) if self.prefix is not None else set()
         for page in self.table[slot, : self._held[slot]]:
             self.owner[page] = self.slots  # owned by no slot: decode attention never reads a cached page
             if int(page) not in kept:

@@ -1,30 +1,36 @@
-"""Prompt sharing: a prompt already in the KV cache is not prefilled again.
+"""Prompt sharing: prompt tokens already in the KV cache are not prefilled again.
 
-Dataset synthesis asks for n samples of each prompt, and evaluation sweeps run the same prompts under several
-sampling configurations; without sharing, every copy of a prompt is prefilled again. Here the pages that hold a
-prefilled prompt's keys and values are remembered, keyed by a hash of its tokens. A later request with the
-same tokens gets a copy of those pages (one jitted page copy, no model work) and starts decoding at the
-prompt's last token: the decode step recomputes that one token against the copied pages and samples the
-first generated token from it, with the request's own seed, sampler and penalties.
-
-Each slot owns its own copy (the last, partly filled page included, so no page is ever written by two
-sequences): the decode step's attention reads a page for its one owner (`model.paged_attention`). What is
-shared is the compute; a copy of a prompt's pages costs a memory copy, ~1/1000 of prefilling it here.
+Dataset synthesis asks for n samples of each prompt, behind one long system prompt or the same few-shot
+examples; evaluation sweeps run the same prompts under several sampling configurations. Without sharing, every
+copy is prefilled again. Here the pages that hold prefilled prompts are remembered, each page keyed by a hash
+of every token up to its end (a chain: page i's key hashes page i-1's key and page i's tokens), so a page is
+found only by a prompt with the same tokens before it, as in vLLM's prefix caching. A new request looks up its
+pages' keys in order:
+- every page found (the same prompt, the last partly filled page included): the pages are copied into its own
+  (one jitted page copy, no model work) and it starts decoding at the prompt's last token: the decode step
+  recomputes that one token against the copied pages and samples the first generated token with the request's
+  own seed, sampler and penalties;
+- its first full pages found (a shared system prompt, different questions): those pages are copied and only
+  the rest of the prompt is prefilled, attending to them (`steps.prefill_with_context`).
+Each slot owns its own copy (so no page is ever written by two sequences, and decode attention reads a page
+for its one owner, `model.paged_attention`): what is shared is the compute, and a copy costs a memory copy,
+~1/1000 of prefilling it here.
 
 Where the pages live:
-- while the slot that prefilled the prompt decodes, in its own pages (positions below the prompt's length are
-  never written again; positions past it are, and a copy overwrites them before reading, position by position);
-- when that slot finishes, its prompt pages stay out of the free list, owned by no slot (decode never reads
-  them), until the pool needs a page: then the least recently used prompt's pages go back to the free list.
+- while the slot that prefilled them decodes, in its own pages (positions below its prompt's length are never
+  written again; positions past it are, in the last page, and a copy overwrites them before reading them);
+- when that slot finishes, they stay out of the free list, owned by no slot (decode never reads them), until
+  the pool needs a page: then the least recently used page goes back to the free list. A lookup marks the pages
+  it walked most recent first page last, so a prompt's first pages outlive its later ones.
 A cached page is never promised to anyone (`PageTable.can_admit` counts promises only), so evicting one never
 breaks a promise; a slot that grows takes a free page first and evicts only when there is none.
 
 Example:
     >>> cache = PrefixCache()
-    >>> key = prompt_key([1, 2, 3])
-    >>> cache.remember(key, pages=(4, 5), tokens=3, slot=0)
-    >>> cache.lookup(key).pages
-    (4, 5)
+    >>> keys = page_keys([1, 2, 3, 4, 5], page_size=2)  # pages [1, 2], [3, 4], [5]
+    >>> cache.remember(keys, pages=[7, 8, 9], slot=0)
+    >>> cache.lookup(page_keys([1, 2, 3, 4, 6], page_size=2))  # the first two pages match
+    [7, 8]
 """
 
 from __future__ import annotations
@@ -37,69 +43,84 @@ from typing import Collection, Sequence
 import numpy as np
 
 
-def prompt_key(prompt_ids: Sequence[int]) -> bytes:
-    """A digest of the prompt's tokens: equal prompts, equal keys (a 128-bit hash, collisions negligible)."""
-    return hashlib.blake2b(np.asarray(prompt_ids, np.int64).tobytes(), digest_size=16).digest()
+def page_keys(prompt_ids: Sequence[int], page_size: int) -> list[bytes]:
+    """One key per page of the prompt (the last one partly filled or not): a 128-bit hash of the tokens up to
+    the page's end, chained so that equal keys mean equal prefixes (collisions negligible)."""
+    ids = np.asarray(prompt_ids, np.int64)
+    keys, previous = [], b""
+    for start in range(0, len(ids), page_size):
+        previous = hashlib.blake2b(previous + ids[start : start + page_size].tobytes(), digest_size=16).digest()
+        keys.append(previous)
+    return keys
 
 
 @dataclasses.dataclass
-class CachedPrompt:
-    pages: tuple[int, ...]  # the pages holding positions 0 .. tokens-1, in order
-    tokens: int
-    slot: int | None  # the live slot whose pages these are; None once it finished (then the cache owns them)
+class CachedPage:
+    page: int
+    slot: int | None  # the live slot whose page this is; None once it finished (then the cache owns the page)
 
 
 class PrefixCache:
-    """Prompt key -> the pages holding that prompt's keys and values, least recently used first."""
+    """Page key -> the page holding those tokens' keys and values, least recently used first."""
 
     def __init__(self) -> None:
-        self._prompts: collections.OrderedDict[bytes, CachedPrompt] = collections.OrderedDict()
-        self._by_slot: dict[int, bytes] = {}
+        self._pages: collections.OrderedDict[bytes, CachedPage] = collections.OrderedDict()
+        self._by_slot: dict[int, list[bytes]] = collections.defaultdict(list)
 
     def __len__(self) -> int:
-        return len(self._prompts)
+        return len(self._pages)
 
-    def lookup(self, key: bytes) -> CachedPrompt | None:
-        """The prompt's pages, marked most recently used; None when the prompt is not cached."""
-        found = self._prompts.get(key)
-        if found is not None:
-            self._prompts.move_to_end(key)
-        return found
+    def lookup(self, keys: Sequence[bytes]) -> list[int]:
+        """The pages of the longest cached prefix of `keys` (possibly none), marked most recently used."""
+        found = []
+        for key in keys:
+            entry = self._pages.get(key)
+            if entry is None:
+                break
+            found.append(key)
+        for key in reversed(found):  # the first page last: the most recent, evicted last
+            self._pages.move_to_end(key)
+        return [self._pages[key].page for key in found]
 
-    def remember(self, key: bytes, pages: Sequence[int], tokens: int, slot: int) -> None:
-        """Records that live `slot` holds the prompt `key` in `pages` (a prompt cached already is kept as is)."""
-        if key in self._prompts:
-            self._prompts.move_to_end(key)
-            return
-        self._prompts[key] = CachedPrompt(tuple(int(p) for p in pages), tokens, slot)
-        self._by_slot[slot] = key
+    def remember(self, keys: Sequence[bytes], pages: Sequence[int], slot: int) -> None:
+        """Records that live `slot` holds the prompt pages `keys` in `pages`; a key already cached keeps its page
+        (the slot's own copy of it is then an ordinary page, freed when the slot finishes)."""
+        fresh = []
+        for key, page in zip(keys, pages):
+            if key not in self._pages:
+                self._pages[key] = CachedPage(int(page), slot)
+                self._by_slot[slot].append(key)
+                fresh.append(key)
+        for key in reversed(fresh):
+            self._pages.move_to_end(key)
 
-    def pages_kept_at_release(self, slot: int) -> tuple[int, ...]:
-        """The pages of `slot` that stay cached when it finishes (its prompt's); the cache owns them from now."""
-        key = self._by_slot.pop(slot, None)
-        if key is None:
-            return ()
-        prompt = self._prompts[key]
-        prompt.slot = None
-        return prompt.pages
+    def pages_kept_at_release(self, slot: int) -> set[int]:
+        """The pages of `slot` that stay cached when it finishes; the cache owns them from now."""
+        kept = set()
+        for key in self._by_slot.pop(slot, ()):
+            entry = self._pages[key]
+            entry.slot = None
+            kept.add(entry.page)
+        return kept
 
     def moved(self, source: int, target: int) -> None:
         """Follows a slot moved by compaction (its pages did not move)."""
-        key = self._by_slot.pop(source, None)
-        if key is not None:
-            self._by_slot[target] = key
-            self._prompts[key].slot = target
+        keys = self._by_slot.pop(source, None)
+        if keys:
+            self._by_slot[target] = keys
+            for key in keys:
+                self._pages[key].slot = target
 
-    def evict(self, keep: Collection[bytes] = ()) -> tuple[int, ...]:
-        """Forgets the least recently used prompt that no live slot holds (none of `keep`); returns its pages to
-        free, () when there is none."""
-        for key, prompt in self._prompts.items():
-            if prompt.slot is None and key not in keep:
-                del self._prompts[key]
-                return prompt.pages
-        return ()
+    def evict(self, keep: Collection[bytes] = ()) -> int | None:
+        """Forgets the least recently used page that no live slot holds (none of `keep`); returns it to free,
+        None when there is none."""
+        for key, entry in self._pages.items():
+            if entry.slot is None and key not in keep:
+                del self._pages[key]
+                return entry.page
+        return None
 
     def cached_pages(self, keys: Collection[bytes] | None = None) -> int:
-        """Pages held by the cache alone (no live slot), of every prompt or of `keys`: neither free nor promised."""
-        prompts = self._prompts.values() if keys is None else [self._prompts[k] for k in keys if k in self._prompts]
-        return sum(len(p.pages) for p in prompts if p.slot is None)
+        """Pages held by the cache alone (no live slot), of every key or of `keys`: neither free nor promised."""
+        entries = self._pages.values() if keys is None else [self._pages[k] for k in keys if k in self._pages]
+        return sum(1 for entry in entries if entry.slot is None)

@@ -59,6 +59,52 @@ def prefill(
     return cache, first_tokens, _logprobs(logits, first_tokens, logprobs_k)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "variant", "logprobs_k"), donate_argnames=("cache",))
+def prefill_with_context(
+    params: transformer.Params,
+    cache: PagedKVCache,
+    token_ids: jax.Array,  # [B, T] each row the rest of one prompt after its cached pages, then padding
+    positions: jax.Array,  # [B, T] those tokens' positions in their prompts (after the context)
+    token_mask: jax.Array,  # [B, T] bool: real tokens
+    context_pages: jax.Array,  # [B, C] the pages holding each row's context (its first positions), any page past it
+    context_lengths: jax.Array,  # [B] positions of context per row (whole pages)
+    pages: jax.Array,  # [B * T] the page each token's keys/values go to; N (dropped) for padding
+    offsets: jax.Array,  # [B * T]
+    last: jax.Array,  # [B] index in its row of each prompt's last token
+    rows: sampling.RowSamplingParams,
+    seeds: jax.Array,  # [B] uint32
+    penalties: Penalties | None = None,
+    *,
+    config: LlamaConfig,
+    variant: sampling.SamplingVariant,
+    logprobs_k: int | None = None,
+) -> tuple[PagedKVCache, jax.Array, Any]:
+    """Prefills the rest of prompts whose first pages are in the cache already (see `prefix_cache.py`): each row
+    attends to its context pages, gathered from the pool into a dense per-layer cache, and to itself. Returns
+    the cache with the new tokens written, each prompt's first token [B] and its log-probabilities, as `prefill`."""
+    b, c = context_pages.shape
+
+    def dense(chunks, keys: bool):  # one layer's context as [B, K, C * P, D]
+        taken = paged_cache.gather_pages(chunks, context_pages)  # keys [B, C, K, D, P]; values [B, C, K, P, D]
+        taken = taken.transpose(0, 2, 1, 4, 3) if keys else taken.transpose(0, 2, 1, 3, 4)  # [B, K, C, P, D]
+        return taken.reshape(b, taken.shape[1], c * taken.shape[3], taken.shape[4])
+
+    dtype = transformer._compute_dtype(params, None)  # a bfloat16 cache of a float32 model: read in float32
+    context_k = jnp.stack([dense(chunks, True) for chunks in cache.k]).astype(dtype)  # [L, B, K, C * P, D]
+    context_v = jnp.stack([dense(chunks, False) for chunks in cache.v]).astype(dtype)
+    hidden, new_k, new_v = transformer.forward(
+        params, config, token_ids, positions, token_mask, context_k, context_v, context_lengths
+    )
+    logits = transformer.logits(params, hidden[jnp.arange(b), last])
+    shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
+    first_tokens = sampling.sample_next(shaped, rows, row_keys(seeds, jnp.zeros_like(seeds)), variant=variant)
+    layers, _, t, heads, d = new_k.shape
+    cache = paged_cache.write(
+        cache, new_k.reshape(layers, b * t, heads, d), new_v.reshape(layers, b * t, heads, d), pages, offsets
+    )
+    return cache, first_tokens, _logprobs(logits, first_tokens, logprobs_k)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("config", "variant", "steps", "chunks", "max_length", "logprobs_k"),
