@@ -35,8 +35,8 @@ class ModelRunner:
         self.engine = engine
         self.stop_token_ids = stop_token_ids
         self.lm = lm  # the LlamaCausalLM, for beam and contrastive search (outside the streaming engine)
-        # Prompt tokens run through the model so far; fewer than received when the engine shared a repeated
-        # prompt (n samples): it copies the prompt's cache pages and recomputes only its last token.
+        # Prompt tokens run through the model so far; fewer than received when the engine found prompt tokens in
+        # its cache (n samples of a prompt, a shared system prompt) and copied them instead.
         self.prompt_tokens_computed = 0
 
     @classmethod

@@ -70,8 +70,8 @@ class ModelSpec:
     # dtype of the KV cache: "auto" is the compute dtype; "bfloat16" halves a float32 model's cache (more rows in
     # the same memory) at a small cost in accuracy.
     cache_dtype: str = "auto"
-    # A prompt repeated within a shard (n samples, several configurations) is prefilled once and its cache pages
-    # copied (model.generation.prefix_cache); false prefills every copy (to measure what sharing gains).
+    # Prompt tokens already in the KV cache within a shard (n samples, a shared system prompt) are copied, not
+    # prefilled again (model.generation.prefix_cache); false prefills every prompt whole (to measure the gain).
     prefix_caching: bool = True
     devices_per_replica: int = 1
     # The Ray resource that counts a worker's devices: "" picks GPU where the cluster has GPUs, else CPU; any

@@ -55,8 +55,8 @@ class JobSummary:
     prompt_tokens_per_second: float = 0.0  # this run's, after start-up: a scoring job's throughput
     # {"model/config": {"metric", "value", "count"}} over every committed shard (batchgen/metrics.py).
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Of prompt_tokens: those the model computed. A prompt repeated within a shard (the n samples of a row, one
-    # row under several configurations) is computed once and copied (model.generation.prefix_cache).
+    # Of prompt_tokens: those the model computed. Prompt tokens already in a worker's KV cache within a shard (the
+    # n samples of a row, a shared system prompt's full pages) are copied, not computed (model.generation.prefix_cache).
     prompt_tokens_computed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
