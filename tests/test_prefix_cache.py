@@ -136,3 +136,23 @@ def shapes(backbone, requests):
     engine = GenerationEngine(backbone, max_slots=4, max_length=96)
     engine.generate(requests)
     return engine.stats.shapes
+
+
+def test_on_the_demo_model_a_shared_system_prompt_changes_no_greedy_token_and_log_probs_by_under_1e_4(demo_lm):
+    from batchgen.bench.synthesis import synthesis_prompts
+
+    tokenizer = demo_lm.preprocessor.tokenizer
+    prompts = synthesis_prompts(tokenizer, 4, seed=0)  # one 215-token system prompt, four questions
+    requests = [Request(i, p, 12, SamplingParams("greedy"), logprobs=1) for i, p in enumerate(prompts)]
+    results = {}
+    for on in (True, False):
+        # Two slots: the last two prompts arrive when the first two's pages are cached.
+        engine = GenerationEngine(
+            demo_lm.backbone, tokenizer, max_slots=2, max_length=300, cache_tokens=1200, prefix_caching=on
+        )
+        results[on] = engine.generate(requests)
+        if on:
+            assert engine.stats.prompt_tokens_shared >= 2 * 192  # six full pages of the system prompt, twice
+    for shared, alone in zip(results[True], results[False]):
+        assert shared.token_ids == alone.token_ids
+        np.testing.assert_allclose(shared.token_logprobs, alone.token_logprobs, atol=1e-4)
