@@ -38,7 +38,8 @@ OVERRIDE_COLUMNS: dict[str, str] = {
     "logit_bias": "table",
     "response_format": "table",
 }
-RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+# OpenAI's types, plus a regular expression or a Lark / GBNF grammar (model.generation.grammar has the shapes).
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar")
 
 
 def check_row_overrides(values: Mapping[str, Any], row_id: Any) -> tuple[dict[str, Any], str | None]:
@@ -118,7 +119,11 @@ def resolve(config: SamplingConfig, overrides: Mapping[str, Any]) -> RowSampling
         presence_penalty=overrides.get("presence_penalty", config.presence_penalty),
         frequency_penalty=overrides.get("frequency_penalty", config.frequency_penalty),
         logit_bias=bias,
-        response_format=overrides.get("response_format"),
+        # A row's {"type": "text"} (None) turns the configuration's format off for that row.
+        response_format=overrides.get(
+            "response_format",
+            None if config.response_format is None else canonical_response_format(config.response_format),
+        ),
         num_beams=config.num_beams,
         alpha=config.alpha,
     )
@@ -183,7 +188,9 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     return normalize_logit_bias(converted)
 
 
-def _response_format(value: Any) -> str | None:
+def canonical_response_format(value: Any) -> str | None:
+    """A response format (a table or its JSON text) as canonical JSON text, None for plain text; ValueError saying
+    what is wrong with its shape (whether its schema or grammar compiles is the engine's to say)."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -193,6 +200,9 @@ def _response_format(value: Any) -> str | None:
         raise ValueError(f"must be a table whose 'type' is one of {RESPONSE_FORMAT_TYPES}")
     if value["type"] == "json_schema" and not isinstance(value.get("json_schema"), Mapping):
         raise ValueError("of type 'json_schema' must hold a 'json_schema' table")
+    for kind in ("regex", "grammar"):
+        if value["type"] == kind and not (isinstance(value.get(kind), str) and value[kind]):
+            raise ValueError(f"of type {kind!r} must hold the {kind} as a non-empty string under {kind!r}")
     if value["type"] == "text":
         return None  # plain text is what the engine generates anyway
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
@@ -211,6 +221,6 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "presence_penalty": _number(-2, 2),
     "frequency_penalty": _number(-2, 2),
     "logit_bias": _logit_bias,
-    "response_format": _response_format,
+    "response_format": canonical_response_format,
     "n": _integer(1),  # only from OpenAI Batch requests (batchgen.openai_batch), never a plain input column
 }

@@ -39,6 +39,8 @@ def check_search_and_penalties(config: Any, where: str, fail: Callable[[str, Any
             fail(f"{where}.stop_strings", list(config.stop_strings), "cannot be honoured by the beam sampler")
         if config.temperature == 0:
             fail(f"{where}.temperature", config.temperature, f"must be > 0 for the {config.sampler} sampler")
+        if config.response_format is not None:
+            fail(f"{where}.sampler", config.sampler, "cannot honour response_format (use a streaming sampler)")
         if config.n > 1:
             fail(f"{where}.n", config.n, f"must be 1: the {config.sampler} sampler is deterministic, so every "
                  "sample would be the same")
