@@ -20,6 +20,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Callable
 
+from batchgen.sampling_checks import canonical_response_format
 from batchgen.spec import SAMPLERS, SEARCH_SAMPLERS, SamplingConfig
 
 # Column name -> what it must hold (for messages and the Parquet schema check).
@@ -38,8 +39,6 @@ OVERRIDE_COLUMNS: dict[str, str] = {
     "logit_bias": "table",
     "response_format": "table",
 }
-# OpenAI's types, plus a regular expression or a Lark / GBNF grammar (model.generation.grammar has the shapes).
-RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar")
 
 
 def check_row_overrides(values: Mapping[str, Any], row_id: Any) -> tuple[dict[str, Any], str | None]:
@@ -186,26 +185,6 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
             key = int(key)  # JSON object keys are strings
         converted.append((key, bias))
     return normalize_logit_bias(converted)
-
-
-def canonical_response_format(value: Any) -> str | None:
-    """A response format (a table or its JSON text) as canonical JSON text, None for plain text; ValueError saying
-    what is wrong with its shape (whether its schema or grammar compiles is the engine's to say)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"is not JSON: {error}") from error
-    if not isinstance(value, Mapping) or value.get("type") not in RESPONSE_FORMAT_TYPES:
-        raise ValueError(f"must be a table whose 'type' is one of {RESPONSE_FORMAT_TYPES}")
-    if value["type"] == "json_schema" and not isinstance(value.get("json_schema"), Mapping):
-        raise ValueError("of type 'json_schema' must hold a 'json_schema' table")
-    for kind in ("regex", "grammar"):
-        if value["type"] == kind and not (isinstance(value.get(kind), str) and value[kind]):
-            raise ValueError(f"of type {kind!r} must hold the {kind} as a non-empty string under {kind!r}")
-    if value["type"] == "text":
-        return None  # plain text is what the engine generates anyway
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 _CHECKS: dict[str, Callable[[Any], Any]] = {

@@ -27,7 +27,7 @@ from typing import Any
 
 from batchgen.errors import SpecError
 from batchgen.overrides import apply_overrides
-from batchgen.sampling_checks import SEARCH_SAMPLERS, check_search_and_penalties
+from batchgen.sampling_checks import SEARCH_SAMPLERS, canonical_response_format, check_search_and_penalties
 from model.generation.requests import STREAMING_SAMPLERS
 
 # The samplers a job may name: those the streaming engine runs with per-request parameters (importing them
@@ -567,8 +567,6 @@ def _check_values(spec: JobSpec) -> None:
             fail(f"{where}.seed", config.seed, "must be >= 0")
         check_search_and_penalties(config, where, fail)
         if config.response_format is not None:
-            from batchgen.row_sampling import canonical_response_format  # it imports this module
-
             try:
                 canonical_response_format(config.response_format)
             except ValueError as error:

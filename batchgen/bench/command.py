@@ -21,7 +21,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def _response_format(text: str) -> str:
-    from batchgen.row_sampling import canonical_response_format
+    from batchgen.sampling_checks import canonical_response_format
 
     try:
         canonical = canonical_response_format(text)
