@@ -138,11 +138,16 @@ class ModelRunner:
         beyond = [token for token, _ in settings.logit_bias if token >= vocabulary]
         if beyond:
             return f"{where}: logit_bias names token ids {beyond[:5]} beyond the vocabulary of {vocabulary}"
-        if settings.response_format is not None and not getattr(self.engine, "supports_response_format", False):
-            return (
-                f"{where}: response_format {settings.response_format} needs structured-output decoding, which "
-                "this engine does not support yet"
-            )
+        if settings.response_format is not None:
+            if not getattr(self.engine, "supports_response_format", False):
+                return (
+                    f"{where}: response_format {settings.response_format} needs structured-output decoding, which "
+                    "this engine does not support"
+                )
+            grammars = getattr(self.engine, "grammars", None)
+            problem = grammars.problem(settings.response_format) if grammars is not None else None
+            if problem:  # compiled once per distinct format, so every row of a job's format asks at no cost
+                return f"{where}: response_format {settings.response_format:.200} {problem}"
         if settings.has_penalties and not getattr(self.engine, "supports_penalties", False):
             return f"{where}: penalties / logit_bias need an engine that applies them, which this one does not yet"
         if settings.is_search and self.lm is None:

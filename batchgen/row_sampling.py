@@ -20,6 +20,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Callable
 
+from batchgen.sampling_checks import canonical_response_format
 from batchgen.spec import SAMPLERS, SEARCH_SAMPLERS, SamplingConfig
 
 # Column name -> what it must hold (for messages and the Parquet schema check).
@@ -38,7 +39,6 @@ OVERRIDE_COLUMNS: dict[str, str] = {
     "logit_bias": "table",
     "response_format": "table",
 }
-RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 
 
 def check_row_overrides(values: Mapping[str, Any], row_id: Any) -> tuple[dict[str, Any], str | None]:
@@ -118,7 +118,11 @@ def resolve(config: SamplingConfig, overrides: Mapping[str, Any]) -> RowSampling
         presence_penalty=overrides.get("presence_penalty", config.presence_penalty),
         frequency_penalty=overrides.get("frequency_penalty", config.frequency_penalty),
         logit_bias=bias,
-        response_format=overrides.get("response_format"),
+        # A row's {"type": "text"} (None) turns the configuration's format off for that row.
+        response_format=overrides.get(
+            "response_format",
+            None if config.response_format is None else canonical_response_format(config.response_format),
+        ),
         num_beams=config.num_beams,
         alpha=config.alpha,
     )
@@ -183,21 +187,6 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     return normalize_logit_bias(converted)
 
 
-def _response_format(value: Any) -> str | None:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"is not JSON: {error}") from error
-    if not isinstance(value, Mapping) or value.get("type") not in RESPONSE_FORMAT_TYPES:
-        raise ValueError(f"must be a table whose 'type' is one of {RESPONSE_FORMAT_TYPES}")
-    if value["type"] == "json_schema" and not isinstance(value.get("json_schema"), Mapping):
-        raise ValueError("of type 'json_schema' must hold a 'json_schema' table")
-    if value["type"] == "text":
-        return None  # plain text is what the engine generates anyway
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "sampler": _sampler,
     "temperature": _number(0, math.inf),
@@ -211,6 +200,6 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "presence_penalty": _number(-2, 2),
     "frequency_penalty": _number(-2, 2),
     "logit_bias": _logit_bias,
-    "response_format": _response_format,
+    "response_format": canonical_response_format,
     "n": _integer(1),  # only from OpenAI Batch requests (batchgen.openai_batch), never a plain input column
 }

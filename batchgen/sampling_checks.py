@@ -1,4 +1,4 @@
-"""Spec checks of the sampling keys for penalties, logit bias and beam / contrastive search.
+"""Spec checks of the sampling keys for penalties, logit bias, beam / contrastive search and response_format.
 
 The ranges are model.generation.requests.SamplingParams' (kept here so that checking a spec imports no Keras);
 `fail(key, value, why)` raises the spec's SpecError naming the file, the key and the value.
@@ -6,12 +6,15 @@ The ranges are model.generation.requests.SamplingParams' (kept here so that chec
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 # Deterministic searches over several hypotheses per prompt; workers run them through model.generation.search.
 SEARCH_SAMPLERS = ("beam", "contrastive")
+# OpenAI's types, plus a regular expression or a Lark / GBNF grammar (model.generation.grammar has the shapes).
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar")
 
 
 def check_search_and_penalties(config: Any, where: str, fail: Callable[[str, Any, str], Any]) -> None:
@@ -39,6 +42,28 @@ def check_search_and_penalties(config: Any, where: str, fail: Callable[[str, Any
             fail(f"{where}.stop_strings", list(config.stop_strings), "cannot be honoured by the beam sampler")
         if config.temperature == 0:
             fail(f"{where}.temperature", config.temperature, f"must be > 0 for the {config.sampler} sampler")
+        if config.response_format is not None:
+            fail(f"{where}.sampler", config.sampler, "cannot honour response_format (use a streaming sampler)")
         if config.n > 1:
             fail(f"{where}.n", config.n, f"must be 1: the {config.sampler} sampler is deterministic, so every "
                  "sample would be the same")
+
+
+def canonical_response_format(value: Any) -> str | None:
+    """A response format (a table or its JSON text) as canonical JSON text, None for plain text; ValueError saying
+    what is wrong with its shape (whether its schema or grammar compiles is the engine's to say)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"is not JSON: {error}") from error
+    if not isinstance(value, Mapping) or value.get("type") not in RESPONSE_FORMAT_TYPES:
+        raise ValueError(f"must be a table whose 'type' is one of {RESPONSE_FORMAT_TYPES}")
+    if value["type"] == "json_schema" and not isinstance(value.get("json_schema"), Mapping):
+        raise ValueError("of type 'json_schema' must hold a 'json_schema' table")
+    for kind in ("regex", "grammar"):
+        if value["type"] == kind and not (isinstance(value.get(kind), str) and value[kind]):
+            raise ValueError(f"of type {kind!r} must hold the {kind} as a non-empty string under {kind!r}")
+    if value["type"] == "text":
+        return None  # plain text is what the engine generates anyway
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

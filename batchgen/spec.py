@@ -27,7 +27,7 @@ from typing import Any
 
 from batchgen.errors import SpecError
 from batchgen.overrides import apply_overrides
-from batchgen.sampling_checks import SEARCH_SAMPLERS, check_search_and_penalties
+from batchgen.sampling_checks import SEARCH_SAMPLERS, canonical_response_format, check_search_and_penalties
 from model.generation.requests import STREAMING_SAMPLERS
 
 # The samplers a job may name: those the streaming engine runs with per-request parameters (importing them
@@ -138,6 +138,9 @@ class SamplingConfig:
     frequency_penalty: float = 0.0
     # Token id (a TOML key is a string: "128009" = -100) -> bias added to that token's logit.
     logit_bias: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Structured output: a table (or its JSON text) as OpenAI's response_format, or regex / grammar
+    # (README, "Structured output"); a row's response_format column overrides it.
+    response_format: str | dict[str, Any] | None = None
     num_beams: int = 4  # for sampler "beam"
     alpha: float = 0.6  # for sampler "contrastive" (which takes its candidates from top_k)
 
@@ -258,6 +261,7 @@ _LATER_DEFAULTS: dict[str, Any] = {
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
     "logit_bias": {},
+    "response_format": None,
     "num_beams": 4,
     "alpha": 0.6,
 }
@@ -562,6 +566,11 @@ def _check_values(spec: JobSpec) -> None:
         if config.seed < 0:
             fail(f"{where}.seed", config.seed, "must be >= 0")
         check_search_and_penalties(config, where, fail)
+        if config.response_format is not None:
+            try:
+                canonical_response_format(config.response_format)
+            except ValueError as error:
+                fail(f"{where}.response_format", config.response_format, str(error))
 
     if not output.url:
         fail("output.url", output.url, "must not be empty")

@@ -182,6 +182,7 @@ def test_the_bundled_jobs_are_valid(job):
         assert len(spec.models) == 3 and spec.model_sweep and spec.task.metric == "accuracy"
     if job == "synthesis.toml":
         assert spec.sampling[0].n == 8 and spec.sampling[0].temperature > 0 and spec.input.system_prompt
+        assert spec.sampling[0].response_format["type"] == "json_schema"
     if job == "nightly.toml":
         assert "2024-05-01" in spec.input.url and "2024-05-01" in spec.output.url
 

@@ -288,6 +288,18 @@ def test_engine_rows_cover_each_dtype_on_main_and_short(tmp_path):
     assert [r.name for r in runs] == ["main float32"] and runs[0].prepare.short_path is None
 
 
+def test_a_response_format_adds_a_constrained_short_row(tmp_path):
+    from batchgen.bench.runner import _engine_runs
+
+    answer = '{"json_schema":{"schema":{"type":"object"}},"type":"json_schema"}'
+    runs = _engine_runs(BenchOptions(dtypes=("float32",), variable_prompts=0, response_format=answer), tmp_path, None)
+    assert [r.name for r in runs] == ["main float32", "short float32", "short float32 response_format"]
+    assert runs[2].response_format == answer and runs[1].response_format is None
+    assert runs[2].workload_path == runs[1].workload_path
+    with pytest.raises(ValueError, match="short_prompts"):
+        BenchOptions(short_prompts=0, response_format=answer)
+
+
 def _python_without_site_packages(tmp_path: pathlib.Path) -> str:
     """An interpreter that has the standard library only (no site-packages): it lacks every peer's packages."""
     script = tmp_path / "bare-python"

@@ -20,6 +20,18 @@ def _sizes(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from e
 
 
+def _response_format(text: str) -> str:
+    from batchgen.sampling_checks import canonical_response_format
+
+    try:
+        canonical = canonical_response_format(text)
+    except ValueError as e:
+        raise click.BadParameter(f"response format {text!r:.200} {e}") from e
+    if canonical is None:
+        raise click.BadParameter("a response format of type 'text' constrains nothing; leave --response-format out")
+    return canonical
+
+
 @click.command()
 @click.option("--preset", default="smollm2_135m_instruct", show_default=True,
               help="Model: a built-in preset, a GGUF file or a preset directory.")
@@ -47,6 +59,9 @@ def _sizes(text: str) -> tuple[int, ...]:
 @click.option("--steps-per-call", type=int, help="Engine decode steps per jitted call [8].")
 @click.option("--cache-tokens", type=int,
               help="Positions of the engine's KV cache [0: room for every slot at the longest sequence].")
+@click.option("--response-format",
+              help="Add a row: the short workload in float32 with every request constrained by this response format "
+              "(JSON text, e.g. '{\"type\": \"json_schema\", \"json_schema\": {\"schema\": {...}}}').")
 @click.option("--dtypes", help="Rows on the main and short workloads, from float32,bfloat16,int8 [all three].")
 @click.option("--transformers-batches", help="Batch sizes for transformers, comma-separated [16,64,128].")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep workloads, logs and per-row results here.")
@@ -54,7 +69,8 @@ def bench(
     preset: str, peers: bool, peer_python: str, vllm_python: str | None, skip_peers: str | None,
     peer_cache_dir: str | None, quick: bool, json_path: Path | None, prompts: int | None, max_new_tokens: int | None,
     variable_prompts: int | None, short_prompts: int | None, slots: int | None, steps_per_call: int | None,
-    cache_tokens: int | None, dtypes: str | None, transformers_batches: str | None, workdir: str | None,
+    cache_tokens: int | None, response_format: str | None, dtypes: str | None, transformers_batches: str | None,
+    workdir: str | None,
 ) -> None:
     """Measure generated tokens/s, compile time, memory and % of the compute floor, beside the peers."""
     from rich.console import Console
@@ -66,6 +82,7 @@ def bench(
         skip_peers=tuple(p.strip() for p in skip_peers.split(",") if p.strip()) if skip_peers else None,
         workdir=workdir, prompts=prompts, max_new_tokens=max_new_tokens, variable_prompts=variable_prompts,
         short_prompts=short_prompts, slots=slots, steps_per_call=steps_per_call, cache_tokens=cache_tokens,
+        response_format=_response_format(response_format) if response_format else None,
         dtypes=tuple(d.strip() for d in dtypes.split(",")) if dtypes else None,
         transformers_batches=_sizes(transformers_batches) if transformers_batches else None,
     )

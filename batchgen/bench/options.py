@@ -30,6 +30,9 @@ class BenchOptions:
     slots: int = 64  # engine slots (B) for every row
     cache_tokens: int = 0  # positions of the engine's KV cache; 0: room for every slot at the workload's longest
     steps_per_call: int = 8
+    # Adds the row "short float32 response_format": the short workload with every request constrained by this
+    # response format (canonical JSON text, e.g. a JSON schema), to measure what structured output costs.
+    response_format: str | None = None
     dtypes: tuple[str, ...] = DTYPES  # rows on the main and short workloads; float32 is required (the reference)
     peers: bool = False
     peer_python: str = sys.executable
@@ -61,6 +64,8 @@ class BenchOptions:
             )
         if self.short_prompts < 0:
             raise ValueError(f"short_prompts must be >= 0, got {self.short_prompts}")
+        if self.response_format is not None and not self.short_prompts:
+            raise ValueError("response_format adds a row on the short workload: short_prompts must be >= 1")
         unknown = [p for p in self.skip_peers if p not in peer_names()]
         if unknown:
             raise ValueError(f"skip_peers: unknown peers {unknown}; known: {sorted(peer_names())}")

@@ -54,6 +54,7 @@ class EngineRun:
     slots: int = 64
     steps_per_call: int = 8
     cache_tokens: int = 0  # 0: room for every slot at the longest sequence
+    response_format: str | None = None  # every request constrained by it (structured output)
     prepare: PrepareWorkloads | None = None
     save_preset_to: str | None = None
 
@@ -148,7 +149,8 @@ def run(spec: EngineRun) -> dict[str, Any]:
         cache_tokens=max(spec.cache_tokens, max_length) if spec.cache_tokens else None, continuous=spec.continuous,
     )
     requests = [
-        Request(r.request_id, list(r.prompt_ids), r.max_new_tokens, stop_token_ids=workload.stop_token_ids)
+        Request(r.request_id, list(r.prompt_ids), r.max_new_tokens, stop_token_ids=workload.stop_token_ids,
+                response_format=spec.response_format)
         for r in workload.requests
     ]
     warmup, _ = _run_pass(engine, requests)
@@ -157,6 +159,7 @@ def run(spec: EngineRun) -> dict[str, Any]:
         name=spec.name, workload=workload.name, dtype=spec.dtype, quantization=spec.quantization,
         continuous=spec.continuous, slots=spec.slots, steps_per_call=spec.steps_per_call, max_length=max_length,
         load_seconds=load_seconds, warmup=warmup, steady=steady, peak_rss_bytes=peak_rss_bytes(), outputs=outputs,
+        response_format=spec.response_format,
     )
     if spec.save_preset_to:  # after the peak was read: saving is not part of the row
         lm.save_to_preset(spec.save_preset_to)

@@ -29,6 +29,7 @@ from batchgen.bench.workloads import Workload
 from model.config import LlamaConfig
 
 REFERENCE_ROW = "main float32"
+RESPONSE_FORMAT_ROW = "response_format"  # suffix of the row with structured output (BenchOptions.response_format)
 
 
 def _silent(message: str) -> None:
@@ -105,6 +106,8 @@ def _engine_runs(options: BenchOptions, work: Path, keras_hub_preset: Path | Non
                 continue
             settings = {"quantization": "int8"} if dtype == "int8" else {"dtype": dtype}
             runs.append(run(name, paths[workload], **settings))
+    if options.response_format is not None:
+        runs.append(run(f"short float32 {RESPONSE_FORMAT_ROW}", paths["short"], response_format=options.response_format))
     if "variable" in paths:
         runs.append(run("variable continuous", paths["variable"], continuous=True))
         runs.append(run("variable static", paths["variable"], continuous=False))
@@ -254,7 +257,7 @@ def _score(
     contexts = {}
     for row in rows:
         workload = workloads[row.workload]
-        if row.workload in references:
+        if row.workload in references and row.response_format is None:
             row.identical_share, row.mean_prefix_tokens = agreement(row.outputs, references[row.workload].outputs)
         context = mean_context(workload.prompt_lengths(), generated_counts(workload, row.outputs))
         contexts[row.name] = context

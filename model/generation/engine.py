@@ -30,7 +30,7 @@ import numpy as np
 
 from model import parallel, transformer
 from model.backbone import LlamaBackbone
-from model.generation import compile_counter, logprobs, paged_cache, penalties, sampling, scoring, steps
+from model.generation import compile_counter, grammar, logprobs, paged_cache, penalties, sampling, scoring, steps
 from model.generation.detokenizer import IncrementalDetokenizer
 from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
 from model.generation.context_prefill import MAX_ROWS, ContextPrompt, build_call
@@ -101,7 +101,7 @@ class GenerationEngine:
 
     # What the engine honours beyond plain sampling (the batch workers turn rows asking for more into error rows).
     supports_penalties = True  # repetition / presence / frequency penalties and logit_bias (penalties.py)
-    supports_response_format = False  # structured output (a per-row token mask) is not built yet
+    supports_response_format = True  # structured output: a grammar's token mask per row (grammar.py)
 
     def __init__(
         self,
@@ -147,6 +147,7 @@ class GenerationEngine:
         self._weights_source: list[jax.Array] | None = None
         self._weights_cache: _Weights | None = None
         self.score_stats = scoring.ScoreStats()
+        self.grammars = grammar.Grammars(tokenizer, config.vocabulary_size)
 
     # ---- public -----------------------------------------------------------------------------------------
 
@@ -292,6 +293,10 @@ class GenerationEngine:
         bad = [t for t in request.prompt_ids if not 0 <= int(t) < self.config.vocabulary_size]
         if bad:
             return f"token id {bad[0]} is outside the vocabulary of {self.config.vocabulary_size}"
+        if request.response_format is not None:
+            problem = self.grammars.problem(request.response_format)
+            if problem:
+                return f"response_format {request.response_format:.200} {problem}"
         return None
 
     def _error(self, request: Request, reason: str) -> Completion:
@@ -328,9 +333,13 @@ class GenerationEngine:
         row_penalties = penalties.build(
             [r.sampling for r in padded], [r.prompt_ids for r in padded], [()] * capacity, self.config.vocabulary_size
         )
+        for slot, request in pack:  # each constrained request's matcher starts here, so its first token is masked too
+            if request.response_format is not None:
+                table.entries[slot].grammar = self.grammars.matcher(request.response_format)
+        token_mask = self._token_mask([table.entries[slot] for slot, _ in pack], capacity)
         self._cache, first, first_logprobs = steps.prefill(
             params, self._cache, ids, positions, segments, pages, offsets, last, rows, seeds, row_penalties,
-            config=self.config, variant=variant, logprobs_k=k,
+            token_mask, config=self.config, variant=variant, logprobs_k=k,
         )
         first = np.asarray(first)
         first_logprobs = None if first_logprobs is None else [np.asarray(a)[:, None] for a in first_logprobs]
@@ -349,7 +358,7 @@ class GenerationEngine:
             keys = page_keys(request.prompt_ids, PAGE_SIZE)
             table.pages.prefix.remember(keys, table.pages.table[slot, : len(keys)], slot)
         state = table.occupy(slot, token, seed)
-        done = self._append(state, [token], logprobs)
+        done = self._take(state, [token], logprobs)
         if done is None and (table.counts[slot] >= table.budgets[slot] or table.lengths[slot] + 1 >= self.max_length):
             done = self._finish(state, "length")
         if done is not None:
@@ -382,6 +391,8 @@ class GenerationEngine:
         self.stats.prompt_tokens_shared += n - 1
         self.stats.prompt_tokens_received += n
         table.occupy_at_last_prompt_token(slot, request.seed & 0xFFFFFFFF)
+        if request.response_format is not None:  # the next decode call samples its first token: masked too
+            table.entries[slot].grammar = self.grammars.matcher(request.response_format)
 
     def _prefill_with_context(self, params, prompts: list[ContextPrompt], table: "SlotTable"):
         """Prefills the rest of prompts whose first pages were copied from the cache (one call)."""
@@ -422,8 +433,12 @@ class GenerationEngine:
         width = pages.width(b)  # page-table columns: the most pages a slot of the call holds
         window = sum(paged_cache.chunk_sizes(self.cache_pages)[:chunks])  # the pages of those chunks
         rows, variant = sampling.row_sampling_params(table.sampling_rows()[:b])
+        # A slot with a grammar needs a mask per token, which the host computes from the token before: such calls
+        # run one step (a program of their own); calls without one keep steps_per_call and their programs.
+        token_mask = self._token_mask([e if table.active[i] else None for i, e in enumerate(table.entries[:b])], b)
+        steps_per_call = self.steps_per_call if token_mask is None else 1
         start = time.perf_counter()
-        self.stats.shapes.add(("decode", b, chunks, width, variant))
+        self.stats.shapes.add(("decode", b, chunks, width, variant) + (() if token_mask is None else ("grammar",)))
         k = _logprobs_width(entry.request for entry in table.entries[:b] if entry is not None)
         entries = [entry if entry is not None else next(e for e in table.entries if e is not None) for entry in table.entries[:b]]
         slot_penalties = penalties.build(
@@ -433,7 +448,7 @@ class GenerationEngine:
         self._cache, tokens, lengths, counts, active, emitted, token_logprobs = steps.decode(
             params, self._cache, pages.table[:b, :width], pages.owner[:window], pages.start[:window], table.tokens[:b],
             table.lengths[:b], table.counts[:b], table.active[:b], table.budgets[:b], table.stop_id_table()[:b], rows,
-            table.seeds[:b], slot_penalties, config=self.config, variant=variant, steps=self.steps_per_call, chunks=chunks,
+            table.seeds[:b], slot_penalties, token_mask, config=self.config, variant=variant, steps=steps_per_call, chunks=chunks,
             max_length=self.max_length, logprobs_k=k,
         )
         emitted = np.asarray(emitted)
@@ -445,12 +460,55 @@ class GenerationEngine:
         for i in was_active:
             state = table.entries[i]
             new = [int(t) for t in emitted[i] if t >= 0]
-            done = self._append(state, new, _entries(token_logprobs, i, len(new), state.request))
+            done = self._take(state, new, _entries(token_logprobs, i, len(new), state.request))
             if done is None and not table.active[i]:
                 done = self._finish(state, "length")
             if done is not None:
                 table.release(i)
                 yield done
+
+    def _token_mask(self, states: Sequence[Slot | None], rows: int) -> np.ndarray | None:
+        """The allowed-token bitmask [rows, ceil(V / 32)] of a call whose row i is `states[i]` (None: a row without
+        a sequence), or None when no row has a grammar. Rows without one allow every token.
+
+        The library allows its end tokens once the grammar may end; a request with stop tokens of its own gets
+        those allowed instead, so that it ends the way an unconstrained one does.
+        """
+        constrained = [(s.grammar, i) for i, s in enumerate(states) if s is not None and s.grammar is not None]
+        if not constrained:
+            return None
+        mask = np.full((rows, grammar.mask_words(self.config.vocabulary_size)), -1, np.int32)
+        self.grammars.fill(mask, constrained)
+        words = mask.view(np.uint32)  # the same memory, with bit 31 as easy to set as the others
+        library_ends = [t for t in self.grammars.end_token_ids if t < self.config.vocabulary_size]
+        for matcher, i in constrained:
+            stop_ids = [t for t in states[i].stop_token_ids if t < self.config.vocabulary_size]
+            if not stop_ids:
+                continue
+            for t in library_ends:
+                words[i, t // 32] &= ~np.uint32(1 << (t % 32))
+            if matcher.is_accepting():
+                for t in stop_ids:
+                    words[i, t // 32] |= np.uint32(1 << (t % 32))
+        return mask
+
+    def _take(self, state: Slot, new: list[int], logprobs: list | None = None) -> Completion | None:
+        """`_append` for any slot: a constrained slot's (single) token also advances its grammar, and the sequence
+        ends as soon as the grammar is complete."""
+        if state.grammar is None or not new:
+            return self._append(state, new, logprobs)
+        (token,) = new  # a constrained slot advances one token per call
+        if token not in state.stop_token_ids:
+            if token in self.grammars.end_token_ids:  # the library's end token: allowed only where the grammar may end
+                self.stats.generated_tokens += 1
+                return self._finish(state, "stop", counted=len(state.generated) + 1, stop_token_id=token)
+            if not state.grammar.consume_token(token):  # the mask allowed it, so this is a library or engine bug
+                return self._error(state.request, f"response_format: the grammar rejected token {token}: "
+                                                  f"{state.grammar.get_error()}")
+        done = self._append(state, new, logprobs)
+        if done is None and state.grammar.is_stopped():
+            done = self._finish(state, "stop")
+        return done
 
     def _append(self, state: Slot, new: list[int], logprobs: list | None = None) -> Completion | None:
         """Adds generated tokens to a slot; returns its Completion if a stop token or stop string ended it.

@@ -8,7 +8,7 @@ keep the jitted steps' shapes to a small set.
 from __future__ import annotations
 
 import dataclasses
-from typing import Collection, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 
@@ -81,6 +81,7 @@ class Slot:
     generated: list[int]
     detokenizer: IncrementalDetokenizer | None = None  # the completion's text; made by the first `_append`
     logprobs: list = dataclasses.field(default_factory=list)  # per kept token, when the request asks for them
+    grammar: Any = None  # the response format's matcher (model.generation.grammar), None when unconstrained
 
 
 @dataclasses.dataclass

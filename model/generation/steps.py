@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from model import paged_attention, transformer
 from model.config import LlamaConfig
-from model.generation import logprobs, paged_cache, sampling
+from model.generation import grammar, logprobs, paged_cache, sampling
 from model.generation import penalties as penalty_kernel
 from model.generation.paged_cache import PagedKVCache
 from model.generation.penalties import Penalties
@@ -42,6 +42,7 @@ def prefill(
     rows: sampling.RowSamplingParams,
     seeds: jax.Array,  # [R] uint32
     penalties: Penalties | None = None,  # rows [R]; None when no prompt of the call has any
+    token_mask: jax.Array | None = None,  # [R, ceil(V / 32)] int32 allowed-token bits; None: no row has a grammar
     *,
     config: LlamaConfig,
     variant: sampling.SamplingVariant,
@@ -54,6 +55,8 @@ def prefill(
     )
     logits = transformer.logits(params, hidden[0, last])  # only where a prompt's next token is predicted
     shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
+    if token_mask is not None:
+        shaped = grammar.apply_token_mask(shaped, token_mask)
     first_tokens = sampling.sample_next(shaped, rows, row_keys(seeds, jnp.zeros_like(seeds)), variant=variant)
     cache = paged_cache.write(cache, new_k[:, 0], new_v[:, 0], pages, offsets)
     return cache, first_tokens, _logprobs(logits, first_tokens, logprobs_k)
@@ -125,6 +128,7 @@ def decode(
     rows: sampling.RowSamplingParams,
     seeds: jax.Array,  # [B] uint32
     penalties: Penalties | None = None,  # None when no slot of the call has any
+    token_mask: jax.Array | None = None,  # [B, ceil(V / 32)] int32 allowed-token bits (steps must be 1); None: none
     *,
     config: LlamaConfig,
     variant: sampling.SamplingVariant,
@@ -140,6 +144,8 @@ def decode(
     """
     page_size = cache.page_size
     slots = jnp.arange(tokens.shape[0])
+    # A grammar's mask holds for one token: the host computes the next one from the token sampled.
+    assert token_mask is None or steps == 1, steps
 
     def step(carry, _):
         cache, tokens, lengths, counts, active, penalties = carry
@@ -156,6 +162,8 @@ def decode(
         cache = PagedKVCache(pages_k, pages_v, cache.sharding)
         logits = transformer.logits(params, hidden[:, 0])
         shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
+        if token_mask is not None:  # after penalties and bias: no bias brings back a token the grammar forbids
+            shaped = grammar.apply_token_mask(shaped, token_mask)
         sampled = sampling.sample_next(shaped, rows, row_keys(seeds, counts), variant=variant)
         if penalties is not None:
             penalties = penalty_kernel.count(penalties, sampled, active)
