@@ -27,7 +27,7 @@ from typing import Any
 
 from batchgen.errors import SpecError
 from batchgen.overrides import apply_overrides
-from batchgen.sampling_checks import SEARCH_SAMPLERS, check_search_and_penalties
+from batchgen.sampling_checks import SEARCH_SAMPLERS, check_logprobs, check_search_and_penalties
 from model.generation.requests import STREAMING_SAMPLERS
 
 # The samplers a job may name: those the streaming engine runs with per-request parameters (importing them
@@ -137,6 +137,8 @@ class SamplingConfig:
     logit_bias: dict[str, float] = dataclasses.field(default_factory=dict)
     num_beams: int = 4  # for sampler "beam"
     alpha: float = 0.6  # for sampler "contrastive" (which takes its candidates from top_k)
+    # k >= 1: each generated token's log-prob and its k most likely alternatives as output columns; 0: none.
+    logprobs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +259,7 @@ _LATER_DEFAULTS: dict[str, Any] = {
     "logit_bias": {},
     "num_beams": 4,
     "alpha": 0.6,
+    "logprobs": 0,
 }
 
 
@@ -559,6 +562,7 @@ def _check_values(spec: JobSpec) -> None:
         if config.seed < 0:
             fail(f"{where}.seed", config.seed, "must be >= 0")
         check_search_and_penalties(config, where, fail)
+        check_logprobs(config, where, spec, fail)
 
     if not output.url:
         fail("output.url", output.url, "must not be empty")
