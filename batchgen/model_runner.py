@@ -38,6 +38,7 @@ class ModelRunner:
         # Prompt tokens run through the model so far; fewer than received when the engine found prompt tokens in
         # its cache (n samples of a prompt, a shared system prompt) and copied them instead.
         self.prompt_tokens_computed = 0
+        self._token_texts: dict[int, str] = {}
 
     @classmethod
     def load(cls, model: ModelSpec, max_slots: int | str, compilation_cache: str = "") -> ModelRunner:
@@ -126,6 +127,7 @@ class ModelRunner:
                         seed=derive_seed(settings.seed, row.row_id, sample),
                         skip_special_tokens=config.skip_special_tokens,
                         response_format=settings.response_format,
+                        logprobs=settings.logprobs,
                     ), settings
 
     def _problem(self, settings: RowSampling, row: PromptRow) -> str | None:
@@ -238,12 +240,11 @@ class ModelRunner:
             for _ in self.run([dataclasses.replace(rows[1], index=0)], searching):
                 pass
 
-    @staticmethod
-    def record(completion: Any) -> OutputRecord:
-        """The output record of one engine Completion."""
+    def record(self, completion: Any) -> OutputRecord:
+        """The output record of one engine Completion (with its tokens' log-probabilities where it has them)."""
         row_index, config, sample = completion.request_id
         failed = completion.finish_reason == "error"
-        return OutputRecord(
+        record = OutputRecord(
             row_index=row_index,
             config=config,
             sample_index=sample,
@@ -253,6 +254,23 @@ class ModelRunner:
             completion_tokens=completion.completion_tokens,
             error=completion.error if failed else None,
         )
+        if failed or getattr(completion, "token_logprobs", None) is None:
+            return record
+        return dataclasses.replace(
+            record,
+            token_logprobs=tuple(completion.token_logprobs),
+            tokens=tuple(self.token_text(i) for i in completion.token_ids),
+            top_logprobs=tuple(
+                tuple((self.token_text(i), i, lp) for i, lp in top) for top in completion.top_logprobs
+            ),
+        )
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as it reads alone (special tokens spelled out), remembered: the same few ids recur."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.detokenize([token_id])
+        return text
 
     def _stop_ids(self, config: SamplingConfig) -> tuple[int, ...]:
         if config.stop_token_ids == "auto":

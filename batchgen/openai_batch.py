@@ -6,9 +6,10 @@ Input (https://platform.openai.com/docs/guides/batch): one request per line,
 `request_columns` turns a shard's requests into the job's columns: `custom_id` (the row id), `messages`, and
 the per-row override columns (batchgen.row_sampling) named by batchgen: max_tokens / max_completion_tokens
 -> max_new_tokens, stop -> stop_strings, and temperature, top_p, seed, presence_penalty, frequency_penalty,
-logit_bias, response_format, n under their own names. `top_p` picks the top_p sampler for its row. The body's
-`model` is not used (the job's model answers). A key batchgen cannot honour (tools, logprobs, ...) makes the
-request an error line naming it: it is never silently dropped.
+logit_bias, response_format, n under their own names. `top_p` picks the top_p sampler for its row; `logprobs: true`
+(with `top_logprobs: k`, 0 to 20) asks for each token's log-probability and its k most likely alternatives, filled
+into each choice's `logprobs` as OpenAI does. The body's `model` is not used (the job's model answers). A key
+batchgen cannot honour (tools, ...) makes the request an error line naming it: it is never silently dropped.
 
 Output (`output_lines`): the Batch API's output shape, one line per custom_id with all its `n` choices:
     {"id": "batch_req_...", "custom_id": "r-1",
@@ -43,7 +44,9 @@ BODY_COLUMNS = {
 }
 # Body keys that do not change what is generated here: the job decides the model; the rest is bookkeeping.
 IGNORED_BODY_KEYS = ("model", "user", "metadata", "store", "stream")
-COLUMNS = ("custom_id", "messages", "sampler", *dict.fromkeys(BODY_COLUMNS.values()))
+# Body keys read into the per-row `logprobs` column (batchgen.row_sampling): true, or top_logprobs' k.
+LOGPROB_KEYS = ("logprobs", "top_logprobs")
+COLUMNS = ("custom_id", "messages", "sampler", *dict.fromkeys(BODY_COLUMNS.values()), "logprobs")
 
 
 def request_columns(rows: Sequence[dict[str, Any] | str]) -> tuple[dict[str, list[Any]], list[str | None]]:
@@ -74,7 +77,7 @@ def _request(row: dict[str, Any] | str) -> tuple[dict[str, Any], str | None]:
     body = row.get("body")
     if not isinstance(body, dict):
         return values, f"{where}: body must be an object, got {body!r:.80}"
-    unknown = sorted(set(body) - set(BODY_COLUMNS) - set(IGNORED_BODY_KEYS) - {"messages"})
+    unknown = sorted(set(body) - set(BODY_COLUMNS) - set(IGNORED_BODY_KEYS) - set(LOGPROB_KEYS) - {"messages"})
     if unknown:
         return values, f"{where}: body keys {unknown} are not supported by batchgen"
     if body.get("stream"):
@@ -85,6 +88,13 @@ def _request(row: dict[str, Any] | str) -> tuple[dict[str, Any], str | None]:
             values[column] = body[key]
     if body.get("top_p") is not None:
         values["sampler"] = "top_p"
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        return values, f"{where}: logprobs must be true or false, got {wanted!r:.80}"
+    if top is not None and not wanted:
+        return values, f"{where}: top_logprobs ({top!r:.20}) needs logprobs: true"
+    if wanted:
+        values["logprobs"] = top or True  # k alternatives; true alone: the tokens' own log-probs only
     return values, None
 
 
@@ -126,7 +136,7 @@ def output_lines(
                         {
                             "index": r.sample_index,
                             "message": {"role": "assistant", "content": r.completion},
-                            "logprobs": None,
+                            "logprobs": _choice_logprobs(r),
                             "finish_reason": r.finish_reason,
                         }
                         for r in samples
@@ -141,3 +151,18 @@ def output_lines(
             }
         lines.append(json.dumps(line, ensure_ascii=False))
     return lines
+
+
+def _choice_logprobs(record: OutputRecord) -> dict[str, Any] | None:
+    """A choice's `logprobs` in OpenAI's shape, {"content": [{token, logprob, bytes, top_logprobs}]}, or None
+    where the request did not ask for them. `bytes` are the UTF-8 bytes of the token's text as it reads alone."""
+    if record.token_logprobs is None or record.tokens is None or record.top_logprobs is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [
+        {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, _, lp in top]}
+        for token, logprob, top in zip(record.tokens, record.token_logprobs, record.top_logprobs)
+    ]}  # fmt: skip

@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Callable
 
-from batchgen.sampling_checks import canonical_response_format
+from batchgen.sampling_checks import MAX_LOGPROBS, canonical_response_format
 from batchgen.spec import SAMPLERS, SEARCH_SAMPLERS, SamplingConfig
 
 # Column name -> what it must hold (for messages and the Parquet schema check).
@@ -38,6 +38,7 @@ OVERRIDE_COLUMNS: dict[str, str] = {
     "frequency_penalty": "number",
     "logit_bias": "table",
     "response_format": "table",
+    "logprobs": "integer",
 }
 
 
@@ -73,6 +74,8 @@ class RowSampling:
     response_format: str | None  # canonical JSON, or None (also for {"type": "text"})
     num_beams: int
     alpha: float
+    # None: no log-probabilities; k >= 0: each token's and its k most likely alternatives (Request.logprobs).
+    logprobs: int | None = None
 
     @property
     def is_search(self) -> bool:
@@ -95,6 +98,8 @@ class RowSampling:
             return f"the {self.sampler} sampler does not apply repetition/presence/frequency penalties or logit_bias"
         if self.is_search and self.response_format is not None:
             return f"the {self.sampler} sampler cannot honour response_format"
+        if self.is_search and self.logprobs is not None:
+            return f"the {self.sampler} sampler does not compute logprobs"
         if self.is_search and self.temperature == 0:
             return f"the {self.sampler} sampler needs temperature > 0, got 0"
         return None
@@ -125,6 +130,8 @@ def resolve(config: SamplingConfig, overrides: Mapping[str, Any]) -> RowSampling
         ),
         num_beams=config.num_beams,
         alpha=config.alpha,
+        # An override of 0 (None once checked) turns off what the configuration asked for.
+        logprobs=overrides["logprobs"] if "logprobs" in overrides else (config.logprobs or None),
     )
 
 
@@ -187,6 +194,18 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     return normalize_logit_bias(converted)
 
 
+def _logprobs(value: Any) -> int | None:
+    """k in [0, MAX_LOGPROBS] as the spec key (0: off -> None); true is on with no alternatives (an OpenAI request's
+    `logprobs: true` without `top_logprobs`), false off."""
+    if isinstance(value, bool):
+        return 0 if value else None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+        raise ValueError(f"must be an integer in [0, {MAX_LOGPROBS}] (0: off), or true / false")
+    return value or None
+
+
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "sampler": _sampler,
     "temperature": _number(0, math.inf),
@@ -201,5 +220,6 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "frequency_penalty": _number(-2, 2),
     "logit_bias": _logit_bias,
     "response_format": canonical_response_format,
+    "logprobs": _logprobs,
     "n": _integer(1),  # only from OpenAI Batch requests (batchgen.openai_batch), never a plain input column
 }

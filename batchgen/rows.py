@@ -1,7 +1,8 @@
 """The row contract: every input row yields exactly `n` output rows per sampling configuration.
 
 Output columns, in order: id, config, sample_index, completion, finish_reason (stop | length | error),
-prompt_tokens, completion_tokens, error (null, or why the row failed), then the carried input columns.
+prompt_tokens, completion_tokens, error (null, or why the row failed), `model` in a sweep over models,
+`token_logprobs` and `top_logprobs` where the job asks for log-probabilities, then the carried input columns.
 A shard's rows are checked against the contract before its part file is written, and a shard that breaks it
 raises (as Ray Data's LLM stages do) instead of publishing a file with a row missing or doubled.
 """
@@ -41,6 +42,11 @@ class OutputRecord:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    # With log-probabilities asked for (sampling.logprobs or a row's override), one entry per generated token:
+    # its log-prob, its text, and the top alternatives as (token text, token id, log-prob).
+    token_logprobs: tuple[float, ...] | None = None
+    tokens: tuple[str, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[str, int, float], ...], ...] | None = None
 
     @property
     def key(self) -> tuple[int, str, int]:
@@ -52,8 +58,18 @@ def error_record(row_index: int, config: str, sample_index: int, error: str, pro
     return OutputRecord(row_index, config, sample_index, None, "error", prompt_tokens, 0, error)
 
 
-def output_schema(id_type: pa.DataType, carried: Sequence[pa.Field], model_column: bool = False) -> pa.Schema:
-    """The part files' schema: the contract columns, `model` in a sweep over models, then the carried input
+TOP_LOGPROB = pa.struct([("token", pa.string()), ("token_id", pa.int32()), ("logprob", pa.float32())])
+LOGPROB_FIELDS = (
+    pa.field("token_logprobs", pa.list_(pa.float32())),
+    pa.field("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB))),
+)
+
+
+def output_schema(
+    id_type: pa.DataType, carried: Sequence[pa.Field], model_column: bool = False, logprobs: bool = False
+) -> pa.Schema:
+    """The part files' schema: the contract columns, `model` in a sweep over models, the log-probability
+    columns where asked for (only then, so that other jobs' outputs keep their schema), then the carried input
     columns as they are typed."""
     fields = [
         pa.field("id", id_type),
@@ -67,6 +83,8 @@ def output_schema(id_type: pa.DataType, carried: Sequence[pa.Field], model_colum
     ]
     if model_column:
         fields.append(pa.field("model", pa.string(), nullable=False))
+    if logprobs:
+        fields += LOGPROB_FIELDS
     return pa.schema(fields + list(carried))
 
 
@@ -129,6 +147,17 @@ def build_table(
     }
     if "model" in schema.names and "model" not in carried.column_names:
         columns["model"] = pa.array([model] * len(ordered), pa.string())
+    if "token_logprobs" in schema.names:
+        columns["token_logprobs"] = pa.array([r.token_logprobs for r in ordered], LOGPROB_FIELDS[0].type)
+        columns["top_logprobs"] = pa.array([top_logprob_rows(r) for r in ordered], LOGPROB_FIELDS[1].type)
     for name in carried.column_names:
         columns[name] = carried.column(name).take(take).combine_chunks()
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+def top_logprob_rows(record: OutputRecord) -> list[list[dict[str, object]]] | None:
+    """The record's top alternatives as the `top_logprobs` column holds them: per token, a list of
+    {token, token_id, logprob}."""
+    if record.top_logprobs is None:
+        return None
+    return [[{"token": t, "token_id": i, "logprob": lp} for t, i, lp in top] for top in record.top_logprobs]

@@ -15,6 +15,11 @@ from typing import Any
 SEARCH_SAMPLERS = ("beam", "contrastive")
 # OpenAI's types, plus a regular expression or a Lark / GBNF grammar (model.generation.grammar has the shapes).
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar")
+# The most alternatives `logprobs = k` may ask for: the engine's (model.generation.logprobs.MAX_LOGPROBS, which
+# imports JAX) and OpenAI's top_logprobs limit.
+MAX_LOGPROBS = 20
+# The output columns `logprobs` adds to a generation job (batchgen.rows.output_schema).
+LOGPROB_COLUMNS = ("token_logprobs", "top_logprobs")
 
 
 def check_search_and_penalties(config: Any, where: str, fail: Callable[[str, Any, str], Any]) -> None:
@@ -67,3 +72,20 @@ def canonical_response_format(value: Any) -> str | None:
     if value["type"] == "text":
         return None  # plain text is what the engine generates anyway
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def check_logprobs(config: Any, where: str, spec: Any, fail: Callable[[str, Any, str], Any]) -> None:
+    """`logprobs = k`: in [0, MAX_LOGPROBS], for streaming samplers of generation jobs only."""
+    if not 0 <= config.logprobs <= MAX_LOGPROBS:
+        fail(f"{where}.logprobs", config.logprobs, f"must be in [0, {MAX_LOGPROBS}] (0: off; k: the top k alternatives)")
+    if not config.logprobs:
+        return
+    if config.sampler in SEARCH_SAMPLERS:
+        fail(f"{where}.logprobs", config.logprobs, f"is not computed by the {config.sampler} sampler (use a streaming "
+             "sampler, or 0)")
+    if spec.task.kind != "generate":
+        fail(f"{where}.logprobs", config.logprobs, f"applies to generation only; a {spec.task.kind} job writes "
+             "log-probabilities anyway (task.per_token_logprobs for per-token ones)")
+    clash = [c for c in spec.output.carry_columns if c in LOGPROB_COLUMNS]
+    if clash:
+        fail("output.carry_columns", list(spec.output.carry_columns), f"must not repeat the output column {clash[0]!r}")

@@ -21,7 +21,7 @@ from batchgen.inputs import read_rows
 from batchgen.jsonl_input import columns_of, read_objects
 from batchgen.openai_batch import output_lines, request_columns
 from batchgen.planning import Shard
-from batchgen.rows import CONTRACT_COLUMNS, OutputRecord, build_table
+from batchgen.rows import CONTRACT_COLUMNS, OutputRecord, build_table, top_logprob_rows
 from batchgen.spec import JobSpec
 
 # Rows per record batch of a Parquet part file (and per Parquet row group written).
@@ -77,7 +77,8 @@ def write_shard(
         lines = output_lines(records, ids, spec.model.preset, spec.fingerprint(), int(time.time()))
         return sink.write_lines(shard.shard_id, wrap(lines))
     if spec.output.format == "jsonl":
-        return sink.write_lines(shard.shard_id, wrap(_jsonl_rows(records, ids, source, spec, config_order)))
+        logprobs = "token_logprobs" in schema.names
+        return sink.write_lines(shard.shard_id, wrap(_jsonl_rows(records, ids, source, spec, config_order, logprobs)))
     id_array = _array(ids, schema.field("id").type, "id")
     carried = pa.table(
         {name: _array(source.columns[name], schema.field(name).type, name) for name in spec.output.carry_columns},
@@ -88,13 +89,20 @@ def write_shard(
 
 
 def _jsonl_rows(
-    records: Sequence[OutputRecord], ids: Sequence[Any], source: ShardInput, spec: JobSpec, config_order: Sequence[str]
+    records: Sequence[OutputRecord],
+    ids: Sequence[Any],
+    source: ShardInput,
+    spec: JobSpec,
+    config_order: Sequence[str],
+    logprobs: bool = False,
 ) -> Iterable[str]:
     rank = {name: position for position, name in enumerate(config_order)}
     for r in sorted(records, key=lambda r: (r.row_index, rank[r.config], r.sample_index)):
         values = [ids[r.row_index], r.config, r.sample_index, r.completion, r.finish_reason, r.prompt_tokens,
                   r.completion_tokens, r.error]
         row = dict(zip(CONTRACT_COLUMNS, values))
+        if logprobs:  # the Parquet output's columns, under the same names
+            row.update(token_logprobs=r.token_logprobs, top_logprobs=top_logprob_rows(r))
         row.update({name: source.columns[name][r.row_index] for name in spec.output.carry_columns})
         yield json.dumps(row, ensure_ascii=False, default=str)
 

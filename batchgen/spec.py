@@ -27,7 +27,7 @@ from typing import Any
 
 from batchgen.errors import SpecError
 from batchgen.overrides import apply_overrides
-from batchgen.sampling_checks import SEARCH_SAMPLERS, canonical_response_format, check_search_and_penalties
+from batchgen.sampling_checks import SEARCH_SAMPLERS, canonical_response_format, check_logprobs, check_search_and_penalties
 from model.generation.requests import STREAMING_SAMPLERS
 
 # The samplers a job may name: those the streaming engine runs with per-request parameters (importing them
@@ -143,6 +143,8 @@ class SamplingConfig:
     response_format: str | dict[str, Any] | None = None
     num_beams: int = 4  # for sampler "beam"
     alpha: float = 0.6  # for sampler "contrastive" (which takes its candidates from top_k)
+    # k >= 1: each generated token's log-prob and its k most likely alternatives as output columns; 0: none.
+    logprobs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +266,7 @@ _LATER_DEFAULTS: dict[str, Any] = {
     "response_format": None,
     "num_beams": 4,
     "alpha": 0.6,
+    "logprobs": 0,
 }
 
 
@@ -571,6 +574,7 @@ def _check_values(spec: JobSpec) -> None:
                 canonical_response_format(config.response_format)
             except ValueError as error:
                 fail(f"{where}.response_format", config.response_format, str(error))
+        check_logprobs(config, where, spec, fail)
 
     if not output.url:
         fail("output.url", output.url, "must not be empty")

@@ -78,7 +78,8 @@ class ShardWorker:
         carried = carried_fields(input_schema, spec.output.carry_columns)
         id_type = row_ids_type(input_schema, spec.input)
         if task.kind == "generate":
-            self.schema = output_schema(id_type, carried, model_column=spec.model_sweep)
+            self.logprobs = logprob_columns(spec, input_schema)
+            self.schema = output_schema(id_type, carried, model_column=spec.model_sweep, logprobs=self.logprobs)
         else:
             self.schema = score_schema(id_type, carried, spec.model_sweep, task.per_token_logprobs)
         self.sink = Sink(spec.output.url, spec.output.storage_options, spec.output.compression, spec.output.format)
@@ -112,6 +113,8 @@ class ShardWorker:
         table = source.table  # None for JSONL input (scoring jobs read Parquet only: the spec checks it)
         rows = prompt_rows(table if table is not None else source.columns, self.spec, shard.first_position, source.row_errors)
         generate = self.spec.task.kind == "generate"
+        if generate and not self.logprobs:
+            rows = [_without_logprob_columns(row) for row in rows]
         expected = sum(row.samples(config.n) for row in rows for config in self.spec.sampling) if generate else len(rows)
         records: list[Any] = []
         computed_before = self.runner.prompt_tokens_computed
@@ -200,6 +203,25 @@ class ShardWorker:
             if value is not None:
                 sums.add(key, value)
         return sums.to_dict()
+
+
+def logprob_columns(spec: JobSpec, input_schema: pa.Schema) -> bool:
+    """Whether a generation job's output has the log-probability columns: where a sampling configuration asks
+    for them, or a Parquet input has the per-row `logprobs` column (JSONL's schema comes from its first rows
+    only, so it cannot promise the columns; an OpenAI Batch output has a place for them in every line)."""
+    if any(config.logprobs for config in spec.sampling) or spec.output.format == "openai_batch":
+        return True
+    return spec.input.format == "parquet" and "logprobs" in input_schema.names
+
+
+def _without_logprob_columns(row: Any) -> Any:
+    """A row that asks for log-probabilities where the output has no columns for them becomes an error row."""
+    if row.overrides.get("logprobs") is None:
+        return row
+    return dataclasses.replace(row, error=(
+        f"row {row.row_id!r}: column 'logprobs' asks for log-probabilities, but this job's output has no columns "
+        "for them: set sampling.logprobs (or read Parquet input with a logprobs column)"
+    ), overrides={})
 
 
 def _input_tokens(record: Any) -> int:

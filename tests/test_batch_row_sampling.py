@@ -67,7 +67,8 @@ def test_good_values_are_normalized_and_nulls_keep_the_configuration():
 
 def test_every_override_column_of_the_issue_exists():
     wanted = {"sampler", "temperature", "top_k", "top_p", "min_p", "max_new_tokens", "stop_strings", "seed",
-              "response_format", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"}
+              "response_format", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias",
+              "logprobs"}
     assert wanted == set(OVERRIDE_COLUMNS)
 
 
