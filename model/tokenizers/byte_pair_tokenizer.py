@@ -22,7 +22,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, decoders, models, processors
 
-from model.tokenizers import storage
+from model.tokenizers import byte_pair_files, storage
 from model.tokenizers.base import Tokenizer
 from model.tokenizers.chat_template import ChatTemplate
 from model.tokenizers.huggingface_files import config_chat_template, read_tokenizer_config, token_content
@@ -94,7 +94,7 @@ class BytePairTokenizer(Tokenizer):
         whether to add it are read from the `tokenizer.json` post-processor (Llama 3's adds
         `<|begin_of_text|>`). `chat_template` overrides the config's.
         """
-        text, where = _json_text(tokenizer_json, "tokenizer.json")
+        text, where = byte_pair_files.json_text(tokenizer_json, "tokenizer.json")
         try:
             tokenizer = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises plain Exception subclasses for malformed files
@@ -104,12 +104,12 @@ class BytePairTokenizer(Tokenizer):
 
         config: Mapping[str, Any] = {}
         if tokenizer_config is not None:
-            config_text, config_where = _json_text(tokenizer_config, "tokenizer_config.json")
+            config_text, config_where = byte_pair_files.json_text(tokenizer_config, "tokenizer_config.json")
             config = json.loads(config_text)
             if not isinstance(config, Mapping):
                 raise ValueError(f"{config_where} must hold a JSON object, got {type(config).__name__}")
 
-        template_start = _post_processor_start_token(json.loads(text).get("post_processor"))
+        template_start = byte_pair_files.post_processor_start_token(json.loads(text).get("post_processor"))
         start_token = token_content(config.get("bos_token")) or template_start
         add_start_token = config.get("add_bos_token")
         if add_start_token is None:
@@ -163,10 +163,10 @@ class BytePairTokenizer(Tokenizer):
         SmolLM. `special_tokens` defaults to every vocabulary entry that no merge produces and that is not a
         single byte symbol: in a BPE vocabulary only added tokens are like that.
         """
-        vocab = _load_vocabulary(vocabulary)
-        pairs = _load_merges(merges)
+        vocab = byte_pair_files.load_vocabulary(vocabulary)
+        pairs = byte_pair_files.load_merges(merges)
         if special_tokens is None:
-            special_tokens = _unmerged_tokens(vocab, pairs)
+            special_tokens = byte_pair_files.unmerged_tokens(vocab, pairs)
         special = list(special_tokens)
         for token in (start_token, end_token, pad_token):
             if token is not None and token not in special:
@@ -198,8 +198,8 @@ class BytePairTokenizer(Tokenizer):
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
             if key not in metadata:
                 raise ValueError(f"GGUF metadata has no {key}, which a byte-level BPE tokenizer needs")
-        alphabet = set(_byte_to_symbol().values())
-        symbols = _byte_to_symbol()
+        alphabet = set(byte_pair_files.byte_to_symbol().values())
+        symbols = byte_pair_files.byte_to_symbol()
         tokens = [
             token if set(token) <= alphabet else "".join(symbols[b] for b in token.encode("utf-8"))
             for token in metadata["tokenizer.ggml.tokens"]
@@ -230,7 +230,7 @@ class BytePairTokenizer(Tokenizer):
 
         return cls._build(
             {token: id for id, token in enumerate(tokens)},
-            _load_merges(metadata["tokenizer.ggml.merges"]),
+            byte_pair_files.load_merges(metadata["tokenizer.ggml.merges"]),
             pre_tokenizer=pre_tokenizer,
             special_tokens=special,
             user_defined_tokens=user_defined,
@@ -367,92 +367,3 @@ def _name_pre_tokenizer(tokenizer: tokenizers.Tokenizer) -> str | None:
         if json.loads(pre_tokenization(name).pre_tokenizer.__getstate__()) == wanted:
             return name
     return None
-
-
-def _byte_to_symbol() -> dict[int, str]:
-    """GPT-2's map of each byte to the printable character that stands for it in byte-level vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    symbols = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in symbols:
-            symbols[b] = chr(256 + extra)
-            extra += 1
-    return symbols
-
-
-def _json_text(source: str | os.PathLike[str] | Mapping[str, Any], name: str) -> tuple[str, str]:
-    """(JSON text, where it came from) for a dict, JSON text, or a path/URL to a JSON file."""
-    if isinstance(source, Mapping):
-        return json.dumps(source), f"the given {name} dict"
-    if isinstance(source, str) and source.lstrip().startswith("{"):
-        return source, f"the given {name} text"
-    text = storage.read_text(source)
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{os.fspath(source)} is not valid JSON: {e}") from e
-    return text, os.fspath(source)
-
-
-def _post_processor_start_token(post_processor: Mapping[str, Any] | None) -> str | None:
-    """The special token a tokenizer.json post-processor puts before a single text (Llama 3: <|begin_of_text|>)."""
-    if not post_processor:
-        return None
-    if post_processor.get("type") == "Sequence":
-        for inner in post_processor.get("processors", []):
-            token = _post_processor_start_token(inner)
-            if token is not None:
-                return token
-        return None
-    if post_processor.get("type") == "TemplateProcessing":
-        single = post_processor.get("single") or []
-        if single and "SpecialToken" in single[0]:
-            return single[0]["SpecialToken"]["id"]
-    return None
-
-
-def _load_vocabulary(vocabulary: str | os.PathLike[str] | Mapping[str, int]) -> dict[str, int]:
-    if isinstance(vocabulary, Mapping):
-        vocab = dict(vocabulary)
-        where = "the given vocabulary"
-    else:
-        text, where = _json_text(vocabulary, "vocabulary.json")
-        vocab = json.loads(text)
-    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
-        raise ValueError(f"{where} must map each token to an integer id")
-    ids = sorted(vocab.values())
-    if ids != list(range(len(ids))):
-        raise ValueError(f"{where} ids must be 0..{len(ids) - 1} without gaps or repeats")
-    return vocab
-
-
-def _load_merges(merges: str | os.PathLike[str] | Iterable[str | Sequence[str]]) -> list[tuple[str, str]]:
-    """Merge pairs from merges.txt (path/URL) or data: "a b" strings or (a, b) pairs; "#version" lines skipped."""
-    where = "merges"
-    if isinstance(merges, (str, os.PathLike)):
-        where = os.fspath(merges)
-        merges = storage.read_text(merges).split("\n")
-    pairs: list[tuple[str, str]] = []
-    for index, merge in enumerate(merges):
-        if isinstance(merge, str):
-            if merge.startswith("#version") or not merge.strip():
-                continue
-            parts = merge.split(" ")
-        else:
-            parts = list(merge)
-        if len(parts) != 2 or not all(parts):
-            raise ValueError(f"{where} entry {index} must be two tokens separated by one space, got {merge!r}")
-        pairs.append((parts[0], parts[1]))
-    return pairs
-
-
-def _unmerged_tokens(vocabulary: Mapping[str, int], merges: Sequence[tuple[str, str]]) -> list[str]:
-    """Vocabulary entries that are neither one byte symbol nor the product of a merge: the added tokens."""
-    produced = {left + right for left, right in merges}
-    alphabet = set(_byte_to_symbol().values())
-    return sorted(
-        (token for token in vocabulary if token not in produced and not (len(token) == 1 and token in alphabet)),
-        key=vocabulary.__getitem__,
-    )
