@@ -1,16 +1,19 @@
-"""The job runs under `ray job submit` on a Ray cluster started with `ray start` (here: one head on loopback)."""
+"""The job runs under `ray job submit` on a Ray cluster started with `ray start` (here: one head on loopback,
+started and stopped by tests/ray_cluster.py through its own processes and temp dir)."""
 
 from __future__ import annotations
 
-import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.batch_fixtures import free_port, tiny_preset, write_prompts  # noqa: F401
+from tests.batch_fixtures import tiny_preset, write_prompts  # noqa: F401
+from tests.ray_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -24,24 +27,20 @@ def test_ray_job_submit_runs_the_job_on_an_existing_cluster(tmp_path, tiny_prese
         f'[model]\npreset = "{tiny_preset}"\nmax_length = 64\n[input]\nurl = "{data}"\n'
         f'[sampling]\nmax_new_tokens = 4\n[output]\nurl = "{out}"\n[execution]\nrows_per_shard = 2\nmax_slots = 4\n'
     )
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    port, dashboard = free_port(), free_port()
-    start = [
-        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        "--disable-usage-stats",
-    ]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    # The head is stopped through its own process tree (tests/ray_cluster.py), not `ray stop`, which would stop
+    # every Ray on the machine, other test runs' included.
+    root = Path(tempfile.mkdtemp(prefix="bgs-"))  # short: Ray's socket paths live below it
     try:
-        submitted = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
-             sys.executable, "-m", "batchgen.cli", "run", str(job), "--no-progress"],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
+        with LocalCluster(root) as cluster:
+            cluster.start_head(num_cpus=2)
+            submitted = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url, "--",
+                 sys.executable, "-m", "batchgen.cli", "run", str(job), "--no-progress"],
+                env=cluster.env, capture_output=True, text=True, timeout=600,
+            )
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         assert "job succeeded" in submitted.stdout
         rows = pq.read_table(str(out)).to_pylist()
         assert len(rows) == 4 and all(r["finish_reason"] in ("stop", "length") for r in rows)
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
