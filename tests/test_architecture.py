@@ -148,3 +148,13 @@ def test_light_entry_points_import_neither_keras_nor_jax(code):
     check = f"import sys; {code}; print(sorted(m for m in ('keras', 'jax') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_validate_imports_neither_keras_nor_jax():
+    # The check, as a user runs it: `python -X importtime -m batchgen.cli validate jobs/demo.toml`.
+    command = [sys.executable, "-X", "importtime", "-m", "batchgen.cli", "validate", "jobs/demo.toml"]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("keras", "jax", "jaxlib"))
+    assert not heavy, heavy
