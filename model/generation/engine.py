@@ -232,7 +232,7 @@ class GenerationEngine:
                 error = self._validate(request)
                 # Constrained rows (response_format) are prefilled whole: their first token needs its mask.
                 keys = None
-                if prefix is not None and not error and getattr(request, "response_format", None) is None:
+                if prefix is not None and not error and request.response_format is None:
                     keys = page_keys(request.prompt_ids, PAGE_SIZE)
                 found = prefix.lookup(keys) if keys else []
                 whole = keys is not None and (len(found) == len(keys) or keys[-1] in leaders)
@@ -391,8 +391,6 @@ class GenerationEngine:
         self.stats.prompt_tokens_shared += n - 1
         self.stats.prompt_tokens_received += n
         table.occupy_at_last_prompt_token(slot, request.seed & 0xFFFFFFFF)
-        if request.response_format is not None:  # the next decode call samples its first token: masked too
-            table.entries[slot].grammar = self.grammars.matcher(request.response_format)
 
     def _prefill_with_context(self, params, prompts: list[ContextPrompt], table: "SlotTable"):
         """Prefills the rest of prompts whose first pages were copied from the cache (one call)."""
