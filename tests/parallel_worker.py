@@ -130,8 +130,8 @@ def compiled_steps(backbone: LlamaBackbone, slots: int = 4, max_length: int = 64
     ints = np.zeros(slots, np.int32)
     seeds = np.zeros(slots, np.uint32)
     tokens = np.zeros((1, 32), np.int32)
-    prefill = steps.prefill.lower(
-        params, cache, tokens, tokens, tokens, tokens[0], tokens[0], ints, rows, seeds, config=config, variant=variant
+    prefill = steps.prefill_tokens.lower(
+        params, tokens, tokens, tokens, ints, rows, seeds, config=config, variant=variant
     ).compile()
     decode = steps.decode.lower(
         transformer.unstack_layers(params), cache, pages.table, pages.owner, pages.start, ints, ints, ints, np.ones(slots, bool), ints + 5,

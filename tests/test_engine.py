@@ -157,10 +157,29 @@ def test_packing_pads_little_on_a_mixed_workload():
 
 
 def test_a_decode_call_reads_the_cache_chunks_below_the_highest_page_in_use():
-    from model.generation.paged_cache import CHUNK_PAGES, chunk_sizes, chunks_to_read
+    from model.generation.paged_cache import CHUNK_PAGES, MAX_CHUNKS, chunk_sizes, chunks_to_read
 
     assert chunk_sizes(150) == [CHUNK_PAGES, CHUNK_PAGES, 150 - 2 * CHUNK_PAGES] and chunk_sizes(10) == [10]
     assert [chunks_to_read(n, 150) for n in (0, 1, CHUNK_PAGES, CHUNK_PAGES + 1, 150)] == [1, 1, 1, 2, 3]
+    # A large pool gets larger chunks, never more than MAX_CHUNKS: the programs stay few and their compiles short.
+    big = CHUNK_PAGES * MAX_CHUNKS * 3 + 5
+    assert len(chunk_sizes(big)) == MAX_CHUNKS and sum(chunk_sizes(big)) == big
+    assert [chunks_to_read(n, big) for n in (1, chunk_sizes(big)[0], chunk_sizes(big)[0] + 1, big)] == [1, 1, 2, MAX_CHUNKS]
+
+
+def test_a_decode_call_reads_whole_page_table_rows_when_rows_are_short():
+    from model.generation.paged_cache import WHOLE_ROW_PAGES, PageTable
+
+    short = PageTable(64, 32, 4, 32 * 6)  # rows of 6 pages: one width whatever the slots hold
+    short.admit(0, 10, 100)
+    assert short.width(4) == 6
+    long = PageTable(4 * 200, 32, 4, 32 * 200)
+    long.admit(0, 32 * 40, 32 * 40)
+    assert long.width(1) == 2 * WHOLE_ROW_PAGES and long.width(4) == 2 * WHOLE_ROW_PAGES
+    long.admit(1, 10, 10)
+    assert long.width(4) == 2 * WHOLE_ROW_PAGES
+    long.release(0)
+    assert long.width(4) == WHOLE_ROW_PAGES
 
 
 def _token_texts(tokenizer, prompt: list[int], generated: list[int]) -> list[str]:

@@ -50,7 +50,8 @@ def test_admission_keeps_every_promise():
 def test_write_puts_each_token_at_its_page_and_offset_and_drops_the_rest():
     # Per layer, in chunks of pages (here 2 + 1): keys [n, K, D, P] (positions last), values [n, K, P, D].
     chunks = lambda shape: (jnp.zeros((2,) + shape), jnp.zeros((1,) + shape))  # noqa: E731
-    cache = paged_cache.PagedKVCache((chunks((1, 2, 4)),) * 2, (chunks((1, 4, 2)),) * 2)
+    # Arrays of their own per layer, as allocate() makes them: the write updates each layer's chunks in place.
+    cache = paged_cache.PagedKVCache(tuple(chunks((1, 2, 4)) for _ in range(2)), tuple(chunks((1, 4, 2)) for _ in range(2)))
     new = jnp.arange(2 * 3 * 1 * 2, dtype=jnp.float32).reshape(2, 3, 1, 2) + 1  # [L, X, K, D]
     written = paged_cache.write(cache, new, -new, jnp.array([2, 0, 3]), jnp.array([1, 3, 0]))
     k = np.stack([np.concatenate(layer) for layer in written.k])

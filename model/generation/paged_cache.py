@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 from typing import Collection, Sequence
 
@@ -38,11 +39,19 @@ from model.generation.prefix_cache import PrefixCache
 PAGE_SIZE = 32  # positions per page: a slot wastes P / 2 on average; smaller pages mean more, slower pages
 
 
-# Pages per chunk of a layer's pool. A decode call reads the chunks below the highest page in use, each a whole
+# A layer's pool is cut into chunks. A decode call reads the chunks below the highest page in use, each a whole
 # array: slicing the first pages off one big array made XLA copy them on every step (~0.5 GB per step with a
-# pool three times the pages in use). Chunks of 64 pages (2,048 positions) keep the pages read within 64 of
-# those in use, and the programs few (one per number of chunks read).
+# pool three times the pages in use). Chunks of at least 64 pages (2,048 positions) keep the pages read within a
+# chunk of those in use; at most 8 chunks per pool keep the programs few and small: a decode program is one
+# attention block per chunk per layer, so its compile time grows with the chunks it reads (4 chunks: ~13 s,
+# 18 chunks: ~55 s on the bench machine), and there is one program per number of chunks read.
 CHUNK_PAGES = 64
+MAX_CHUNKS = 8
+
+# Page-table columns a decode call reads: a slot's whole row when rows are this short (one program, whatever
+# the lengths in flight; the per-slot combine of [B, W] pages costs little at W <= 32), else the most pages a
+# slot of the call holds, rounded up to a power of two.
+WHOLE_ROW_PAGES = 32
 
 
 @jax.tree_util.register_dataclass
@@ -53,7 +62,7 @@ class PagedKVCache:
     Per-layer arrays rather than one [L, ...] array: the decode step runs its layers unrolled and reads and
     writes layer l's pool directly. A stacked pool sliced per layer inside a loop makes XLA copy the layer's
     whole pool on every step (it cannot hand a dynamic slice to a dot or library call without materialising it).
-    Page ids run across the chunks: page p is entry p % CHUNK_PAGES of chunk p // CHUNK_PAGES.
+    Page ids run across the chunks: page p is entry p % c of chunk p // c, c = chunk_pages(pages).
     """
 
     k: tuple[tuple[jax.Array, ...], ...]
@@ -92,14 +101,20 @@ class PagedKVCache:
         return sum(a.nbytes for a in jax.tree.leaves((self.k, self.v)))
 
 
+def chunk_pages(pages: int) -> int:
+    """Pages per chunk of a pool of `pages` pages: CHUNK_PAGES, or more so that there are at most MAX_CHUNKS."""
+    return max(CHUNK_PAGES, -(-pages // MAX_CHUNKS))
+
+
 def chunk_sizes(pages: int) -> list[int]:
-    """Pages in each chunk of a pool of `pages` pages: CHUNK_PAGES each, the last one the rest."""
-    return [min(CHUNK_PAGES, pages - start) for start in range(0, pages, CHUNK_PAGES)]
+    """Pages in each chunk of a pool of `pages` pages: chunk_pages(pages) each, the last one the rest."""
+    size = chunk_pages(pages)
+    return [min(size, pages - start) for start in range(0, pages, size)]
 
 
 def chunks_to_read(extent: int, pages: int) -> int:
     """Chunks a decode call reads when every page in use is below `extent`."""
-    return max(1, min(-(-extent // CHUNK_PAGES), len(chunk_sizes(pages))))
+    return max(1, min(-(-extent // chunk_pages(pages)), len(chunk_sizes(pages))))
 
 
 def _per_layer(sharding: jax.sharding.Sharding | None) -> jax.sharding.Sharding | None:
@@ -130,10 +145,19 @@ def write_layer(
     return tuple(out_k), tuple(out_v)
 
 
+@functools.partial(jax.jit, static_argnames=("sharding",), donate_argnums=(0, 1))
+def _write_one_layer(chunks_k, chunks_v, new_k, new_v, layer, pages, offsets, sharding=None):
+    return write_layer(chunks_k, chunks_v, new_k[layer], new_v[layer], pages, offsets, sharding)
+
+
 def write(cache: PagedKVCache, new_k: jax.Array, new_v: jax.Array, pages: jax.Array, offsets: jax.Array) -> PagedKVCache:
-    """Writes X tokens' keys/values [L, X, K, D] of every layer at (pages [X], offsets [X]) (prefill)."""
+    """Writes X tokens' keys/values [L, X, K, D] of every layer at (pages [X], offsets [X]) (prefill), each
+    layer's pool updated in place.
+
+    One call per layer of one small program (the layer index is an argument, not a constant): a program that
+    writes every layer grows with layers x chunks, and so does its compile time (~10 s for the demo model)."""
     written = [
-        write_layer(k, v, new_k[layer], new_v[layer], pages, offsets, cache.sharding)
+        _write_one_layer(k, v, new_k, new_v, layer, pages, offsets, sharding=cache.sharding)
         for layer, (k, v) in enumerate(zip(cache.k, cache.v))
     ]
     return PagedKVCache(tuple(k for k, _ in written), tuple(v for _, v in written), cache.sharding)
@@ -153,21 +177,25 @@ def gather_pages(chunks: Sequence[jax.Array], pages: jax.Array) -> jax.Array:
     return picked.reshape(pages.shape + chunks[0].shape[1:])
 
 
+@functools.partial(jax.jit, static_argnames=("sharding",), donate_argnums=(0,))
+def _copy_in_layer(chunks: tuple[jax.Array, ...], source: jax.Array, target: jax.Array, sharding=None):
+    """Copies pages source [M] -> target [M] within one layer's keys or values (its chunks updated in place)."""
+    pages = gather_pages(chunks, source)
+    out, first = [], 0
+    for chunk in chunks:
+        n = chunk.shape[0]
+        local = target - first
+        local = jnp.where((local >= 0) & (local < n), local, n)  # n: not in this chunk, dropped
+        out.append(keep_layout(sharding, chunk.at[local].set(pages, mode="drop"))[0])
+        first += n
+    return tuple(out)
+
+
 def copy_pages(cache: PagedKVCache, source: jax.Array, target: jax.Array) -> PagedKVCache:
-    """Copies whole pages source [M] -> target [M] in every layer (a target of N or more is dropped: padding)."""
-
-    def scatter(chunks: Sequence[jax.Array], pages: jax.Array) -> tuple[jax.Array, ...]:
-        out, first = [], 0
-        for chunk in chunks:
-            n = chunk.shape[0]
-            local = target - first
-            local = jnp.where((local >= 0) & (local < n), local, n)  # n: not in this chunk, dropped
-            out.append(keep_layout(cache.sharding, chunk.at[local].set(pages, mode="drop"))[0])
-            first += n
-        return tuple(out)
-
-    keys = tuple(scatter(chunks, gather_pages(chunks, source)) for chunks in cache.k)
-    values = tuple(scatter(chunks, gather_pages(chunks, source)) for chunks in cache.v)
+    """Copies whole pages source [M] -> target [M] in every layer (a target of N or more is dropped: padding),
+    one call of one small program per layer's keys and values (as `write`, so that compiles stay short)."""
+    keys = tuple(_copy_in_layer(chunks, source, target, sharding=cache.sharding) for chunks in cache.k)
+    values = tuple(_copy_in_layer(chunks, source, target, sharding=cache.sharding) for chunks in cache.v)
     return PagedKVCache(keys, values, cache.sharding)
 
 
@@ -257,10 +285,12 @@ class PageTable:
             self.prefix.moved(source, target)
 
     def width(self, slots: int) -> int:
-        """Columns of the page table a decode call of the first `slots` slots reads: the most pages one of them
-        holds, rounded up to a power of two from 4 (a few programs), at most a slot's whole row."""
+        """Columns of the page table a decode call of the first `slots` slots reads: a slot's whole row when it
+        is at most WHOLE_ROW_PAGES, else the most pages one of them holds rounded up to a power of two."""
+        if self.pages_per_slot <= WHOLE_ROW_PAGES:
+            return self.pages_per_slot
         held = max(self._held[:slots], default=0)
-        width = 4
+        width = WHOLE_ROW_PAGES
         while width < held:
             width *= 2
         return min(width, self.pages_per_slot)

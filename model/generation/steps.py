@@ -29,15 +29,43 @@ def _logprobs(logits: jax.Array, chosen: jax.Array, k: int | None):
     return None if k is None else logprobs.token_logprobs(logits, chosen, k)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "variant", "logprobs_k"), donate_argnames=("cache",))
 def prefill(
     params: transformer.Params,
     cache: PagedKVCache,
+    token_ids: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    pages: jax.Array,
+    offsets: jax.Array,
+    last: jax.Array,
+    rows: sampling.RowSamplingParams,
+    seeds: jax.Array,
+    penalties: Penalties | None = None,
+    token_mask: jax.Array | None = None,
+    *,
+    config: LlamaConfig,
+    variant: sampling.SamplingVariant,
+    logprobs_k: int | None = None,
+) -> tuple[PagedKVCache, jax.Array, Any]:
+    """Prefills packed prompts into their pages; returns the cache, each prompt's first token [R] and, with
+    `logprobs_k` (None: none), the log-probabilities of those tokens (see `model.generation.logprobs`).
+
+    Two programs: the forward pass and sampling (`prefill_tokens`), then the pool writes, one small program per
+    layer (`paged_cache.write`). Writing every layer's chunks inside the forward's program made its compile grow
+    with layers x chunks (~10 s per prefill shape for the demo model)."""
+    first_tokens, first_logprobs, new_k, new_v = prefill_tokens(
+        params, token_ids, positions, segment_ids, last, rows, seeds, penalties, token_mask,
+        config=config, variant=variant, logprobs_k=logprobs_k,
+    )
+    return paged_cache.write(cache, new_k, new_v, pages, offsets), first_tokens, first_logprobs
+
+
+@functools.partial(jax.jit, static_argnames=("config", "variant", "logprobs_k"))
+def prefill_tokens(
+    params: transformer.Params,
     token_ids: jax.Array,  # [1, T] int32: whole prompts packed one after another, then padding
     positions: jax.Array,  # [1, T] each token's position in its own prompt
     segment_ids: jax.Array,  # [1, T] which prompt each token belongs to; -1 for padding
-    pages: jax.Array,  # [T] the page each token's keys/values go to; N (dropped) for padding
-    offsets: jax.Array,  # [T] the offset within that page
     last: jax.Array,  # [R] index of each prompt's last token (R = the call's prompt capacity)
     rows: sampling.RowSamplingParams,
     seeds: jax.Array,  # [R] uint32
@@ -47,9 +75,10 @@ def prefill(
     config: LlamaConfig,
     variant: sampling.SamplingVariant,
     logprobs_k: int | None = None,
-) -> tuple[PagedKVCache, jax.Array, Any]:
-    """Prefills packed prompts into their pages; returns the cache, each prompt's first token [R] and, with
-    `logprobs_k` (None: none), the log-probabilities of those tokens (see `model.generation.logprobs`)."""
+) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+    """The forward pass over packed prompts: each prompt's first token [R], its log-probabilities (as `prefill`)
+    and every token's keys and values [L, T, K, D] (pages [T] / offsets [T] in `prefill` say where they go:
+    the page each token's keys/values go to, N (dropped) for padding, and the offset within that page)."""
     hidden, new_k, new_v = transformer.forward(
         params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids
     )
@@ -58,11 +87,9 @@ def prefill(
     if token_mask is not None:
         shaped = grammar.apply_token_mask(shaped, token_mask)
     first_tokens = sampling.sample_next(shaped, rows, row_keys(seeds, jnp.zeros_like(seeds)), variant=variant)
-    cache = paged_cache.write(cache, new_k[:, 0], new_v[:, 0], pages, offsets)
-    return cache, first_tokens, _logprobs(logits, first_tokens, logprobs_k)
+    return first_tokens, _logprobs(logits, first_tokens, logprobs_k), new_k[:, 0], new_v[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "variant", "logprobs_k"), donate_argnames=("cache",))
 def prefill_with_context(
     params: transformer.Params,
     cache: PagedKVCache,
@@ -84,7 +111,22 @@ def prefill_with_context(
 ) -> tuple[PagedKVCache, jax.Array, Any]:
     """Prefills the rest of prompts whose first pages are in the cache already (see `prefix_cache.py`): each row
     attends to its context pages, gathered from the pool into a dense per-layer cache, and to itself. Returns
-    the cache with the new tokens written, each prompt's first token [B] and its log-probabilities, as `prefill`."""
+    the cache with the new tokens written, each prompt's first token [B] and its log-probabilities, as `prefill`
+    (and, as there, the pool writes run as a program per layer)."""
+    first_tokens, first_logprobs, new_k, new_v = _context_tokens(
+        params, cache, token_ids, positions, token_mask, context_pages, context_lengths, last, rows, seeds, penalties,
+        config=config, variant=variant, logprobs_k=logprobs_k,
+    )
+    return paged_cache.write(cache, new_k, new_v, pages, offsets), first_tokens, first_logprobs
+
+
+@functools.partial(jax.jit, static_argnames=("config", "variant", "logprobs_k"))
+def _context_tokens(
+    params, cache, token_ids, positions, token_mask, context_pages, context_lengths, last, rows, seeds, penalties,
+    *, config, variant, logprobs_k,
+):
+    """`prefill_with_context`'s forward pass (the pool only read): first tokens, log-probabilities, and the new
+    tokens' keys and values [L, B * T, K, D]."""
     b, c = context_pages.shape
 
     def dense(chunks, keys: bool):  # one layer's context as [B, K, C * P, D]
@@ -102,10 +144,8 @@ def prefill_with_context(
     shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
     first_tokens = sampling.sample_next(shaped, rows, row_keys(seeds, jnp.zeros_like(seeds)), variant=variant)
     layers, _, t, heads, d = new_k.shape
-    cache = paged_cache.write(
-        cache, new_k.reshape(layers, b * t, heads, d), new_v.reshape(layers, b * t, heads, d), pages, offsets
-    )
-    return cache, first_tokens, _logprobs(logits, first_tokens, logprobs_k)
+    new_k, new_v = new_k.reshape(layers, b * t, heads, d), new_v.reshape(layers, b * t, heads, d)
+    return first_tokens, _logprobs(logits, first_tokens, logprobs_k), new_k, new_v
 
 
 @functools.partial(
@@ -185,7 +225,7 @@ def decode(
 
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
 def copy_pages(cache: PagedKVCache, source: jax.Array, target: jax.Array) -> PagedKVCache:
-    """Copies pages source [M] -> target [M] of every layer's pool (prompt sharing: `prefix_cache.py`)."""
+    """Copies pages source [M] -> target [M] of every layer's pool (prompt sharing: `prefix_cache.py`), one small
+    program per layer call (one program for all layers took ~10 s to compile)."""
     return paged_cache.copy_pages(cache, source, target)
