@@ -12,6 +12,35 @@ import argparse
 import time
 
 
+def full_slots_decode(lm, params, slots: int, context: int, steps_per_call: int, decode=None):
+    """(call, cache): one jitted decode call of `steps_per_call` greedy steps over `slots` full slots of `context`
+    cached tokens each (call(cache) -> the new cache, which the call donates), and a zeroed cache for it.
+    `decode` replaces the engine's `steps.decode` (same signature), e.g. with parts of the step removed."""
+    import numpy as np
+
+    from model.generation import paged_cache, sampling, steps
+    from model.generation.paged_cache import PAGE_SIZE, PagedKVCache, PageTable, pages_for
+    from model.generation.requests import SamplingParams
+
+    config, b, length = lm.backbone.config, slots, context + steps_per_call + 1
+    decode = decode or steps.decode
+    pages = PageTable(b * pages_for(length, PAGE_SIZE), PAGE_SIZE, b, length)
+    for slot in range(b):
+        pages.admit(slot, length - 1, length - 1)
+    rows, variant = sampling.row_sampling_params([SamplingParams("greedy")] * b)
+    ints = lambda value: np.full(b, value, np.int32)  # noqa: E731
+
+    def call(cache):
+        return decode(
+            params, cache, pages.table[:, : pages.width(b)], pages.owner, pages.start, ints(1), ints(context),
+            ints(1), np.ones(b, bool), ints(10**6), np.full((b, 4), -1, np.int32), rows, np.arange(b, dtype=np.uint32),
+            config=config, variant=variant, steps=steps_per_call, chunks=len(paged_cache.chunk_sizes(pages.pages)),
+            max_length=10**6,
+        )[0]
+
+    return call, PagedKVCache.allocate(config, pages.pages, PAGE_SIZE, lm.backbone.compute_dtype)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="smollm2_135m_instruct")
@@ -23,34 +52,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax
-    import numpy as np
 
     from model import LlamaCausalLM, transformer
-    from model.generation import paged_cache, sampling, steps
-    from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache, pages_for
-    from model.generation.requests import SamplingParams
 
     lm = LlamaCausalLM.from_preset(args.preset, dtype=args.dtype)
-    config = lm.backbone.config
     params = transformer.unstack_layers(lm.backbone.params())
-    length = args.context + args.steps + 1
 
     def prepare(b: int):
-        pages = PageTable(b * pages_for(length, PAGE_SIZE), PAGE_SIZE, b, length)
-        for slot in range(b):
-            pages.admit(slot, length - 1, length - 1)
-        rows, variant = sampling.row_sampling_params([SamplingParams("greedy")] * b)
-        ints = lambda value: np.full(b, value, np.int32)  # noqa: E731
-
-        def call(cache):
-            return steps.decode(
-                params, cache, pages.table[:, : pages.width(b)], pages.owner, pages.start, ints(1), ints(args.context),
-                ints(1), np.ones(b, bool), ints(10**6), np.full((b, 4), -1, np.int32), rows, np.arange(b, dtype=np.uint32),
-                config=config, variant=variant, steps=args.steps, chunks=len(paged_cache.chunk_sizes(pages.pages)),
-                max_length=10**6,
-            )[0]
-
-        cache = PagedKVCache.allocate(config, pages.pages, PAGE_SIZE, lm.backbone.compute_dtype)
+        call, cache = full_slots_decode(lm, params, b, args.context, args.steps)
         return call, jax.block_until_ready(call(cache))  # compiled
 
     sizes = [int(s) for s in args.slots.split(",")]

@@ -1,0 +1,147 @@
+"""Where a decode step's time goes, by subtraction: `python -m batchgen.bench.step_parts [--slots 64] ...`.
+
+Wall time, not a profile: XLA's per-op trace (`profile_step.py`) slows the step several-fold and unevenly, so
+its shares are hard to trust. Here three programs at full slots run interleaved in one process:
+- the engine's decode step (`model.generation.steps.decode`);
+- the same step with decode attention replaced by its queries: the pool is still written, never read;
+- the step's weight products alone: every layer's projections and the LM head on [slots, M] rows.
+Then the weight products three ways at `--slots` rows: float32; int8 weights converted inside each product (the
+engine's int8); and int8 x int8 -> int32 with each row's activations quantized on the fly (not used by the
+engine: see the README's notes on int8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from typing import Any, Callable
+
+
+@contextlib.contextmanager
+def _attention_replaced(attention: Callable) -> Any:
+    """Decode attention swapped for `attention` while a program is traced (and so compiled) inside the block."""
+    from model import paged_attention
+
+    real = paged_attention.decode_attention
+    paged_attention.decode_attention = attention
+    try:
+        yield
+    finally:
+        paged_attention.decode_attention = real
+
+
+def _quantized(params: dict, names: tuple[str, ...], config: Any) -> dict:
+    """Every layer's `names` kernels as int8 matrices [In, Out] with one float scale per output channel."""
+    import jax
+    import jax.numpy as jnp
+
+    inputs = {"attention_output": config.num_query_heads * config.head_dim, "down": config.intermediate_dim}
+
+    def quantize(w, rows):
+        w = w.reshape(rows, -1)
+        scale = jnp.max(jnp.abs(w), axis=0) / 127
+        return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+
+    def layer(weights):
+        out = {}
+        for name in names:
+            out[name], out[name + "_scale"] = quantize(weights[name], inputs.get(name, config.hidden_dim))
+        return out
+
+    head = params.get("lm_head", params["token_embedding"].T)
+    lm_head, lm_head_scale = quantize(head, config.hidden_dim)
+    return jax.jit(lambda p: {"layers": [layer(w) for w in p["layers"]], "lm_head": lm_head,
+                              "lm_head_scale": lm_head_scale})(params)
+
+
+def _weight_products(params: dict, config: Any, steps: int, kind: str) -> Callable[[Any], Any]:
+    """A jitted call running `steps` times every weight product of a decode step on x [rows, M]: x -> x."""
+    import jax
+    import jax.numpy as jnp
+
+    from model import transformer
+
+    m, f = config.hidden_dim, config.intermediate_dim
+    names = ("query", "key", "value", "attention_output", "gate", "up", "down")
+    weights = params if kind == "float32" else _quantized(params, names, config)
+
+    def product(x, layer, name, inputs):
+        if kind != "int8 x int8 (activations per row)":
+            return transformer.project(x, layer, name, inputs)  # float32, or int8 converted inside the product
+        row_scale = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127
+        xq = jnp.round(x / jnp.maximum(row_scale, 1e-12)).astype(jnp.int8)
+        out = jax.lax.dot_general(xq, layer[name], (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+        return out.astype(jnp.float32) * row_scale * layer[name + "_scale"]
+
+    def run(x, weights):
+        def step(x, _):
+            for layer in weights["layers"]:
+                q, k, v = (product(x, layer, name, m) for name in names[:3])
+                x = x + product(q + jnp.tile(k + v, (1, q.shape[1] // k.shape[1])), layer, names[3], q.shape[1])
+                x = x + product(jax.nn.silu(product(x, layer, "gate", m)) * product(x, layer, "up", m), layer, "down", f)
+            head = transformer.logits(weights, x) if kind == "float32" else product(x, weights, "lm_head", m)
+            return x + head[:, :m], None
+
+        return jax.lax.scan(step, x, None, length=steps)[0]
+
+    jitted = jax.jit(run)
+    return lambda x: jitted(x, weights)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="smollm2_135m_instruct")
+    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--context", type=int, default=100, help="cached tokens per slot")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per call")
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from batchgen.bench.slots import full_slots_decode
+    from model import LlamaCausalLM, transformer
+    from model.generation import steps
+
+    lm = LlamaCausalLM.from_preset(args.preset, dtype="float32")
+    config = lm.backbone.config
+    params = transformer.unstack_layers(lm.backbone.params())
+    b = args.slots
+
+    def decode_call(attention: Callable | None):
+        if attention is None:
+            call, cache = full_slots_decode(lm, params, b, args.context, args.steps)
+            return [call, jax.block_until_ready(call(cache))]
+        fresh = jax.jit(steps.decode.__wrapped__, donate_argnames=("cache",),
+                        static_argnames=("config", "variant", "steps", "chunks", "max_length", "logprobs_k"))
+        call, cache = full_slots_decode(lm, params, b, args.context, args.steps, decode=fresh)
+        with _attention_replaced(attention):
+            cache = jax.block_until_ready(call(cache))  # traced and compiled with the replacement
+        return [call, cache]
+
+    x = jnp.ones((b, config.hidden_dim), jnp.float32)
+    programs = {
+        "decode step": decode_call(None),
+        "decode step, attention replaced by its queries": decode_call(lambda q, chunks_k, chunks_v, view: q),
+    }
+    for kind in ("float32", "int8 weights", "int8 x int8 (activations per row)"):
+        call = _weight_products(params, config, args.steps, kind)
+        programs[f"weight products alone, {kind}"] = [call, jax.block_until_ready(call(x))]
+    best = {name: float("inf") for name in programs}
+    for _ in range(args.rounds):
+        for name, entry in programs.items():
+            start = time.perf_counter()
+            entry[1] = jax.block_until_ready(entry[0](entry[1]))
+            best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
+    floor = best["weight products alone, float32"]
+    print(f"{b} slots, {args.context} cached tokens each, best of {args.rounds} interleaved calls of {args.steps} steps:")
+    print("| program | ms per step | / float32 weight products |")
+    print("|---|---|---|")
+    for name, seconds in best.items():
+        print(f"| {name} | {seconds * 1e3:.1f} | {seconds / floor:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
