@@ -18,8 +18,8 @@ from batchgen.row_sampling import RowSampling, resolve
 from batchgen.rows import OutputRecord, error_record
 from batchgen.search_runner import SearchRun, run_searches
 from batchgen.score_rows import ScoreRecord
-from batchgen.seeds import derive_seed
 from batchgen.spec import SEARCH_SAMPLERS, ModelSpec, SamplingConfig
+from model.generation.seeds import derive_seed
 
 
 class ModelRunner:

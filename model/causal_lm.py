@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import warnings
 from typing import Any, Iterable, Sequence
 
@@ -18,18 +17,10 @@ from model.backbone import LlamaBackbone
 from model.generation import scoring, search
 from model.generation.engine import GenerationEngine
 from model.generation.requests import Request
+from model.generation.seeds import derive_seed
 from model.preprocessor import LlamaCausalLMPreprocessor
 
 MAX_ENGINE_SLOTS = 64
-
-
-def row_seed(seed: int, *keys: Any) -> int:
-    """A stable 32-bit seed from a base seed and row keys (row index, row id, sample index).
-
-    sha256 rather than Python's hash(), which changes between processes; so a rerun samples the same text.
-    """
-    digest = hashlib.sha256(repr((int(seed), *keys)).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode"))
@@ -280,7 +271,7 @@ class LlamaCausalLM(keras.Model):
                                        stop_strings, skip_special_tokens, tokenizer)
         params = self.sampler.to_sampling_params()
         requests = [
-            Request(i, ids, max(budget, 1), params, stop_ids, stop_strings, row_seed(base_seed, i),
+            Request(i, ids, max(budget, 1), params, stop_ids, stop_strings, derive_seed(base_seed, i, 0),
                     skip_special_tokens)
             for i, (ids, budget) in enumerate(zip(prompts, budgets))
         ]
