@@ -15,7 +15,6 @@ from typing import Any
 import pyarrow as pa
 
 from batchgen import metrics
-from batchgen.faults import FaultPlan
 from batchgen.model_runner import ModelRunner
 from batchgen.planning import Shard
 from batchgen.prompts import carried_fields, columns_to_read, prompt_rows, row_ids_type
@@ -63,15 +62,11 @@ class ShardWorker:
     Args:
         spec: the job.
         input_schema: the input's Arrow schema (from planning), which fixes the output schema.
-        faults: test-only fault injection (batchgen.faults); empty in real jobs.
         runner: an already loaded model; by default the worker loads `spec.model` itself and warms it up.
     """
 
-    def __init__(
-        self, spec: JobSpec, input_schema: pa.Schema, faults: FaultPlan | None = None, runner: ModelRunner | None = None
-    ) -> None:
+    def __init__(self, spec: JobSpec, input_schema: pa.Schema, runner: ModelRunner | None = None) -> None:
         self.spec = spec
-        self.faults = faults or FaultPlan()
         task = spec.task
         self.columns = columns_to_read(spec, input_schema)
         self.columns += [c for c in (task.continuations_column, task.reference_column) if c and c not in self.columns]
@@ -107,7 +102,6 @@ class ShardWorker:
     def run_shard(self, shard: Shard, attempt: int) -> ShardResult:
         """Read the shard's rows, generate every sample, check the row contract, and publish the part file."""
         started = time.monotonic()
-        self.faults.at_shard_start(shard.index, attempt)
         self._hold(shard.model)
         source = read_shard(self.spec, shard, self.columns)
         table = source.table  # None for JSONL input (scoring jobs read Parquet only: the spec checks it)
@@ -115,22 +109,16 @@ class ShardWorker:
         generate = self.spec.task.kind == "generate"
         if generate and not self.logprobs:
             rows = [_without_logprob_columns(row) for row in rows]
-        expected = sum(row.samples(config.n) for row in rows for config in self.spec.sampling) if generate else len(rows)
-        records: list[Any] = []
         computed_before = self.runner.prompt_tokens_computed
-        for record in self._records(rows, table):
-            records.append(record)
-            if len(records) == max(expected // 2, 1):
-                self.faults.at_shard_middle(shard.index, attempt)
+        records: list[Any] = list(self._records(rows, table))
         if generate:
             samples = [(config.name, config.n) for config in self.spec.sampling]
             check_exactly_once(records, len(rows), samples, shard.shard_id, [row.n for row in rows])
         else:
             check_exactly_once(records, len(rows), [(self.spec.sampling[0].name, 1)], shard.shard_id)
 
-        wrap = lambda items: self.faults.wrap_batches(items, shard.index, attempt)  # noqa: E731
         if generate:
-            part = write_shard(self.spec, self.sink, shard, source, records, self.schema, wrap, shard.model)
+            part = write_shard(self.spec, self.sink, shard, source, records, self.schema, shard.model)
         else:
             if self.spec.input.id_column:
                 ids = table.column(self.spec.input.id_column).combine_chunks()
@@ -138,7 +126,7 @@ class ShardWorker:
                 ids = pa.array(range(shard.first_position, shard.first_position + table.num_rows), pa.int64())
             carried = table.select(list(self.spec.output.carry_columns))
             output = build_score_table(records, ids, carried, self.schema, shard.model)
-            part = self.sink.write_part(shard.shard_id, self.schema, wrap(output.to_batches(max_chunksize=WRITE_BATCH_ROWS)))
+            part = self.sink.write_part(shard.shard_id, self.schema, output.to_batches(max_chunksize=WRITE_BATCH_ROWS))
 
         errors = sum(1 for r in records if r.finish_reason == "error")
         return ShardResult(
