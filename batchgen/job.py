@@ -48,7 +48,7 @@ def run_job(
     """
     started = time.monotonic()
     plan = plan_job(spec)
-    sink = Sink(spec.output.url, spec.output.storage_options, spec.output.compression, spec.output.format)
+    sink = Sink.for_output(spec.output)
     record = job_record(spec.fingerprint(), spec.to_dict(), spec.source, [_shard_record(s) for s in plan.shards])
     committed = dict(sink.prepare(record, overwrite))
     skipped = len(committed)
@@ -123,7 +123,7 @@ def validate_job(spec: JobSpec, *, check_model: bool = True) -> Validation:
     if check_model:
         warnings += _check_preset(spec)
     plan = plan_job(spec)
-    sink = Sink(spec.output.url, spec.output.storage_options, spec.output.compression, spec.output.format)
+    sink = Sink.for_output(spec.output)
     resuming = sink.check_owner(spec.fingerprint())
     committed = 0
     if resuming:

@@ -211,29 +211,27 @@ class JobSpec:
     def fingerprint(self) -> str:
         """A hash of everything that decides the output rows, so a rerun knows it is the same job.
 
-        Replicas, attempts, timeouts, the error budget, engine slots, the cache size, devices per replica (and
-        which resource counts them) and storage options are left out: they change how the job runs, not what it writes. rows_per_shard is in,
-        since it decides the shards.
+        Every key counts except those of `RUN_ONLY_KEYS`, which change how the job runs, not what it writes.
         """
-        how_it_runs = ("devices_per_replica", "device_resource", "cache_tokens", "prefix_caching")
-        def model(spec: ModelSpec) -> dict[str, Any]:
-            return {k: v for k, v in dataclasses.asdict(spec).items() if k not in how_it_runs + ("name",)}
 
+        def kept(section: str, table: Any) -> dict[str, Any]:
+            return {k: v for k, v in dataclasses.asdict(table).items() if k not in RUN_ONLY_KEYS[section]}
+
+        def model(spec: ModelSpec) -> dict[str, Any]:
+            return {k: v for k, v in kept("model", spec).items() if k != "name"}  # in a sweep, the key of `models`
+
+        # This layout (sampling as a list, [execution]'s keys at the top, keys added later left out at their
+        # defaults, [task] and the sweep's models only where set) is what earlier versions hashed: kept, so that
+        # their outputs still resume and their shard ids (which hash it) do not move.
         affecting = {
             "model": model(self.model),
-            # The date is left out: where it matters, it is part of the URL already.
-            "input": _without_later_defaults(
-                {k: v for k, v in dataclasses.asdict(self.input).items() if k not in ("storage_options", "date")}
-            ),
-            "sampling": [_without_later_defaults(dataclasses.asdict(config)) for config in self.sampling],
-            "output": _without_later_defaults(
-                {"carry_columns": list(self.output.carry_columns), "format": self.output.format}
-            ),
-            "rows_per_shard": self.execution.rows_per_shard,
+            "input": _without_later_defaults(kept("input", self.input)),
+            "sampling": [_without_later_defaults(kept("sampling", config)) for config in self.sampling],
+            "output": _without_later_defaults(kept("output", self.output)),
+            **kept("execution", self.execution),
         }
-        # Only where set, so that the fingerprints of jobs written before these keys existed stay the same.
         if self.task != TaskSpec():
-            affecting["task"] = dataclasses.asdict(self.task)
+            affecting["task"] = kept("task", self.task)
         if self.model_sweep:
             affecting["models"] = {m.name: model(m) for m in self.models}
         encoded = json.dumps(affecting, sort_keys=True, default=list).encode()
@@ -253,6 +251,21 @@ class JobSpec:
         del data["input"]["storage_options"], data["output"]["storage_options"]
         return json.loads(json.dumps(data, default=list))
 
+
+# The keys that do not change the output rows, per section: they may differ between a run and its resumption,
+# and `JobSpec.fingerprint()` leaves them out. Every other key is part of the job's identity, a new one too
+# unless it is listed here. rows_per_shard is in: it decides the shards. The input's date is out: where it
+# matters, it is part of the URL already.
+RUN_ONLY_KEYS: dict[str, frozenset[str]] = {
+    "model": frozenset({"cache_tokens", "prefix_caching", "devices_per_replica", "device_resource"}),
+    "input": frozenset({"storage_options", "date"}),
+    "sampling": frozenset(),
+    "output": frozenset({"url", "compression", "storage_options"}),
+    "execution": frozenset(
+        {"replicas", "max_attempts", "shard_timeout", "max_error_rate", "max_slots", "compilation_cache"}
+    ),
+    "task": frozenset(),
+}
 
 # Keys added after jobs were already running, at their defaults: left out of the fingerprint, so that an
 # output written before they existed still resumes (a non-default value does change the fingerprint).

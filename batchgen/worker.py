@@ -77,7 +77,7 @@ class ShardWorker:
             self.schema = output_schema(id_type, carried, model_column=spec.model_sweep, logprobs=self.logprobs)
         else:
             self.schema = score_schema(id_type, carried, spec.model_sweep, task.per_token_logprobs)
-        self.sink = Sink(spec.output.url, spec.output.storage_options, spec.output.compression, spec.output.format)
+        self.sink = Sink.for_output(spec.output)
         self.model_name = spec.models[0].name
         self.runner = runner if runner is not None else self._load(spec.models[0])
 

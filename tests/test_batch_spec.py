@@ -209,3 +209,23 @@ def test_max_slots_auto_needs_a_cache_size(tmp_path):
     path.write_text(base + 'execution = {max_slots = "many"}\n')
     with pytest.raises(SpecError, match="max_slots"):
         load_spec(str(path))
+
+
+def test_run_only_keys_name_real_keys_and_leave_the_fingerprint_alone():
+    from batchgen.spec import _SECTIONS, RUN_ONLY_KEYS
+
+    assert set(RUN_ONLY_KEYS) == set(_SECTIONS)
+    for section, keys in RUN_ONLY_KEYS.items():
+        assert keys <= {field.name for field in dataclasses.fields(_SECTIONS[section])}, section
+    base = parse_spec({"model": {"preset": "p"}, "input": {"url": "in"}, "output": {"url": "out"}}, source="t.toml")
+    changed = parse_spec(
+        {"model": {"preset": "p", "cache_tokens": 4096, "prefix_caching": False}, "input": {"url": "in"}, "output": {"url": "out2"},
+         "execution": {"replicas": 4}},
+        source="t.toml",
+    )
+    assert base.fingerprint() == changed.fingerprint()
+    seeded = parse_spec(
+        {"model": {"preset": "p"}, "input": {"url": "in"}, "output": {"url": "out"}, "sampling": {"seed": 3}},
+        source="t.toml",
+    )
+    assert seeded.fingerprint() != base.fingerprint()
