@@ -30,8 +30,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from batchgen.manifest import ShardResult
 from batchgen.planning import Shard
-from batchgen.worker import ShardResult, ShardWorker
+from batchgen.worker import ShardWorker
 
 FAULTS_ENV = "BATCHGEN_FAULTS"
 ACTIONS = ("kill", "hang", "raise", "fail_write", "delay")

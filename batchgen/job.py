@@ -20,13 +20,14 @@ from rich.console import Console
 from batchgen.driver import DriverReport, ShardDriver
 from batchgen.errors import SpecError, WorkerStartError
 from batchgen.faults import FaultPlan, FaultyShardWorker
+from batchgen.manifest import ShardResult
 from batchgen.planning import Plan, Shard, plan_job
 from batchgen.progress import JobProgress
 from batchgen.ray_runtime import ray_session
 from batchgen.sink import Sink, job_record
 from batchgen.spec import JobSpec
 from batchgen.summary import JobSummary, summarize
-from batchgen.worker import ShardResult, ShardWorker
+from batchgen.worker import ShardWorker
 
 
 def run_job(
@@ -55,7 +56,7 @@ def run_job(
     pending = [shard for shard in plan.shards if shard.shard_id not in committed]
     report = DriverReport()
     total = plan.total_rows * spec.outputs_per_row
-    done = sum(entry["output_rows"] for entry in committed.values())
+    done = sum(ShardResult.from_entry(entry).output_rows for entry in committed.values())
     with JobProgress(total, done, enabled=progress, console=console) as bar:
         for warning in plan.warnings:
             bar.note(warning)

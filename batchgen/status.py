@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from batchgen import metrics as metric_sums
+from batchgen.manifest import ShardResult
 from batchgen.sink import Sink
 
 
@@ -65,7 +66,7 @@ def read_status(url: str, storage_options: Mapping[str, Any] | None = None) -> O
     sink = Sink(url, storage_options, output.get("compression", "zstd"), output.get("format", "parquet"))
     planned = [shard["shard_id"] for shard in job["shards"]]
     committed = sink.committed()
-    entries = [committed[shard_id] for shard_id in planned if shard_id in committed]
+    entries = [ShardResult.from_entry(committed[shard_id]) for shard_id in planned if shard_id in committed]
     summary = sink.read_summary() or {}
     reported = summary.get("failed_shards", ())
     failed = tuple(f for f in reported if f["shard_id"] in planned and f["shard_id"] not in committed)
@@ -88,11 +89,11 @@ def read_status(url: str, storage_options: Mapping[str, Any] | None = None) -> O
         shards_committed=len(entries),
         shards_pending=len(planned) - len(entries) - len(failed),
         shards_failed=len(failed),
-        rows_ok=sum(e["ok_rows"] for e in entries),
-        rows_error=sum(e["error_rows"] for e in entries),
-        prompt_tokens=sum(e["prompt_tokens"] for e in entries),
-        completion_tokens=sum(e["completion_tokens"] for e in entries),
-        error_prompt_tokens=sum(e.get("error_prompt_tokens", 0) for e in entries),
+        rows_ok=sum(e.ok_rows for e in entries),
+        rows_error=sum(e.error_rows for e in entries),
+        prompt_tokens=sum(e.prompt_tokens for e in entries),
+        completion_tokens=sum(e.completion_tokens for e in entries),
+        error_prompt_tokens=sum(e.error_prompt_tokens for e in entries),
         failed=failed,
-        metrics=metric_sums.merge(entries),
+        metrics=metric_sums.merge(e.metrics for e in entries),
     )

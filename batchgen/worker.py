@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from batchgen import metrics
+from batchgen.manifest import ShardResult
 from batchgen.model_runner import ModelRunner
 from batchgen.planning import Shard
 from batchgen.prompts import carried_fields, columns_to_read, prompt_rows, row_ids_type
@@ -23,37 +24,6 @@ from batchgen.score_rows import build_score_table, continuations_of, score_schem
 from batchgen.shard_io import WRITE_BATCH_ROWS, read_shard, write_shard  # noqa: F401 (WRITE_BATCH_ROWS re-exported)
 from batchgen.sink import Sink, part_name
 from batchgen.spec import JobSpec
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardResult:
-    """What a worker reports for a shard it wrote; the driver commits it as the shard's manifest entry."""
-
-    shard_id: str
-    index: int
-    attempt: int
-    file_url: str
-    row_start: int
-    row_stop: int
-    input_rows: int
-    output_rows: int
-    ok_rows: int
-    error_rows: int
-    prompt_tokens: int  # of the rows that were generated
-    completion_tokens: int
-    seconds: float
-    worker_pid: int
-    part_file: str
-    # Of the error rows: prompts that were tokenized (e.g. too long for the context) but never run.
-    error_prompt_tokens: int = 0
-    model: str = "default"
-    # {"model/config": {"metric", "sum", "count"}}: this shard's part of the job's metric (batchgen/metrics.py).
-    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Of prompt_tokens: those the model computed (the engine shares a repeated prompt: model.generation.prefix_cache).
-    prompt_tokens_computed: int | None = None
-
-    def manifest_entry(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class ShardWorker:

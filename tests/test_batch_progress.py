@@ -11,7 +11,7 @@ from batchgen.inputs import InputFile
 from batchgen.planning import Plan, Shard
 from batchgen.progress import JobProgress
 from batchgen.summary import summarize
-from batchgen.worker import ShardResult
+from batchgen.manifest import ShardResult
 from tests.batch_fixtures import make_spec
 
 
