@@ -106,7 +106,7 @@ def status(output: str, storage_options: tuple[str, ...], as_json: bool) -> None
     result = read_status(output, options)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.render())
     codes = {"succeeded": EXIT_OK, "empty": EXIT_BAD_JOB}
-    sys.exit(codes.get(result.state, EXIT_JOB_FAILED))
+    sys.exit(codes.get(result.status, EXIT_JOB_FAILED))
 
 
 @cli.command()

@@ -8,6 +8,10 @@ from collections.abc import Mapping
 from typing import Any
 
 
+# Manifest fields written under an older name, old -> new: outputs committed before the rename still resume.
+RENAMED_FIELDS = {"ok_rows": "rows_ok", "error_rows": "rows_error"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardResult:
     """The manifest record of one shard: what a worker reports for a shard it wrote, what the driver commits
@@ -22,8 +26,8 @@ class ShardResult:
     row_stop: int = 0
     input_rows: int = 0
     output_rows: int = 0
-    ok_rows: int = 0
-    error_rows: int = 0
+    rows_ok: int = 0
+    rows_error: int = 0
     prompt_tokens: int = 0  # of the rows that were generated
     completion_tokens: int = 0
     seconds: float = 0.0
@@ -51,4 +55,5 @@ class ShardResult:
         """The record of a manifest entry as read back; keys it does not know (a newer writer's) are ignored,
         and counters an older writer did not write take their defaults."""
         known = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in entry.items() if key in known})
+        named = {RENAMED_FIELDS.get(key, key): value for key, value in entry.items()}
+        return cls(**{key: value for key, value in named.items() if key in known})

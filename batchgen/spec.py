@@ -67,6 +67,9 @@ class ModelSpec:
     # Positions the KV cache holds over all slots; 0: room for every slot at max_length. Less saves memory, and
     # a row then waits for room when its prompt plus max_new_tokens does not fit beside the rows in flight.
     cache_tokens: int = 0
+    # Sequences the engine runs at once per worker (its slots), or "auto": from cache_tokens (see
+    # model.generation.engine.auto_slots). With cache_tokens and cache_dtype, the engine's whole sizing.
+    max_slots: int | str = 32
     # dtype of the KV cache: "auto" is the compute dtype; "bfloat16" halves a float32 model's cache (more rows in
     # the same memory) at a small cost in accuracy.
     cache_dtype: str = "auto"
@@ -168,7 +171,6 @@ class ExecutionSpec:
     max_attempts: int = 3
     shard_timeout: float = 3600.0
     max_error_rate: float = 0.0
-    max_slots: int | str = 32  # or "auto": from model.cache_tokens (see model.generation.engine.auto_slots)
     compilation_cache: str = "~/.cache/batchgen/xla"
 
 
@@ -257,15 +259,19 @@ class JobSpec:
 # unless it is listed here. rows_per_shard is in: it decides the shards. The input's date is out: where it
 # matters, it is part of the URL already.
 RUN_ONLY_KEYS: dict[str, frozenset[str]] = {
-    "model": frozenset({"cache_tokens", "prefix_caching", "devices_per_replica", "device_resource"}),
+    "model": frozenset({"cache_tokens", "max_slots", "prefix_caching", "devices_per_replica", "device_resource"}),
     "input": frozenset({"storage_options", "date"}),
     "sampling": frozenset(),
     "output": frozenset({"url", "compression", "storage_options"}),
     "execution": frozenset(
-        {"replicas", "max_attempts", "shard_timeout", "max_error_rate", "max_slots", "compilation_cache"}
+        {"replicas", "max_attempts", "shard_timeout", "max_error_rate", "compilation_cache"}
     ),
     "task": frozenset(),
 }
+
+# Keys that moved, old (section, key) -> new: a spec may still use the old place (the value moves); setting both
+# is an error. execution.max_slots joined model.cache_tokens, so that the engine's sizing is one section.
+MOVED_KEYS: dict[tuple[str, str], tuple[str, str]] = {("execution", "max_slots"): ("model", "max_slots")}
 
 # Keys added after jobs were already running, at their defaults: left out of the fingerprint, so that an
 # output written before they existed still resumes (a non-default value does change the fingerprint).
@@ -306,6 +312,9 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), *, today: datetim
         raise SpecError(f"job spec {path} does not exist") from error
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{path}: not valid TOML: {error}") from error
+    # A key in its old place moves before the overrides apply, so `--set` of either place wins over the file.
+    raw = _move_old_keys(raw, str(path))
+    overrides = [_moved_assignment(assignment) for assignment in overrides]
     return parse_spec(apply_overrides(raw, overrides, field_type), source=str(path), today=today)
 
 
@@ -315,6 +324,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>", today: datetim
     for name in ("model", "input", "output"):
         if name not in raw:
             raise SpecError(f"{source}: the [{name}] section is required")
+    raw = _move_old_keys(raw, source)
     tables = {name: _table(raw.get(name, {}), name, source) for name in _SECTIONS}
     _, models = _build_models(tables["model"], source)
     task = _build(TaskSpec, tables["task"], "task", source)
@@ -361,6 +371,7 @@ def field_type(path: Sequence[str]) -> Any:
     """The type the spec expects at a key path like ("sampling", "seed"), or None when it is no known key."""
     if not path or path[0] not in _SECTIONS:
         return None
+    path = MOVED_KEYS.get(tuple(path), tuple(path))
     cls = _SECTIONS[path[0]]
     rest = list(path[1:])
     if path[0] in ("sampling", "model") and rest[:1] == ["configs"]:
@@ -375,6 +386,30 @@ def field_type(path: Sequence[str]) -> Any:
 
 
 # ---- building ---------------------------------------------------------------------------------------------
+
+
+def _move_old_keys(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """`raw` with every key of MOVED_KEYS in its new place; SpecError when a spec sets both places."""
+    moved = dict(raw)
+    for (old_section, old_key), (section, key) in MOVED_KEYS.items():
+        old_table = moved.get(old_section)
+        if isinstance(old_table, Mapping) and old_key in old_table:
+            table = moved.get(section, {})
+            if isinstance(table, Mapping) and key in table:
+                raise SpecError(
+                    f"{source}: {old_section}.{old_key} is the old place of {section}.{key}; set only {section}.{key}"
+                )
+            moved[old_section] = {k: v for k, v in old_table.items() if k != old_key}
+            moved[section] = {**(table if isinstance(table, Mapping) else {}), key: old_table[old_key]}
+    return moved
+
+
+def _moved_assignment(assignment: str) -> str:
+    """A `--set` assignment with an old key path (MOVED_KEYS) rewritten to the new one."""
+    for (old_section, old_key), (section, key) in MOVED_KEYS.items():
+        if assignment.replace(" ", "").startswith(f"{old_section}.{old_key}="):
+            return f"{section}.{key}=" + assignment.split("=", 1)[1]
+    return assignment
 
 
 def _table(value: Any, where: str, source: str) -> dict[str, Any]:
@@ -618,14 +653,6 @@ def _check_values(spec: JobSpec) -> None:
         fail("execution.shard_timeout", execution.shard_timeout, "must be >= 0 seconds (0: no timeout)")
     if not 0 <= execution.max_error_rate <= 1:
         fail("execution.max_error_rate", execution.max_error_rate, "must be in [0, 1]")
-    if isinstance(execution.max_slots, str):
-        if execution.max_slots != "auto":
-            fail("execution.max_slots", execution.max_slots, "must be an integer >= 1 or \"auto\"")
-        if not all(model.cache_tokens for model in spec.models):
-            fail("execution.max_slots", execution.max_slots,
-                 "\"auto\" picks the slots from the cache's size: set model.cache_tokens too")
-    elif execution.max_slots < 1:
-        fail("execution.max_slots", execution.max_slots, "must be >= 1")
 
 
 def _check_model(model: ModelSpec, fail: Any) -> None:
@@ -641,6 +668,14 @@ def _check_model(model: ModelSpec, fail: Any) -> None:
     if model.cache_tokens and model.cache_tokens < model.max_length:
         fail(f"{where}.cache_tokens", model.cache_tokens, f"must be 0 (room for every slot) or >= {where}.max_length "
              f"({model.max_length}), so that one sequence fits")
+    if isinstance(model.max_slots, str):
+        if model.max_slots != "auto":
+            fail(f"{where}.max_slots", model.max_slots, "must be an integer >= 1 or \"auto\"")
+        if not model.cache_tokens:
+            fail(f"{where}.max_slots", model.max_slots,
+                 f"\"auto\" picks the slots from the cache's size: set {where}.cache_tokens too")
+    elif model.max_slots < 1:
+        fail(f"{where}.max_slots", model.max_slots, "must be >= 1")
     if model.cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
         fail(f"{where}.cache_dtype", model.cache_dtype, "must be auto, float32, bfloat16 or float16")
     if model.devices_per_replica < 1:

@@ -109,7 +109,7 @@ def summarize(
     # Committed shards say how many rows they wrote (OpenAI requests choose their own n); the rest are estimated.
     pending_rows = sum(s.num_rows for s in plan.shards if s.shard_id not in done)
     expected = sum(e.output_rows for e in entries) + pending_rows * spec.outputs_per_row
-    rows_error = sum(e.error_rows for e in entries)
+    rows_error = sum(e.rows_error for e in entries)
     failed_rows = sum(f.shard.num_rows for f in report.failed) * spec.outputs_per_model  # a shard: one model
     error_rate = (rows_error + failed_rows) / expected if expected else 0.0
     ok = error_rate <= spec.execution.max_error_rate
@@ -125,7 +125,7 @@ def summarize(
         fingerprint=spec.fingerprint(),
         input_rows=plan.total_rows,
         expected_rows=expected,
-        rows_ok=sum(e.ok_rows for e in entries),
+        rows_ok=sum(e.rows_ok for e in entries),
         rows_error=rows_error,
         prompt_tokens=sum(e.prompt_tokens for e in entries),
         # Shards committed before this counter existed have none (their prompt_tokens include error rows).

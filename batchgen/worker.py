@@ -52,7 +52,7 @@ class ShardWorker:
         self.runner = runner if runner is not None else self._load(spec.models[0])
 
     def _load(self, model: Any) -> ModelRunner:
-        runner = ModelRunner.load(model, self.spec.execution.max_slots, self.spec.execution.compilation_cache)
+        runner = ModelRunner.load(model, model.max_slots, self.spec.execution.compilation_cache)
         if self.spec.task.kind == "generate":
             runner.warm_up(self.spec.sampling)
         return runner
@@ -108,8 +108,8 @@ class ShardWorker:
             row_stop=shard.row_stop,
             input_rows=len(rows),
             output_rows=len(records),
-            ok_rows=len(records) - errors,
-            error_rows=errors,
+            rows_ok=len(records) - errors,
+            rows_error=errors,
             # Scoring: every token run through the model is a prompt token (a context once per continuation).
             prompt_tokens=sum(_input_tokens(r) for r in records if r.finish_reason != "error"),
             error_prompt_tokens=sum(r.prompt_tokens for r in records if r.finish_reason == "error"),

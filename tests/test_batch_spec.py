@@ -145,6 +145,7 @@ def test_fingerprint_follows_what_changes_the_output_only():
         raw(model={"device_resource": "TPU"}),
         raw(model={"cache_tokens": 4096}),
         raw(model={"prefix_caching": False}),
+        raw(model={"max_slots": 3}),
         raw(input={"date": "2020-01-01"}),  # no {date} in the URL: the date changes nothing
     ]
     different = [
@@ -201,13 +202,28 @@ def test_max_slots_auto_needs_a_cache_size(tmp_path):
 
     base = 'model = {preset = "p", cache_tokens = 4096}\ninput = {url = "in"}\noutput = {url = "out"}\n'
     path = tmp_path / "job.toml"
-    path.write_text(base + 'execution = {max_slots = "auto"}\n')
-    assert load_spec(str(path)).execution.max_slots == "auto"
-    path.write_text(base.replace(", cache_tokens = 4096", "") + 'execution = {max_slots = "auto"}\n')
+    path.write_text(base.replace("cache_tokens = 4096", 'cache_tokens = 4096, max_slots = "auto"'))
+    assert load_spec(str(path)).model.max_slots == "auto"
+    path.write_text(base.replace("cache_tokens = 4096", 'max_slots = "auto"'))
     with pytest.raises(SpecError, match="set model.cache_tokens"):
         load_spec(str(path))
-    path.write_text(base + 'execution = {max_slots = "many"}\n')
+    path.write_text(base.replace("cache_tokens = 4096", 'cache_tokens = 4096, max_slots = "many"'))
     with pytest.raises(SpecError, match="max_slots"):
+        load_spec(str(path))
+
+
+def test_max_slots_in_its_old_place_moves_to_model(tmp_path):
+    from batchgen.spec import SpecError, load_spec
+
+    base = 'model = {preset = "p"}\ninput = {url = "in"}\noutput = {url = "out"}\n'
+    path = tmp_path / "job.toml"
+    path.write_text(base + "execution = {max_slots = 4, replicas = 2}\n")
+    spec = load_spec(str(path))
+    assert (spec.model.max_slots, spec.execution.replicas) == (4, 2)
+    assert load_spec(str(path), ["execution.max_slots=6"]).model.max_slots == 6
+    assert load_spec(str(path), ["model.max_slots=7"]).model.max_slots == 7
+    path.write_text(base.replace('preset = "p"', 'preset = "p", max_slots = 2') + "execution = {max_slots = 4}\n")
+    with pytest.raises(SpecError, match="old place of model.max_slots"):
         load_spec(str(path))
 
 

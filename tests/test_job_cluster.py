@@ -49,11 +49,11 @@ def cluster() -> Iterator[LocalCluster]:
 def write_job(path: Path, input_url: str, output_url: str, preset: str, **sections: dict[str, Any]) -> Path:
     """A job spec file over columns `id` and `prompt` of a tiny model, with `sections` merged in."""
     tables: dict[str, dict[str, Any]] = {
-        "model": {"preset": preset, "max_length": 64},
+        "model": {"preset": preset, "max_length": 64, "max_slots": 8},
         "input": {"url": input_url, "id_column": "id"},
         "sampling": {"sampler": "random", "seed": 3, "max_new_tokens": 4},
         "output": {"url": output_url},
-        "execution": {"rows_per_shard": 3, "max_slots": 8, "compilation_cache": TEST_XLA_CACHE},
+        "execution": {"rows_per_shard": 3, "compilation_cache": TEST_XLA_CACHE},
     }
     for name, values in sections.items():
         tables[name] = {**tables.get(name, {}), **values}

@@ -101,11 +101,11 @@ def test_the_driver_killed_mid_job_resumes_and_writes_every_row_exactly_once(tmp
     data = write_prompts(tmp_path / "in.parquet", [f"prompt number {i}" for i in range(ROWS)], ids=range(ROWS), row_group_size=3)
     job = tmp_path / "job.toml"
     job.write_text(
-        f'[model]\npreset = "{tiny_preset}"\nmax_length = 64\n'
+        f'[model]\npreset = "{tiny_preset}"\nmax_length = 64\nmax_slots = 8\n'
         f'[input]\nurl = "{data}"\nid_column = "id"\n'
         f'[sampling]\nsampler = "random"\nn = {N}\nmax_new_tokens = 4\n'
         f'[output]\nurl = "{tmp_path / "out"}"\n'
-        f'[execution]\nrows_per_shard = 3\nmax_slots = 8\ncompilation_cache = "{TEST_XLA_CACHE}"\n'
+        f'[execution]\nrows_per_shard = 3\ncompilation_cache = "{TEST_XLA_CACHE}"\n'
     )
     # Every shard waits 2 s before it starts, so the driver can be killed with shards still to do.
     env = {**os.environ, "BATCHGEN_FAULTS": json.dumps([{"action": "delay", "shard": -1, "attempts": [], "seconds": 2}])}

@@ -24,7 +24,7 @@ CONFIGS = {"greedy": {"sampler": "greedy"}, "hot": {"sampler": "random", "temper
 @pytest.fixture(scope="module")
 def runner(tiny_preset) -> ModelRunner:
     spec = make_spec("x", "y", preset=tiny_preset)
-    return ModelRunner.load(spec.model, spec.execution.max_slots, spec.execution.compilation_cache)
+    return ModelRunner.load(spec.model, spec.model.max_slots, spec.execution.compilation_cache)
 
 
 def engine_completions(runner: ModelRunner, config: dict, k: int | None, max_new_tokens: int = 6) -> list:

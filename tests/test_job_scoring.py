@@ -27,7 +27,7 @@ SCORE = {"kind": "score", "continuations_column": "choices", "reference_column":
 @pytest.fixture(scope="module")
 def runner(tiny_preset) -> ModelRunner:
     spec = make_spec("x", "y", preset=tiny_preset)
-    return ModelRunner.load(spec.model, spec.execution.max_slots, spec.execution.compilation_cache)
+    return ModelRunner.load(spec.model, spec.model.max_slots, spec.execution.compilation_cache)
 
 
 def _input(tmp_path) -> str:
