@@ -16,9 +16,10 @@ import jinja2
 from batchgen.prompts import PromptRow
 from batchgen.row_sampling import RowSampling, resolve
 from batchgen.rows import OutputRecord, error_record
-from batchgen.search_runner import SearchRun, run_searches
+from batchgen.sampling_checks import SEARCH_SAMPLERS
 from batchgen.score_rows import ScoreRecord
-from batchgen.spec import SEARCH_SAMPLERS, ModelSpec, SamplingConfig
+from batchgen.search_runner import SearchRun, run_searches
+from batchgen.spec import ModelSpec, SamplingConfig
 from model.generation.seeds import derive_seed
 
 
