@@ -21,6 +21,7 @@ from batchgen.inputs import read_rows
 from batchgen.jsonl_input import columns_of, read_objects
 from batchgen.openai_batch import output_lines, request_columns
 from batchgen.planning import Shard
+from batchgen.prompts import row_ids
 from batchgen.rows import CONTRACT_COLUMNS, OutputRecord, build_table, top_logprob_rows
 from batchgen.spec import JobSpec
 
@@ -38,10 +39,8 @@ class ShardInput:
     table: pa.Table | None = None  # the Arrow rows, for Parquet input
 
     def ids(self, spec: JobSpec, first_position: int) -> list[Any]:
-        """Each row's id: the id column's value, or its input position."""
-        if spec.input.id_column:
-            return list(self.columns[spec.input.id_column])
-        return list(range(first_position, first_position + self.num_rows))
+        """Each row's id: the id column's value, or its input position (prompts.row_ids)."""
+        return row_ids(self.columns, spec.input, first_position, self.num_rows)
 
 
 def read_shard(spec: JobSpec, shard: Shard, columns: Sequence[str]) -> ShardInput:

@@ -90,10 +90,7 @@ class ShardWorker:
         if generate:
             part = write_shard(self.spec, self.sink, shard, source, records, self.schema, shard.model)
         else:
-            if self.spec.input.id_column:
-                ids = table.column(self.spec.input.id_column).combine_chunks()
-            else:
-                ids = pa.array(range(shard.first_position, shard.first_position + table.num_rows), pa.int64())
+            ids = pa.array(source.ids(self.spec, shard.first_position), self.schema.field("id").type)
             carried = table.select(list(self.spec.output.carry_columns))
             output = build_score_table(records, ids, carried, self.schema, shard.model)
             part = self.sink.write_part(shard.shard_id, self.schema, output.to_batches(max_chunksize=WRITE_BATCH_ROWS))
