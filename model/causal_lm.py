@@ -16,7 +16,7 @@ from model import parallel, samplers, transformer
 from model.backbone import LlamaBackbone
 from model.generation import scoring, search
 from model.generation.engine import GenerationEngine
-from model.generation.requests import Request
+from model.generation.requests import Request, resolve_stop_token_ids
 from model.generation.seeds import derive_seed
 from model.preprocessor import LlamaCausalLMPreprocessor
 
@@ -223,7 +223,7 @@ class LlamaCausalLM(keras.Model):
 
         Stop strings work with every sampler but beam search, which raises ValueError when given any.
         """
-        stop_ids = self._resolve_stop_token_ids(stop_token_ids)
+        stop_ids = resolve_stop_token_ids(stop_token_ids, None if self.preprocessor is None else self.stop_token_ids)
         stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if self.preprocessor is None:
             if not isinstance(inputs, dict):
@@ -243,17 +243,6 @@ class LlamaCausalLM(keras.Model):
                 outputs.extend(self._generate_texts(batch, **options))
             return outputs
         raise ValueError(f"generate() takes a string, a list of strings or an iterable of batches, got {type(inputs)}")
-
-    def _resolve_stop_token_ids(self, stop_token_ids: Any) -> tuple[int, ...]:
-        if stop_token_ids is None:
-            return ()
-        if isinstance(stop_token_ids, str):
-            if stop_token_ids != "auto":
-                raise ValueError(f"stop_token_ids must be None, 'auto' or a tuple of ids, got {stop_token_ids!r}")
-            if self.preprocessor is None:
-                raise ValueError("stop_token_ids='auto' needs a preprocessor; pass a tuple of ids or None")
-            return self.stop_token_ids
-        return tuple(int(i) for i in stop_token_ids)
 
     def _base_seed(self, seed: int | None) -> int:
         seed = seed if seed is not None else getattr(self.sampler, "seed", None)
