@@ -71,7 +71,7 @@ class EngineStats:
     prompt_tokens: int = 0  # prefilled (computed by prefill calls)
     prompt_tokens_shared: int = 0  # copied from a cached copy of the same prompt instead (prefix_cache.py)
     prompt_tokens_received: int = 0  # of every request run: prefilled + shared + one per shared prompt (recomputed)
-    generated_tokens: int = 0
+    completion_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_calls: int = 0
@@ -498,7 +498,7 @@ class GenerationEngine:
         (token,) = new  # a constrained slot advances one token per call
         if token not in state.stop_token_ids:
             if token in self.grammars.end_token_ids:  # the library's end token: allowed only where the grammar may end
-                self.stats.generated_tokens += 1
+                self.stats.completion_tokens += 1
                 return self._finish(state, "stop", counted=len(state.generated) + 1, stop_token_id=token)
             if not state.grammar.consume_token(token):  # the mask allowed it, so this is a library or engine bug
                 return self._error(state.request, f"response_format: the grammar rejected token {token}: "
@@ -515,7 +515,7 @@ class GenerationEngine:
         sequence: a decode call can return a stop string and, a few tokens on, a stop token, and the text must
         end at the stop string, not at the token.
         """
-        self.stats.generated_tokens += len(new)
+        self.stats.completion_tokens += len(new)
         detokenizer = state.detokenizer
         if detokenizer is None and self.tokenizer is not None:
             request = state.request
