@@ -91,8 +91,9 @@ def test_a_shard_failing_every_attempt_is_reported_and_the_error_budget_decides(
     assert entries[0]["attempt"] == 2 and set(entries) == {0, 2}
     assert sink.read_summary()["shards_failed"] == 1
 
-    # The same job with a budget that fits the failure: committed shards are skipped, exit 0, _SUCCESS.
-    again = run_job(spec_for(tmp_path, tiny_preset, execution={"max_attempts": 2, "max_error_rate": 0.4}))
+    # The same job (shard 1 still failing every attempt) with a budget that fits the failure: committed shards are
+    # skipped, exit 0, _SUCCESS.
+    again = run_job(spec_for(tmp_path, tiny_preset, execution={"max_attempts": 2, "max_error_rate": 0.4}), faults=plan)
     assert again.exit_code == 0 and again.shards_skipped == 2 and again.shards_failed == 1 and sink.succeeded()
     assert again.shards_run == 0
 
