@@ -245,9 +245,7 @@ RUN_ONLY_KEYS: dict[str, frozenset[str]] = {
     "input": frozenset({"storage_options", "date"}),
     "sampling": frozenset(),
     "output": frozenset({"url", "compression", "storage_options"}),
-    "execution": frozenset(
-        {"replicas", "max_attempts", "shard_timeout", "max_error_rate", "compilation_cache"}
-    ),
+    "execution": frozenset({"replicas", "max_attempts", "shard_timeout", "max_error_rate", "compilation_cache"}),
     "task": frozenset(),
 }
 
