@@ -50,7 +50,7 @@ class ModelSpec:
     # a row then waits for room when its prompt plus max_new_tokens does not fit beside the rows in flight.
     cache_tokens: int = 0
     # Sequences the engine runs at once per worker (its slots), or "auto": from cache_tokens (see
-    # model.generation.engine.auto_slots). With cache_tokens and cache_dtype, the engine's whole sizing.
+    # model.generation.scheduler.auto_slots). With cache_tokens and cache_dtype, the engine's whole sizing.
     max_slots: int | str = 32
     # dtype of the KV cache: "auto" is the compute dtype; "bfloat16" halves a float32 model's cache (more rows in
     # the same memory) at a small cost in accuracy.
