@@ -104,8 +104,10 @@ def worker_nodes(cluster: LocalCluster) -> dict[int, str]:
     from ray.util.state import list_actors
 
     names = {node_id: name for name, node_id in cluster.ids.items()}
-    actors = list_actors(address=cluster.dashboard_url, filters=[("class_name", "=", "ShardWorker")], limit=10_000)
-    return {actor.pid: names[actor.node_id] for actor in actors if actor.pid and actor.node_id}
+    # A job run with faults (BATCHGEN_FAULTS) runs them as FaultyShardWorker, the ShardWorker that fires them.
+    actors = list_actors(address=cluster.dashboard_url, limit=10_000)
+    workers = [a for a in actors if a.class_name in ("ShardWorker", "FaultyShardWorker")]
+    return {actor.pid: names[actor.node_id] for actor in workers if actor.pid and actor.node_id}
 
 
 def wait_for_commits(sink: Sink, driver: subprocess.Popen, count: int, timeout: float = 180) -> None:
