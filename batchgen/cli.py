@@ -52,12 +52,15 @@ def run(
     job: Path, overrides: tuple[str, ...], address: str | None, overwrite: bool, progress: bool | None, as_json: bool
 ) -> None:
     """Run the job in JOB to the end; a rerun resumes, skipping committed shards."""
+    from batchgen.faults import FaultPlan
     from batchgen.job import run_job
     from batchgen.spec import load_spec
 
     spec = load_spec(job, overrides)
     show = sys.stderr.isatty() if progress is None else progress
-    summary = run_job(spec, address=address, overwrite=overwrite, progress=show)
+    # BATCHGEN_FAULTS: the fault tests' way into a `batchgen run` subprocess (unset in real jobs: no faults).
+    faults = FaultPlan.from_env()
+    summary = run_job(spec, address=address, overwrite=overwrite, progress=show, faults=faults)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.render())
     sys.exit(summary.exit_code)
 
@@ -103,7 +106,7 @@ def status(output: str, storage_options: tuple[str, ...], as_json: bool) -> None
     result = read_status(output, options)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.render())
     codes = {"succeeded": EXIT_OK, "empty": EXIT_BAD_JOB}
-    sys.exit(codes.get(result.state, EXIT_JOB_FAILED))
+    sys.exit(codes.get(result.status, EXIT_JOB_FAILED))
 
 
 @cli.command()

@@ -27,9 +27,9 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from batchgen.errors import WorkerStartError
 from batchgen.head_watch import HeadWatch
+from batchgen.manifest import ShardResult
 from batchgen.planning import Shard
 from batchgen.spec import ExecutionSpec
-from batchgen.worker import ShardResult
 
 # How often the driver wakes up to check timeouts when nothing finishes.
 POLL_SECONDS = 1.0

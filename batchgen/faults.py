@@ -1,8 +1,10 @@
 """Fault injection for the fault tests: a worker that dies, hangs, raises or fails a write on a given shard.
 
-TEST-ONLY HOOK. The driver reads the environment variable BATCHGEN_FAULTS (a JSON list) and hands the plan to
-each worker, which fires the faults at real points of its work. Nothing happens when the variable is unset,
-which is how every real job runs. Each fault is a table:
+Tests only. A test passes a `FaultPlan` to `run_job(spec, faults=...)`; the job then runs `FaultyShardWorker`s,
+which fire the faults around the real steps of `ShardWorker.run_shard` (the production worker has no hooks). A
+test that drives `batchgen run` in a subprocess sets the environment variable BATCHGEN_FAULTS (a JSON list,
+`FaultPlan.from_env`), which the CLI's `run` passes as that parameter; unset, as in every real job, the plan is
+empty and the plain `ShardWorker` runs. Each fault is a table:
 
     {"action": "kill" | "hang" | "raise" | "fail_write" | "delay",
      "shard": 1,          # the shard's index in the plan; -1 means every shard
@@ -23,9 +25,14 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import pyarrow as pa
+
+from batchgen.manifest import ShardResult
+from batchgen.planning import Shard
+from batchgen.worker import ShardWorker
 
 FAULTS_ENV = "BATCHGEN_FAULTS"
 ACTIONS = ("kill", "hang", "raise", "fail_write", "delay")
@@ -110,3 +117,51 @@ def _fail_after_first(batches: Iterable[pa.RecordBatch], shard_index: int, attem
         yield batch
         break
     raise InjectedFault(f"injected write failure half-way through shard {shard_index}, attempt {attempt}")
+
+
+class FaultyShardWorker(ShardWorker):
+    """A `ShardWorker` that fires `faults` at real points of each shard: at its start (delay, hang, raise), half-way
+    through its output records (kill), and in its part file's write (fail_write)."""
+
+    def __init__(self, spec: Any, input_schema: pa.Schema, faults: FaultPlan, runner: Any = None) -> None:
+        super().__init__(spec, input_schema, runner=runner)
+        self.faults = faults
+        self._attempt = (-1, 0)  # (shard index, attempt) of the shard being run
+
+    def run_shard(self, shard: Shard, attempt: int) -> ShardResult:
+        self.faults.at_shard_start(shard.index, attempt)
+        self._attempt = (shard.index, attempt)
+        sink = self.sink
+        self.sink = _FailingWrites(sink, lambda items: self.faults.wrap_batches(items, shard.index, attempt))
+        try:
+            return super().run_shard(shard, attempt)
+        finally:
+            self.sink = sink
+
+    def _records(self, rows: list[Any], table: pa.Table) -> Iterator[Any]:
+        """The real records; the kill fault fires once half of them have come out."""
+        if self.spec.task.kind == "generate":
+            expected = sum(row.samples(config.n) for row in rows for config in self.spec.sampling)
+        else:
+            expected = len(rows)
+        for count, record in enumerate(super()._records(rows, table), start=1):
+            yield record
+            if count == max(expected // 2, 1):
+                self.faults.at_shard_middle(*self._attempt)
+
+
+class _FailingWrites:
+    """A sink whose part files are written from `wrap(items)` (record batches, or JSONL lines); everything else is
+    the sink's own."""
+
+    def __init__(self, sink: Any, wrap: Callable[[Iterable[Any]], Iterable[Any]]) -> None:
+        self._sink, self._wrap = sink, wrap
+
+    def write_part(self, shard_id: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> str:
+        return self._sink.write_part(shard_id, schema, self._wrap(batches))
+
+    def write_lines(self, shard_id: str, lines: Iterable[str]) -> str:
+        return self._sink.write_lines(shard_id, self._wrap(lines))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sink, name)

@@ -19,14 +19,15 @@ from rich.console import Console
 
 from batchgen.driver import DriverReport, ShardDriver
 from batchgen.errors import SpecError, WorkerStartError
-from batchgen.faults import FaultPlan
+from batchgen.faults import FaultPlan, FaultyShardWorker
+from batchgen.manifest import ShardResult
 from batchgen.planning import Plan, Shard, plan_job
 from batchgen.progress import JobProgress
 from batchgen.ray_runtime import ray_session
 from batchgen.sink import Sink, job_record
 from batchgen.spec import JobSpec
 from batchgen.summary import JobSummary, summarize
-from batchgen.worker import ShardResult, ShardWorker
+from batchgen.worker import ShardWorker
 
 
 def run_job(
@@ -36,36 +37,41 @@ def run_job(
     overwrite: bool = False,
     progress: bool = False,
     console: Console | None = None,
+    faults: FaultPlan | None = None,
 ) -> JobSummary:
     """Run `spec` to the end and return its summary (also written to `_summary.json`).
 
     Shards committed by an earlier run of the same job are skipped. `address` joins a Ray cluster (else
     RAY_ADDRESS, else an embedded local Ray; a Ray already initialised in this process is used as it is).
     Raises SpecError / InputError / OutputConflictError before any work starts, WorkerStartError when no
-    worker can load the model; shards that fail are reported in the summary, not raised.
+    worker can load the model; shards that fail are reported in the summary, not raised. `faults` is for tests:
+    a `FaultPlan` (batchgen.faults) whose faults the workers fire.
     """
     started = time.monotonic()
     plan = plan_job(spec)
-    sink = Sink(spec.output.url, spec.output.storage_options, spec.output.compression, spec.output.format)
+    sink = Sink.for_output(spec.output)
     record = job_record(spec.fingerprint(), spec.to_dict(), spec.source, [_shard_record(s) for s in plan.shards])
     committed = dict(sink.prepare(record, overwrite))
     skipped = len(committed)
     pending = [shard for shard in plan.shards if shard.shard_id not in committed]
     report = DriverReport()
     total = plan.total_rows * spec.outputs_per_row
-    done = sum(entry["output_rows"] for entry in committed.values())
+    done = sum(ShardResult.from_entry(entry).output_rows for entry in committed.values())
     with JobProgress(total, done, enabled=progress, console=console) as bar:
         for warning in plan.warnings:
             bar.note(warning)
         if pending:
             with ray_session(address, num_cpus=spec.execution.replicas * spec.model.devices_per_replica) as how:
-                actor_class = ray.remote(ShardWorker)
+                # A test's fault plan runs FaultyShardWorkers, which fire its faults around the real work.
+                if faults and faults.faults:
+                    actor_class, worker_args = ray.remote(FaultyShardWorker), (spec, plan.schema, faults)
+                else:
+                    actor_class, worker_args = ray.remote(ShardWorker), (spec, plan.schema)
                 options = _worker_resources(spec)
                 _check_placeable(options, how, bar.note)
-                faults = FaultPlan.from_env()
 
                 def start_worker() -> Any:
-                    return actor_class.options(**options, max_restarts=0).remote(spec, plan.schema, faults)
+                    return actor_class.options(**options, max_restarts=0).remote(*worker_args)
 
                 def on_result(result: ShardResult) -> None:
                     entry = result.manifest_entry()
@@ -118,7 +124,7 @@ def validate_job(spec: JobSpec, *, check_model: bool = True) -> Validation:
     if check_model:
         warnings += _check_preset(spec)
     plan = plan_job(spec)
-    sink = Sink(spec.output.url, spec.output.storage_options, spec.output.compression, spec.output.format)
+    sink = Sink.for_output(spec.output)
     resuming = sink.check_owner(spec.fingerprint())
     committed = 0
     if resuming:

@@ -73,11 +73,12 @@ class MetricSums:
         return {key: {"metric": self.metric, "sum": s, "count": c} for key, (s, c) in self.sums.items()}
 
 
-def merge(entries: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The job's metrics from its manifest entries: {key: {metric, value, count}}, keys in first-seen order."""
+def merge(shard_metrics: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The job's metrics from its shards' (`ShardResult.metrics`): {key: {metric, value, count}}, keys in
+    first-seen order."""
     total: dict[str, dict[str, Any]] = {}
-    for entry in entries:
-        for key, part in (entry.get("metrics") or {}).items():
+    for metrics in shard_metrics:
+        for key, part in (metrics or {}).items():
             into = total.setdefault(key, {"metric": part["metric"], "sum": 0.0, "count": 0.0})
             into["sum"] += part["sum"]
             into["count"] += part["count"]

@@ -16,10 +16,11 @@ import jinja2
 from batchgen.prompts import PromptRow
 from batchgen.row_sampling import RowSampling, resolve
 from batchgen.rows import OutputRecord, error_record
-from batchgen.search_runner import SearchRun, run_searches
+from batchgen.sampling_checks import SEARCH_SAMPLERS
 from batchgen.score_rows import ScoreRecord
-from batchgen.seeds import derive_seed
-from batchgen.spec import SEARCH_SAMPLERS, ModelSpec, SamplingConfig
+from batchgen.search_runner import SearchRun, run_searches
+from batchgen.spec import ModelSpec, SamplingConfig
+from model.generation.seeds import derive_seed
 
 
 class ModelRunner:
@@ -89,7 +90,7 @@ class ModelRunner:
 
         A request's id is its output record's key (row index, configuration name, sample index).
         """
-        from model.generation.requests import Request, SamplingParams
+        from model.generation.requests import Request, SamplingParams, resolve_stop_token_ids
 
         for row in rows:
             error, ids = row.error, None
@@ -122,7 +123,7 @@ class ModelRunner:
                             frequency_penalty=settings.frequency_penalty,
                             logit_bias=settings.logit_bias,
                         ),
-                        stop_token_ids=self._stop_ids(config),
+                        stop_token_ids=resolve_stop_token_ids(config.stop_token_ids, self.stop_token_ids),
                         stop_strings=settings.stop_strings,
                         seed=derive_seed(settings.seed, row.row_id, sample),
                         skip_special_tokens=config.skip_special_tokens,
@@ -271,11 +272,6 @@ class ModelRunner:
         if text is None:
             text = self._token_texts[token_id] = self.tokenizer.detokenize([token_id])
         return text
-
-    def _stop_ids(self, config: SamplingConfig) -> tuple[int, ...]:
-        if config.stop_token_ids == "auto":
-            return self.stop_token_ids
-        return tuple(config.stop_token_ids)
 
 
 def enable_compilation_cache(directory: str) -> None:

@@ -20,7 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from batchgen.worker import ShardResult
+from batchgen.manifest import ShardResult
 
 log = logging.getLogger("batchgen")
 

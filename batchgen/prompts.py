@@ -114,10 +114,7 @@ def prompt_rows(
     columns = _pylists(table)
     num_rows = len(columns[prompt_column(input)])
     prompts = columns[prompt_column(input)]
-    if input.id_column:
-        ids: list[Any] = list(columns[input.id_column])
-    else:
-        ids = list(range(first_position, first_position + num_rows))
+    ids = row_ids(columns, input, first_position, num_rows)
     names = list(OVERRIDE_COLUMNS) + ([N_COLUMN] if input.format == "openai_batch" else [])
     overrides = {name: columns[name] for name in names if name in columns}
     rows = []
@@ -187,6 +184,14 @@ def _is_messages_type(type_: pa.DataType) -> bool:
         return False
     item = type_.value_type
     return pa.types.is_struct(item) and {"role", "content"} <= {item.field(i).name for i in range(item.num_fields)}
+
+
+def row_ids(columns: Mapping[str, Sequence[Any]], spec: InputSpec, first_position: int, num_rows: int) -> list[Any]:
+    """The ids of a shard's rows (`first_position`: its first row's input position): the id column's values, or
+    the rows' positions in the input when there is none. A row's seed and its output `id` both come from here."""
+    if spec.id_column:
+        return list(columns[spec.id_column])
+    return list(range(first_position, first_position + num_rows))
 
 
 def row_ids_type(schema: pa.Schema, spec: InputSpec) -> pa.DataType:

@@ -20,8 +20,8 @@ import math
 from collections.abc import Mapping
 from typing import Any, Callable
 
-from batchgen.sampling_checks import MAX_LOGPROBS, canonical_response_format
-from batchgen.spec import SAMPLERS, SEARCH_SAMPLERS, SamplingConfig
+from batchgen.sampling_checks import MAX_LOGPROBS, SAMPLERS, SEARCH_SAMPLERS, canonical_response_format
+from batchgen.spec import SamplingConfig
 
 # Column name -> what it must hold (for messages and the Parquet schema check).
 OVERRIDE_COLUMNS: dict[str, str] = {

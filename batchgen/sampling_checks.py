@@ -11,8 +11,13 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from model.generation.requests import STREAMING_SAMPLERS
+
 # Deterministic searches over several hypotheses per prompt; workers run them through model.generation.search.
 SEARCH_SAMPLERS = ("beam", "contrastive")
+# The samplers a job may name: those the streaming engine runs with per-request parameters (importing them
+# loads neither Keras nor JAX), and the searches.
+SAMPLERS = STREAMING_SAMPLERS + SEARCH_SAMPLERS
 # OpenAI's types, plus a regular expression or a Lark / GBNF grammar (model.generation.grammar has the shapes).
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar")
 # The most alternatives `logprobs = k` may ask for: the engine's (model.generation.logprobs.MAX_LOGPROBS, which

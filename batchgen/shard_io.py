@@ -21,6 +21,7 @@ from batchgen.inputs import read_rows
 from batchgen.jsonl_input import columns_of, read_objects
 from batchgen.openai_batch import output_lines, request_columns
 from batchgen.planning import Shard
+from batchgen.prompts import row_ids
 from batchgen.rows import CONTRACT_COLUMNS, OutputRecord, build_table, top_logprob_rows
 from batchgen.spec import JobSpec
 
@@ -38,10 +39,8 @@ class ShardInput:
     table: pa.Table | None = None  # the Arrow rows, for Parquet input
 
     def ids(self, spec: JobSpec, first_position: int) -> list[Any]:
-        """Each row's id: the id column's value, or its input position."""
-        if spec.input.id_column:
-            return list(self.columns[spec.input.id_column])
-        return list(range(first_position, first_position + self.num_rows))
+        """Each row's id: the id column's value, or its input position (prompts.row_ids)."""
+        return row_ids(self.columns, spec.input, first_position, self.num_rows)
 
 
 def read_shard(spec: JobSpec, shard: Shard, columns: Sequence[str]) -> ShardInput:
@@ -66,26 +65,25 @@ def write_shard(
     source: ShardInput,
     records: Sequence[OutputRecord],
     schema: pa.Schema,
-    wrap: Any = lambda items: items,
     model: str | None = None,
 ) -> str:
-    """Publish the shard's part file in the output format; returns its URL. `wrap` is the fault hook; `model`
+    """Publish the shard's part file in the output format; returns its URL. `model` is
     the model configuration the shard ran under (a column of its own in a sweep over models)."""
     ids = source.ids(spec, shard.first_position)
     config_order = [config.name for config in spec.sampling]
     if spec.output.format == "openai_batch":
         lines = output_lines(records, ids, spec.model.preset, spec.fingerprint(), int(time.time()))
-        return sink.write_lines(shard.shard_id, wrap(lines))
+        return sink.write_lines(shard.shard_id, lines)
     if spec.output.format == "jsonl":
         logprobs = "token_logprobs" in schema.names
-        return sink.write_lines(shard.shard_id, wrap(_jsonl_rows(records, ids, source, spec, config_order, logprobs)))
+        return sink.write_lines(shard.shard_id, _jsonl_rows(records, ids, source, spec, config_order, logprobs))
     id_array = _array(ids, schema.field("id").type, "id")
     carried = pa.table(
         {name: _array(source.columns[name], schema.field(name).type, name) for name in spec.output.carry_columns},
         schema=pa.schema([schema.field(name) for name in spec.output.carry_columns]),
     ) if source.table is None else source.table.select(list(spec.output.carry_columns))
     output = build_table(records, id_array, carried, schema, config_order, model)
-    return sink.write_part(shard.shard_id, schema, wrap(output.to_batches(max_chunksize=WRITE_BATCH_ROWS)))
+    return sink.write_part(shard.shard_id, schema, output.to_batches(max_chunksize=WRITE_BATCH_ROWS))
 
 
 def _jsonl_rows(

@@ -25,13 +25,16 @@ import shutil
 import time
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchgen.errors import OutputConflictError
 from batchgen.storage import filesystem, is_local, join, url_of, write_bytes_atomically
+
+if TYPE_CHECKING:
+    from batchgen.spec import OutputSpec
 
 JOB_FILE = "_job.json"
 MANIFEST_DIR = "_manifest"
@@ -75,6 +78,12 @@ class Sink:
         self.format = output_format
         self.suffix = part_suffix(output_format, self.compression)
         self.fs, self.path = filesystem(url, self.storage_options)
+
+    @classmethod
+    def for_output(cls, output: OutputSpec) -> Sink:
+        """The sink of a job's [output] section (URL, storage options, compression, format): how the driver,
+        `validate` and every worker build theirs, so that they cannot disagree."""
+        return cls(output.url, output.storage_options, output.compression, output.format)
 
     # ---- worker side --------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from batchgen import metrics as metric_sums
+from batchgen.manifest import ShardResult
 from batchgen.sink import Sink
 
 
@@ -15,12 +16,12 @@ class OutputStatus:
     """Shards done / pending / failed, rows and tokens of the job writing at `url`.
 
     `failed` lists the shards the last finished run reported as failed that are still not committed;
-    `state` is "succeeded", "failed" (the last run ended over its error budget), "incomplete" (running,
+    `status` is "succeeded", "failed" (the last run ended over its error budget), "incomplete" (running,
     killed, or not run to the end) or "empty" (no job here).
     """
 
     url: str
-    state: str
+    status: str
     fingerprint: str | None
     spec_source: str | None
     shards_total: int
@@ -39,10 +40,10 @@ class OutputStatus:
         return dataclasses.asdict(self)
 
     def render(self) -> str:
-        if self.state == "empty":
+        if self.status == "empty":
             return f"{self.url}: no batchgen job here"
         lines = [
-            f"{self.url}: {self.state} (job {self.fingerprint} from {self.spec_source})",
+            f"{self.url}: {self.status} (job {self.fingerprint} from {self.spec_source})",
             f"  shards  {self.shards_committed} done, {self.shards_pending} pending, {self.shards_failed} failed, "
             f"of {self.shards_total}",
             f"  rows    {self.rows_ok} ok, {self.rows_error} error",
@@ -65,34 +66,34 @@ def read_status(url: str, storage_options: Mapping[str, Any] | None = None) -> O
     sink = Sink(url, storage_options, output.get("compression", "zstd"), output.get("format", "parquet"))
     planned = [shard["shard_id"] for shard in job["shards"]]
     committed = sink.committed()
-    entries = [committed[shard_id] for shard_id in planned if shard_id in committed]
+    entries = [ShardResult.from_entry(committed[shard_id]) for shard_id in planned if shard_id in committed]
     summary = sink.read_summary() or {}
     reported = summary.get("failed_shards", ())
     failed = tuple(f for f in reported if f["shard_id"] in planned and f["shard_id"] not in committed)
     if sink.succeeded():
-        state = "succeeded"
+        status = "succeeded"
     elif (
         summary.get("fingerprint") == job["fingerprint"]
         and summary.get("status") == "failed"
         and len(entries) + len(failed) == len(planned)
     ):
-        state = "failed"
+        status = "failed"
     else:
-        state = "incomplete"
+        status = "incomplete"
     return OutputStatus(
         url=url,
-        state=state,
+        status=status,
         fingerprint=job["fingerprint"],
         spec_source=job.get("spec_source"),
         shards_total=len(planned),
         shards_committed=len(entries),
         shards_pending=len(planned) - len(entries) - len(failed),
         shards_failed=len(failed),
-        rows_ok=sum(e["ok_rows"] for e in entries),
-        rows_error=sum(e["error_rows"] for e in entries),
-        prompt_tokens=sum(e["prompt_tokens"] for e in entries),
-        completion_tokens=sum(e["completion_tokens"] for e in entries),
-        error_prompt_tokens=sum(e.get("error_prompt_tokens", 0) for e in entries),
+        rows_ok=sum(e.rows_ok for e in entries),
+        rows_error=sum(e.rows_error for e in entries),
+        prompt_tokens=sum(e.prompt_tokens for e in entries),
+        completion_tokens=sum(e.completion_tokens for e in entries),
+        error_prompt_tokens=sum(e.error_prompt_tokens for e in entries),
         failed=failed,
-        metrics=metric_sums.merge(entries),
+        metrics=metric_sums.merge(e.metrics for e in entries),
     )

@@ -16,6 +16,7 @@ from typing import Any
 from batchgen import metrics as metric_sums
 from batchgen.driver import DriverReport
 from batchgen.errors import EXIT_JOB_FAILED, EXIT_OK
+from batchgen.manifest import ShardResult
 from batchgen.planning import Plan
 from batchgen.spec import JobSpec
 
@@ -104,11 +105,11 @@ def summarize(
     `started` and `ended` are the run's `time.monotonic()` bounds.
     """
     done = {s.shard_id for s in plan.shards if s.shard_id in committed}
-    entries: list[Mapping[str, Any]] = [committed[s.shard_id] for s in plan.shards if s.shard_id in done]
+    entries = [ShardResult.from_entry(committed[s.shard_id]) for s in plan.shards if s.shard_id in done]
     # Committed shards say how many rows they wrote (OpenAI requests choose their own n); the rest are estimated.
     pending_rows = sum(s.num_rows for s in plan.shards if s.shard_id not in done)
-    expected = sum(e["output_rows"] for e in entries) + pending_rows * spec.outputs_per_row
-    rows_error = sum(e["error_rows"] for e in entries)
+    expected = sum(e.output_rows for e in entries) + pending_rows * spec.outputs_per_row
+    rows_error = sum(e.rows_error for e in entries)
     failed_rows = sum(f.shard.num_rows for f in report.failed) * spec.outputs_per_model  # a shard: one model
     error_rate = (rows_error + failed_rows) / expected if expected else 0.0
     ok = error_rate <= spec.execution.max_error_rate
@@ -124,12 +125,12 @@ def summarize(
         fingerprint=spec.fingerprint(),
         input_rows=plan.total_rows,
         expected_rows=expected,
-        rows_ok=sum(e["ok_rows"] for e in entries),
+        rows_ok=sum(e.rows_ok for e in entries),
         rows_error=rows_error,
-        prompt_tokens=sum(e["prompt_tokens"] for e in entries),
+        prompt_tokens=sum(e.prompt_tokens for e in entries),
         # Shards committed before this counter existed have none (their prompt_tokens include error rows).
-        error_prompt_tokens=sum(e.get("error_prompt_tokens", 0) for e in entries),
-        completion_tokens=sum(e["completion_tokens"] for e in entries),
+        error_prompt_tokens=sum(e.error_prompt_tokens for e in entries),
+        completion_tokens=sum(e.completion_tokens for e in entries),
         shards_total=len(plan.shards),
         shards_committed=len(entries),
         shards_skipped=skipped,
@@ -159,9 +160,6 @@ def summarize(
         task=spec.task.kind,
         run_prompt_tokens=run_prompt_tokens,
         prompt_tokens_per_second=run_prompt_tokens / generating_seconds if generating_seconds > 0 else 0.0,
-        metrics=metric_sums.merge(entries),
-        # Shards committed before this counter existed (and scoring shards) computed every prompt token.
-        prompt_tokens_computed=sum(
-            e["prompt_tokens"] if e.get("prompt_tokens_computed") is None else e["prompt_tokens_computed"] for e in entries
-        ),
+        metrics=metric_sums.merge(e.metrics for e in entries),
+        prompt_tokens_computed=sum(e.computed_prompt_tokens for e in entries),
     )

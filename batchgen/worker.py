@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from batchgen import metrics
-from batchgen.faults import FaultPlan
+from batchgen.manifest import ShardResult
 from batchgen.model_runner import ModelRunner
 from batchgen.planning import Shard
 from batchgen.prompts import carried_fields, columns_to_read, prompt_rows, row_ids_type
@@ -26,52 +26,17 @@ from batchgen.sink import Sink, part_name
 from batchgen.spec import JobSpec
 
 
-@dataclasses.dataclass(frozen=True)
-class ShardResult:
-    """What a worker reports for a shard it wrote; the driver commits it as the shard's manifest entry."""
-
-    shard_id: str
-    index: int
-    attempt: int
-    file_url: str
-    row_start: int
-    row_stop: int
-    input_rows: int
-    output_rows: int
-    ok_rows: int
-    error_rows: int
-    prompt_tokens: int  # of the rows that were generated
-    completion_tokens: int
-    seconds: float
-    worker_pid: int
-    part_file: str
-    # Of the error rows: prompts that were tokenized (e.g. too long for the context) but never run.
-    error_prompt_tokens: int = 0
-    model: str = "default"
-    # {"model/config": {"metric", "sum", "count"}}: this shard's part of the job's metric (batchgen/metrics.py).
-    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Of prompt_tokens: those the model computed (the engine shares a repeated prompt: model.generation.prefix_cache).
-    prompt_tokens_computed: int | None = None
-
-    def manifest_entry(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 class ShardWorker:
     """Holds one loaded model; `run_shard` generates a shard and publishes its part file.
 
     Args:
         spec: the job.
         input_schema: the input's Arrow schema (from planning), which fixes the output schema.
-        faults: test-only fault injection (batchgen.faults); empty in real jobs.
         runner: an already loaded model; by default the worker loads `spec.model` itself and warms it up.
     """
 
-    def __init__(
-        self, spec: JobSpec, input_schema: pa.Schema, faults: FaultPlan | None = None, runner: ModelRunner | None = None
-    ) -> None:
+    def __init__(self, spec: JobSpec, input_schema: pa.Schema, runner: ModelRunner | None = None) -> None:
         self.spec = spec
-        self.faults = faults or FaultPlan()
         task = spec.task
         self.columns = columns_to_read(spec, input_schema)
         self.columns += [c for c in (task.continuations_column, task.reference_column) if c and c not in self.columns]
@@ -82,12 +47,12 @@ class ShardWorker:
             self.schema = output_schema(id_type, carried, model_column=spec.model_sweep, logprobs=self.logprobs)
         else:
             self.schema = score_schema(id_type, carried, spec.model_sweep, task.per_token_logprobs)
-        self.sink = Sink(spec.output.url, spec.output.storage_options, spec.output.compression, spec.output.format)
+        self.sink = Sink.for_output(spec.output)
         self.model_name = spec.models[0].name
         self.runner = runner if runner is not None else self._load(spec.models[0])
 
     def _load(self, model: Any) -> ModelRunner:
-        runner = ModelRunner.load(model, self.spec.execution.max_slots, self.spec.execution.compilation_cache)
+        runner = ModelRunner.load(model, model.max_slots, self.spec.execution.compilation_cache)
         if self.spec.task.kind == "generate":
             runner.warm_up(self.spec.sampling)
         return runner
@@ -107,7 +72,6 @@ class ShardWorker:
     def run_shard(self, shard: Shard, attempt: int) -> ShardResult:
         """Read the shard's rows, generate every sample, check the row contract, and publish the part file."""
         started = time.monotonic()
-        self.faults.at_shard_start(shard.index, attempt)
         self._hold(shard.model)
         source = read_shard(self.spec, shard, self.columns)
         table = source.table  # None for JSONL input (scoring jobs read Parquet only: the spec checks it)
@@ -115,30 +79,21 @@ class ShardWorker:
         generate = self.spec.task.kind == "generate"
         if generate and not self.logprobs:
             rows = [_without_logprob_columns(row) for row in rows]
-        expected = sum(row.samples(config.n) for row in rows for config in self.spec.sampling) if generate else len(rows)
-        records: list[Any] = []
         computed_before = self.runner.prompt_tokens_computed
-        for record in self._records(rows, table):
-            records.append(record)
-            if len(records) == max(expected // 2, 1):
-                self.faults.at_shard_middle(shard.index, attempt)
+        records: list[Any] = list(self._records(rows, table))
         if generate:
             samples = [(config.name, config.n) for config in self.spec.sampling]
             check_exactly_once(records, len(rows), samples, shard.shard_id, [row.n for row in rows])
         else:
             check_exactly_once(records, len(rows), [(self.spec.sampling[0].name, 1)], shard.shard_id)
 
-        wrap = lambda items: self.faults.wrap_batches(items, shard.index, attempt)  # noqa: E731
         if generate:
-            part = write_shard(self.spec, self.sink, shard, source, records, self.schema, wrap, shard.model)
+            part = write_shard(self.spec, self.sink, shard, source, records, self.schema, shard.model)
         else:
-            if self.spec.input.id_column:
-                ids = table.column(self.spec.input.id_column).combine_chunks()
-            else:
-                ids = pa.array(range(shard.first_position, shard.first_position + table.num_rows), pa.int64())
+            ids = pa.array(source.ids(self.spec, shard.first_position), self.schema.field("id").type)
             carried = table.select(list(self.spec.output.carry_columns))
             output = build_score_table(records, ids, carried, self.schema, shard.model)
-            part = self.sink.write_part(shard.shard_id, self.schema, wrap(output.to_batches(max_chunksize=WRITE_BATCH_ROWS)))
+            part = self.sink.write_part(shard.shard_id, self.schema, output.to_batches(max_chunksize=WRITE_BATCH_ROWS))
 
         errors = sum(1 for r in records if r.finish_reason == "error")
         return ShardResult(
@@ -150,8 +105,8 @@ class ShardWorker:
             row_stop=shard.row_stop,
             input_rows=len(rows),
             output_rows=len(records),
-            ok_rows=len(records) - errors,
-            error_rows=errors,
+            rows_ok=len(records) - errors,
+            rows_error=errors,
             # Scoring: every token run through the model is a prompt token (a context once per continuation).
             prompt_tokens=sum(_input_tokens(r) for r in records if r.finish_reason != "error"),
             error_prompt_tokens=sum(r.prompt_tokens for r in records if r.finish_reason == "error"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import warnings
 from typing import Any, Iterable, Sequence
 
@@ -17,19 +16,11 @@ from model import parallel, samplers, transformer
 from model.backbone import LlamaBackbone
 from model.generation import scoring, search
 from model.generation.engine import GenerationEngine
-from model.generation.requests import Request
+from model.generation.requests import Request, resolve_stop_token_ids
+from model.generation.seeds import derive_seed
 from model.preprocessor import LlamaCausalLMPreprocessor
 
 MAX_ENGINE_SLOTS = 64
-
-
-def row_seed(seed: int, *keys: Any) -> int:
-    """A stable 32-bit seed from a base seed and row keys (row index, row id, sample index).
-
-    sha256 rather than Python's hash(), which changes between processes; so a rerun samples the same text.
-    """
-    digest = hashlib.sha256(repr((int(seed), *keys)).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode"))
@@ -232,7 +223,7 @@ class LlamaCausalLM(keras.Model):
 
         Stop strings work with every sampler but beam search, which raises ValueError when given any.
         """
-        stop_ids = self._resolve_stop_token_ids(stop_token_ids)
+        stop_ids = resolve_stop_token_ids(stop_token_ids, None if self.preprocessor is None else self.stop_token_ids)
         stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if self.preprocessor is None:
             if not isinstance(inputs, dict):
@@ -253,17 +244,6 @@ class LlamaCausalLM(keras.Model):
             return outputs
         raise ValueError(f"generate() takes a string, a list of strings or an iterable of batches, got {type(inputs)}")
 
-    def _resolve_stop_token_ids(self, stop_token_ids: Any) -> tuple[int, ...]:
-        if stop_token_ids is None:
-            return ()
-        if isinstance(stop_token_ids, str):
-            if stop_token_ids != "auto":
-                raise ValueError(f"stop_token_ids must be None, 'auto' or a tuple of ids, got {stop_token_ids!r}")
-            if self.preprocessor is None:
-                raise ValueError("stop_token_ids='auto' needs a preprocessor; pass a tuple of ids or None")
-            return self.stop_token_ids
-        return tuple(int(i) for i in stop_token_ids)
-
     def _base_seed(self, seed: int | None) -> int:
         seed = seed if seed is not None else getattr(self.sampler, "seed", None)
         return int(np.random.SeedSequence().entropy % 2**32) if seed is None else int(seed)
@@ -280,7 +260,7 @@ class LlamaCausalLM(keras.Model):
                                        stop_strings, skip_special_tokens, tokenizer)
         params = self.sampler.to_sampling_params()
         requests = [
-            Request(i, ids, max(budget, 1), params, stop_ids, stop_strings, row_seed(base_seed, i),
+            Request(i, ids, max(budget, 1), params, stop_ids, stop_strings, derive_seed(base_seed, i, 0),
                     skip_special_tokens)
             for i, (ids, budget) in enumerate(zip(prompts, budgets))
         ]

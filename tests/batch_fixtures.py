@@ -48,11 +48,11 @@ def write_prompts(
 def make_spec(input_url: str, output_url: str, preset: str = "unused", **sections: dict[str, Any]) -> JobSpec:
     """A JobSpec over a prompt column `prompt` and an id column `id`, with `sections` merged in."""
     raw: dict[str, Any] = {
-        "model": {"preset": preset, "max_length": 64},
+        "model": {"preset": preset, "max_length": 64, "max_slots": 8},
         "input": {"url": input_url, "prompt_column": "prompt", "id_column": "id"},
         "sampling": {"max_new_tokens": 4},
         "output": {"url": output_url},
-        "execution": {"rows_per_shard": 4, "max_slots": 8, "shard_timeout": 120.0, "compilation_cache": TEST_XLA_CACHE},
+        "execution": {"rows_per_shard": 4, "shard_timeout": 120.0, "compilation_cache": TEST_XLA_CACHE},
     }
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}

@@ -27,7 +27,7 @@ def run(cluster: LocalCluster, replicas: int, out: Path, rows: int, max_new_toke
         sys.executable, "-m", "batchgen.cli", "run", str(ROOT / "jobs" / "demo.toml"), "--address", cluster.address,
         "--set", f"output.url={out}", "--set", f"execution.replicas={replicas}",
         "--set", f"execution.rows_per_shard={max(1, rows // 8)}", "--set", f"sampling.max_new_tokens={max_new_tokens}",
-        "--set", "execution.max_slots=8", "--overwrite", "--no-progress", "--json",
+        "--set", "model.max_slots=8", "--overwrite", "--no-progress", "--json",
     ]
     if rows < 64:  # the bundled file has 64 prompts; fewer: a prefix of it
         command += ["--set", f"input.url={_prefix(out.parent, rows)}"]

@@ -158,3 +158,28 @@ def test_validate_imports_neither_keras_nor_jax():
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
     heavy = sorted(m for m in imported if m.split(".")[0] in ("keras", "jax", "jaxlib"))
     assert not heavy, heavy
+
+
+def test_the_readme_names_every_module_in_how_it_works():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## How it works") :]
+    block = section[section.index("```") + 3 :]
+    block = block[: block.index("```")]
+    listed_folders = ("batchgen/bench/", "batchgen/data/")  # named as folders: the benchmark, the bundled data
+    missing = [
+        str(path.relative_to(ROOT))
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path.name != "__init__.py"
+        and not str(path.relative_to(ROOT)).startswith(listed_folders)
+        and path.name not in block
+    ]
+    assert not missing, f"README 'How it works' does not name: {missing}"
+
+
+def test_the_readme_has_a_glossary():
+    readme = (ROOT / "README.md").read_text()
+    glossary = readme[readme.index("## Glossary") :]
+    glossary = glossary[: glossary.index("\n## ", 1)]
+    for word in ("rows_ok", "status", "max_slots", "RUN_ONLY_KEYS", "seeds.py"):
+        assert word in glossary, word

@@ -11,7 +11,7 @@ from batchgen.inputs import InputFile
 from batchgen.planning import Plan, Shard
 from batchgen.progress import JobProgress
 from batchgen.summary import summarize
-from batchgen.worker import ShardResult
+from batchgen.manifest import ShardResult
 from tests.batch_fixtures import make_spec
 
 
@@ -33,7 +33,7 @@ def test_summary_counts_error_rows_and_failed_shards_against_the_budget():
     shards = tuple(Shard(f"s{i}", i, "file:///in", 4 * i, 4 * i + 4, 4 * i) for i in range(4))
     plan = Plan((InputFile("file:///in", (16,), 0),), None, shards)
     committed = {
-        f"s{i}": {"ok_rows": 8 - e, "error_rows": e, "prompt_tokens": 10, "completion_tokens": 20, "output_rows": 8}
+        f"s{i}": {"rows_ok": 8 - e, "rows_error": e, "prompt_tokens": 10, "completion_tokens": 20, "output_rows": 8}
         for i, e in ((0, 0), (1, 2), (2, 0))
     }
     report = DriverReport(results=[result(2, 4, 20)], failed=[FailedShard(shards[3], 3, ("a", "b", "c"))], retries=2)

@@ -8,7 +8,7 @@ import pytest
 from batchgen.errors import RowContractError
 from batchgen.prompts import prompt_rows
 from batchgen.rows import CONTRACT_COLUMNS, OutputRecord, build_table, check_exactly_once, error_record, output_schema
-from batchgen.seeds import derive_seed
+from model.generation.seeds import derive_seed
 from tests.batch_fixtures import make_spec
 
 SAMPLES = [("greedy", 1), ("hot", 2)]

@@ -38,7 +38,7 @@ def job(*shard_ids: str, fingerprint: str = "fp1") -> dict:
 
 
 def entry(shard_id: str, **counts) -> dict:
-    base = {"shard_id": shard_id, "index": 0, "ok_rows": 10, "error_rows": 0, "prompt_tokens": 5, "completion_tokens": 7}
+    base = {"shard_id": shard_id, "index": 0, "rows_ok": 10, "rows_error": 0, "prompt_tokens": 5, "completion_tokens": 7}
     return base | counts
 
 
@@ -137,16 +137,16 @@ def test_a_foreign_non_empty_directory_is_refused(tmp_path):
 
 def test_status_reports_done_pending_failed(tmp_path):
     url = str(tmp_path / "out")
-    assert read_status(url).state == "empty"
+    assert read_status(url).status == "empty"
     sink = Sink(url)
     sink.prepare(job("s1", "s2", "s3"), overwrite=False)
     sink.write_part("s1", TABLE.schema, TABLE.to_batches())
-    sink.commit(entry("s1", ok_rows=8, error_rows=2))
+    sink.commit(entry("s1", rows_ok=8, rows_error=2))
     running = read_status(url)
-    assert (running.state, running.shards_committed, running.shards_pending, running.shards_failed) == ("incomplete", 1, 2, 0)
+    assert (running.status, running.shards_committed, running.shards_pending, running.shards_failed) == ("incomplete", 1, 2, 0)
     assert (running.rows_ok, running.rows_error, running.completion_tokens) == (8, 2, 7)
     failed = {"shard_id": "s3", "index": 2, "errors": ["attempt 2: boom"]}
     sink.finish({"fingerprint": "fp1", "status": "failed", "failed_shards": [failed]}, success=False, planned=["s1", "s2", "s3"])
     after = read_status(url)
-    assert (after.state, after.shards_pending, after.shards_failed) == ("incomplete", 1, 1)
+    assert (after.status, after.shards_pending, after.shards_failed) == ("incomplete", 1, 1)
     assert "attempt 2: boom" in after.render()

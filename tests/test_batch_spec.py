@@ -10,7 +10,8 @@ import pytest
 
 from batchgen.errors import SpecError
 from batchgen.overrides import parse_assignment
-from batchgen.spec import SAMPLERS, field_type, load_spec, parse_spec
+from batchgen.sampling_checks import SAMPLERS
+from batchgen.spec import field_type, load_spec, parse_spec
 
 JOBS = Path(__file__).parent.parent / "jobs"
 
@@ -145,6 +146,7 @@ def test_fingerprint_follows_what_changes_the_output_only():
         raw(model={"device_resource": "TPU"}),
         raw(model={"cache_tokens": 4096}),
         raw(model={"prefix_caching": False}),
+        raw(model={"max_slots": 3}),
         raw(input={"date": "2020-01-01"}),  # no {date} in the URL: the date changes nothing
     ]
     different = [
@@ -165,12 +167,10 @@ def test_to_dict_leaves_credentials_out():
 
 
 def test_samplers_match_the_engine_and_the_search_path():
-    from model.generation.requests import STREAMING_SAMPLERS
     from model.samplers import SAMPLERS as MODEL_SAMPLERS
 
-    from batchgen.spec import SEARCH_SAMPLERS, STREAMING_SAMPLERS as SPEC_STREAMING
+    from batchgen.sampling_checks import SEARCH_SAMPLERS
 
-    assert SPEC_STREAMING == STREAMING_SAMPLERS
     assert set(SAMPLERS) == set(MODEL_SAMPLERS) and set(SEARCH_SAMPLERS) == {"beam", "contrastive"}
 
 
@@ -201,11 +201,46 @@ def test_max_slots_auto_needs_a_cache_size(tmp_path):
 
     base = 'model = {preset = "p", cache_tokens = 4096}\ninput = {url = "in"}\noutput = {url = "out"}\n'
     path = tmp_path / "job.toml"
-    path.write_text(base + 'execution = {max_slots = "auto"}\n')
-    assert load_spec(str(path)).execution.max_slots == "auto"
-    path.write_text(base.replace(", cache_tokens = 4096", "") + 'execution = {max_slots = "auto"}\n')
+    path.write_text(base.replace("cache_tokens = 4096", 'cache_tokens = 4096, max_slots = "auto"'))
+    assert load_spec(str(path)).model.max_slots == "auto"
+    path.write_text(base.replace("cache_tokens = 4096", 'max_slots = "auto"'))
     with pytest.raises(SpecError, match="set model.cache_tokens"):
         load_spec(str(path))
-    path.write_text(base + 'execution = {max_slots = "many"}\n')
+    path.write_text(base.replace("cache_tokens = 4096", 'cache_tokens = 4096, max_slots = "many"'))
     with pytest.raises(SpecError, match="max_slots"):
         load_spec(str(path))
+
+
+def test_max_slots_in_its_old_place_moves_to_model(tmp_path):
+    from batchgen.spec import SpecError, load_spec
+
+    base = 'model = {preset = "p"}\ninput = {url = "in"}\noutput = {url = "out"}\n'
+    path = tmp_path / "job.toml"
+    path.write_text(base + "execution = {max_slots = 4, replicas = 2}\n")
+    spec = load_spec(str(path))
+    assert (spec.model.max_slots, spec.execution.replicas) == (4, 2)
+    assert load_spec(str(path), ["execution.max_slots=6"]).model.max_slots == 6
+    assert load_spec(str(path), ["model.max_slots=7"]).model.max_slots == 7
+    path.write_text(base.replace('preset = "p"', 'preset = "p", max_slots = 2') + "execution = {max_slots = 4}\n")
+    with pytest.raises(SpecError, match="old place of model.max_slots"):
+        load_spec(str(path))
+
+
+def test_run_only_keys_name_real_keys_and_leave_the_fingerprint_alone():
+    from batchgen.spec import _SECTIONS, RUN_ONLY_KEYS
+
+    assert set(RUN_ONLY_KEYS) == set(_SECTIONS)
+    for section, keys in RUN_ONLY_KEYS.items():
+        assert keys <= {field.name for field in dataclasses.fields(_SECTIONS[section])}, section
+    base = parse_spec({"model": {"preset": "p"}, "input": {"url": "in"}, "output": {"url": "out"}}, source="t.toml")
+    changed = parse_spec(
+        {"model": {"preset": "p", "cache_tokens": 4096, "prefix_caching": False}, "input": {"url": "in"}, "output": {"url": "out2"},
+         "execution": {"replicas": 4}},
+        source="t.toml",
+    )
+    assert base.fingerprint() == changed.fingerprint()
+    seeded = parse_spec(
+        {"model": {"preset": "p"}, "input": {"url": "in"}, "output": {"url": "out"}, "sampling": {"seed": 3}},
+        source="t.toml",
+    )
+    assert seeded.fingerprint() != base.fingerprint()

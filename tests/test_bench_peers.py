@@ -46,7 +46,7 @@ def test_timed_pass_chunks_in_workload_order_and_counts_as_our_engine_does():
     assert chunks == [["short-0", "short-1"], ["short-2"]]
     assert run["workload"] == "short" and run["batch"] == 2
     assert run["outputs"] == {"short-0": [5], "short-1": [6, 6, 6, 6], "short-2": [6, 6, 6, 6]}
-    assert run["generated_tokens"] == 2 + 4 + 4
+    assert run["completion_tokens"] == 2 + 4 + 4
     assert run["prompt_tokens"] == 3 + 5 + 4
     assert 0 <= run["first_result_seconds"] <= run["wall_seconds"]
 

@@ -27,14 +27,14 @@ def test_max_length_counts_the_prompt_and_max_new_tokens_caps_the_rest(tiny_lm):
     prompt_tokens = len(tiny_lm.preprocessor.tokenizer.tokenize(PROMPTS[1]))
     engine = tiny_lm.engine(1, 128)  # the engine generate() uses for one prompt and max_length <= 128
 
-    def generated_tokens(**options) -> int:
-        before = engine.stats.generated_tokens
+    def completion_tokens(**options) -> int:
+        before = engine.stats.completion_tokens
         tiny_lm.generate(PROMPTS[1], stop_token_ids=None, strip_prompt=True, **options)
-        return engine.stats.generated_tokens - before
+        return engine.stats.completion_tokens - before
 
-    assert generated_tokens(max_length=prompt_tokens + 5) == 5
-    assert generated_tokens(max_length=64, max_new_tokens=3) == 3
-    assert generated_tokens(max_length=prompt_tokens + 2, max_new_tokens=10) == 2
+    assert completion_tokens(max_length=prompt_tokens + 5) == 5
+    assert completion_tokens(max_length=64, max_new_tokens=3) == 3
+    assert completion_tokens(max_length=prompt_tokens + 2, max_new_tokens=10) == 2
 
 
 def test_stop_strings_spanning_tokens_end_generation_and_are_cut(tiny_lm):

@@ -49,11 +49,11 @@ def cluster() -> Iterator[LocalCluster]:
 def write_job(path: Path, input_url: str, output_url: str, preset: str, **sections: dict[str, Any]) -> Path:
     """A job spec file over columns `id` and `prompt` of a tiny model, with `sections` merged in."""
     tables: dict[str, dict[str, Any]] = {
-        "model": {"preset": preset, "max_length": 64},
+        "model": {"preset": preset, "max_length": 64, "max_slots": 8},
         "input": {"url": input_url, "id_column": "id"},
         "sampling": {"sampler": "random", "seed": 3, "max_new_tokens": 4},
         "output": {"url": output_url},
-        "execution": {"rows_per_shard": 3, "max_slots": 8, "compilation_cache": TEST_XLA_CACHE},
+        "execution": {"rows_per_shard": 3, "compilation_cache": TEST_XLA_CACHE},
     }
     for name, values in sections.items():
         tables[name] = {**tables.get(name, {}), **values}
@@ -104,8 +104,10 @@ def worker_nodes(cluster: LocalCluster) -> dict[int, str]:
     from ray.util.state import list_actors
 
     names = {node_id: name for name, node_id in cluster.ids.items()}
-    actors = list_actors(address=cluster.dashboard_url, filters=[("class_name", "=", "ShardWorker")], limit=10_000)
-    return {actor.pid: names[actor.node_id] for actor in actors if actor.pid and actor.node_id}
+    # A job run with faults (BATCHGEN_FAULTS) runs them as FaultyShardWorker, the ShardWorker that fires them.
+    actors = list_actors(address=cluster.dashboard_url, limit=10_000)
+    workers = [a for a in actors if a.class_name in ("ShardWorker", "FaultyShardWorker")]
+    return {actor.pid: names[actor.node_id] for actor in workers if actor.pid and actor.node_id}
 
 
 def wait_for_commits(sink: Sink, driver: subprocess.Popen, count: int, timeout: float = 180) -> None:

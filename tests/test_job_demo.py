@@ -26,7 +26,7 @@ def test_the_demo_job_writes_the_reference_greedy_text(tmp_path, ray_local):
             "--set", f"input.url={tmp_path / 'prompts.parquet'}",
             "--set", f"output.url={tmp_path / 'out'}",
             "--set", "sampling.max_new_tokens=16",
-            "--set", "execution.max_slots=4",
+            "--set", "model.max_slots=4",
             "--set", f"execution.compilation_cache={TEST_XLA_CACHE}",
         ],
         catch_exceptions=False,

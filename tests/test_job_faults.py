@@ -1,5 +1,5 @@
 """Faults, each one a test: on a shared local Ray, real worker actors on a tiny model, faults injected at real
-points of the worker's work (batchgen.faults, the BATCHGEN_FAULTS test hook)."""
+points of the worker's work (batchgen.faults: `run_job(spec, faults=...)`, or BATCHGEN_FAULTS for `batchgen run`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from batchgen.faults import FaultPlan
 from batchgen.job import run_job
 from batchgen.sink import Sink
 from batchgen.spec import JobSpec
@@ -33,8 +34,8 @@ def spec_for(tmp_path: Path, preset: str, input_url: str | None = None, **sectio
     return make_spec(input_url, str(tmp_path / "out"), preset=preset, **sections)
 
 
-def faults(monkeypatch, *items: dict) -> None:
-    monkeypatch.setenv("BATCHGEN_FAULTS", json.dumps(list(items)))
+def faults(*items: dict) -> FaultPlan:
+    return FaultPlan.from_env({"BATCHGEN_FAULTS": json.dumps(list(items))})
 
 
 def assert_exactly_once(sink: Sink, rows: int = ROWS, n: int = N) -> None:
@@ -44,9 +45,9 @@ def assert_exactly_once(sink: Sink, rows: int = ROWS, n: int = N) -> None:
 
 
 def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_requeued(tmp_path, monkeypatch, ray_local, tiny_preset):
-    faults(monkeypatch, {"action": "kill", "shard": 1, "attempts": [1]})
+    plan = faults({"action": "kill", "shard": 1, "attempts": [1]})
     spec = spec_for(tmp_path, tiny_preset)
-    summary = run_job(spec)
+    summary = run_job(spec, faults=plan)
 
     assert summary.exit_code == 0 and summary.shards_committed == 3
     assert summary.workers_replaced == 1 and summary.shards_retried == 1
@@ -58,10 +59,10 @@ def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_requeued(tmp_path, 
 
 
 def test_a_stuck_worker_past_shard_timeout_is_replaced_and_its_shard_requeued(tmp_path, monkeypatch, ray_local, tiny_preset):
-    faults(monkeypatch, {"action": "hang", "shard": 0, "attempts": [1]})
+    plan = faults({"action": "hang", "shard": 0, "attempts": [1]})
     spec = spec_for(tmp_path, tiny_preset, execution={"rows_per_shard": 6, "shard_timeout": 8.0})
     started = time.monotonic()
-    summary = run_job(spec)
+    summary = run_job(spec, faults=plan)
 
     assert time.monotonic() - started >= 8.0
     assert summary.exit_code == 0 and summary.workers_replaced == 1 and summary.shards_retried == 1
@@ -72,13 +73,12 @@ def test_a_stuck_worker_past_shard_timeout_is_replaced_and_its_shard_requeued(tm
 
 def test_a_shard_failing_every_attempt_is_reported_and_the_error_budget_decides(tmp_path, monkeypatch, ray_local, tiny_preset):
     # Shard 1 fails every attempt; shard 0's first write fails half-way (and must publish nothing).
-    faults(
-        monkeypatch,
+    plan = faults(
         {"action": "raise", "shard": 1, "attempts": []},
         {"action": "fail_write", "shard": 0, "attempts": [1]},
     )
     spec = spec_for(tmp_path, tiny_preset, execution={"max_attempts": 2})
-    summary = run_job(spec)
+    summary = run_job(spec, faults=plan)
     sink = Sink(spec.output.url)
 
     assert summary.exit_code == 1 and summary.status == "failed" and not sink.succeeded()
@@ -91,8 +91,9 @@ def test_a_shard_failing_every_attempt_is_reported_and_the_error_budget_decides(
     assert entries[0]["attempt"] == 2 and set(entries) == {0, 2}
     assert sink.read_summary()["shards_failed"] == 1
 
-    # The same job with a budget that fits the failure: committed shards are skipped, exit 0, _SUCCESS.
-    again = run_job(spec_for(tmp_path, tiny_preset, execution={"max_attempts": 2, "max_error_rate": 0.4}))
+    # The same job (shard 1 still failing every attempt) with a budget that fits the failure: committed shards are
+    # skipped, exit 0, _SUCCESS.
+    again = run_job(spec_for(tmp_path, tiny_preset, execution={"max_attempts": 2, "max_error_rate": 0.4}), faults=plan)
     assert again.exit_code == 0 and again.shards_skipped == 2 and again.shards_failed == 1 and sink.succeeded()
     assert again.shards_run == 0
 
@@ -101,11 +102,11 @@ def test_the_driver_killed_mid_job_resumes_and_writes_every_row_exactly_once(tmp
     data = write_prompts(tmp_path / "in.parquet", [f"prompt number {i}" for i in range(ROWS)], ids=range(ROWS), row_group_size=3)
     job = tmp_path / "job.toml"
     job.write_text(
-        f'[model]\npreset = "{tiny_preset}"\nmax_length = 64\n'
+        f'[model]\npreset = "{tiny_preset}"\nmax_length = 64\nmax_slots = 8\n'
         f'[input]\nurl = "{data}"\nid_column = "id"\n'
         f'[sampling]\nsampler = "random"\nn = {N}\nmax_new_tokens = 4\n'
         f'[output]\nurl = "{tmp_path / "out"}"\n'
-        f'[execution]\nrows_per_shard = 3\nmax_slots = 8\ncompilation_cache = "{TEST_XLA_CACHE}"\n'
+        f'[execution]\nrows_per_shard = 3\ncompilation_cache = "{TEST_XLA_CACHE}"\n'
     )
     # Every shard waits 2 s before it starts, so the driver can be killed with shards still to do.
     env = {**os.environ, "BATCHGEN_FAULTS": json.dumps([{"action": "delay", "shard": -1, "attempts": [], "seconds": 2}])}
@@ -157,13 +158,11 @@ def test_input_and_output_on_s3_with_resume(tmp_path, monkeypatch, ray_local, ti
             execution={"max_attempts": 1},
         )
 
-    faults(monkeypatch, {"action": "raise", "shard": 2, "attempts": []})
-    first = run_job(s3_spec())
+    first = run_job(s3_spec(), faults=faults({"action": "raise", "shard": 2, "attempts": []}))
     assert first.exit_code == 1 and first.shards_committed == 2 and first.shards_failed == 1
     sink = Sink(f"s3://{bucket}/out", s3_server)
     committed = sink.committed()
 
-    monkeypatch.delenv("BATCHGEN_FAULTS")
     second = run_job(s3_spec())
     assert second.exit_code == 0 and second.shards_skipped == 2 and second.shards_run == 1
     assert {k: v for k, v in sink.committed().items() if k in committed} == committed

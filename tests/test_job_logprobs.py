@@ -13,7 +13,7 @@ from batchgen.model_runner import ModelRunner
 from batchgen.row_sampling import check_row_overrides, resolve
 from batchgen.rows import output_schema
 from batchgen.sampling_checks import MAX_LOGPROBS
-from batchgen.seeds import derive_seed
+from model.generation.seeds import derive_seed
 from tests.batch_fixtures import make_spec, tiny_preset, write_prompts  # noqa: F401 (a fixture)
 from tests.test_job_worker_sampling import run_all
 
@@ -24,7 +24,7 @@ CONFIGS = {"greedy": {"sampler": "greedy"}, "hot": {"sampler": "random", "temper
 @pytest.fixture(scope="module")
 def runner(tiny_preset) -> ModelRunner:
     spec = make_spec("x", "y", preset=tiny_preset)
-    return ModelRunner.load(spec.model, spec.execution.max_slots, spec.execution.compilation_cache)
+    return ModelRunner.load(spec.model, spec.model.max_slots, spec.execution.compilation_cache)
 
 
 def engine_completions(runner: ModelRunner, config: dict, k: int | None, max_new_tokens: int = 6) -> list:

@@ -47,11 +47,11 @@ def test_an_openai_batch_of_1000_requests_survives_a_driver_sigkill_with_each_cu
     out = tmp_path / "out"
     job = tmp_path / "job.toml"
     job.write_text(
-        f'[model]\npreset = "{tiny_preset}"\nmax_length = 64\n'
+        f'[model]\npreset = "{tiny_preset}"\nmax_length = 64\nmax_slots = 64\n'
         f'[input]\nurl = "{tmp_path / "batch.jsonl"}"\nformat = "openai_batch"\n'
         f'[sampling]\nsampler = "random"\nmax_new_tokens = 2\nseed = 3\n'
         f'[output]\nurl = "{out}"\nformat = "openai_batch"\n'
-        f'[execution]\nrows_per_shard = {REQUESTS // SHARDS}\nmax_slots = 64\nmax_error_rate = 0.01\n'
+        f'[execution]\nrows_per_shard = {REQUESTS // SHARDS}\nmax_error_rate = 0.01\n'
         f'compilation_cache = "{TEST_XLA_CACHE}"\n'
     )
     # Every shard waits 1 s first, so that the driver is killed with shards still to do.

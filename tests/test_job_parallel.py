@@ -24,6 +24,7 @@ def run_job(tmp_path, preset: str, devices: int) -> list[dict]:
 preset = "{preset}"
 max_length = 64
 devices_per_replica = {devices}
+max_slots = 4
 
 [input]
 url = "{data}"
@@ -38,7 +39,6 @@ url = "{out}"
 
 [execution]
 rows_per_shard = 3
-max_slots = 4
 max_error_rate = 0.5
 compilation_cache = "{TEST_XLA_CACHE}"
 """

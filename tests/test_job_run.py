@@ -29,6 +29,7 @@ def write_job(tmp_path, preset: str) -> str:
 [model]
 preset = "{preset}"
 max_length = 64
+max_slots = 8
 
 [input]
 url = "{data}"
@@ -53,7 +54,6 @@ carry_columns = ["topic"]
 [execution]
 replicas = 2
 rows_per_shard = 3
-max_slots = 8
 compilation_cache = "{TEST_XLA_CACHE}"
 """
     )

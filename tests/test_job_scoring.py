@@ -27,7 +27,7 @@ SCORE = {"kind": "score", "continuations_column": "choices", "reference_column":
 @pytest.fixture(scope="module")
 def runner(tiny_preset) -> ModelRunner:
     spec = make_spec("x", "y", preset=tiny_preset)
-    return ModelRunner.load(spec.model, spec.execution.max_slots, spec.execution.compilation_cache)
+    return ModelRunner.load(spec.model, spec.model.max_slots, spec.execution.compilation_cache)
 
 
 def _input(tmp_path) -> str:
@@ -130,7 +130,7 @@ def test_a_generation_sweep_over_models_crosses_sampling_configurations(tmp_path
     pairs = sorted(set(zip(table.column("model").to_pylist(), table.column("config").to_pylist())))
     assert pairs == [("one", "g"), ("one", "r"), ("two", "g"), ("two", "r")]
     assert table.num_rows == 12
-    merged = metrics.merge(r.manifest_entry() for r in results)
+    merged = metrics.merge(r.metrics for r in results)
     assert set(merged) == {"one/g", "one/r", "two/g", "two/r"}
     assert merged["one/r"]["count"] == 4  # 2 rows x 2 samples
 
@@ -170,6 +170,6 @@ def test_metric_helpers():
     assert metrics.accuracy([-3.0, -1.0, -2.0], 1, [" a", " b", " c"]) == 1.0
     assert metrics.accuracy([-3.0, -1.0, -2.0], " c", [" a", " b", " c"]) == 0.0
     assert metrics.accuracy([-3.0], 5, [" a"]) is None  # a reference out of range is no answer, not a miss
-    parts = [{"metrics": {"m/c": {"metric": "perplexity", "sum": -2.0, "count": 1.0}}},
-             {"metrics": {"m/c": {"metric": "perplexity", "sum": -4.0, "count": 3.0}}}]  # fmt: skip
+    parts = [{"m/c": {"metric": "perplexity", "sum": -2.0, "count": 1.0}},
+             {"m/c": {"metric": "perplexity", "sum": -4.0, "count": 3.0}}]  # fmt: skip
     assert metrics.merge(parts)["m/c"]["value"] == pytest.approx(math.exp(6.0 / 4.0))

@@ -17,7 +17,7 @@ from tests.test_structured_output import SCHEMA
 @pytest.fixture(scope="module")
 def runner(tiny_preset) -> ModelRunner:
     spec = make_spec("x", "y", preset=tiny_preset, model={"max_length": 256})
-    return ModelRunner.load(spec.model, spec.execution.max_slots, spec.execution.compilation_cache)
+    return ModelRunner.load(spec.model, spec.model.max_slots, spec.execution.compilation_cache)
 
 
 def test_every_completion_of_a_json_schema_job_parses_and_validates(tmp_path, runner):

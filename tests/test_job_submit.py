@@ -24,8 +24,8 @@ def test_ray_job_submit_runs_the_job_on_an_existing_cluster(tmp_path, tiny_prese
     out = tmp_path / "out"
     job = tmp_path / "job.toml"
     job.write_text(
-        f'[model]\npreset = "{tiny_preset}"\nmax_length = 64\n[input]\nurl = "{data}"\n'
-        f'[sampling]\nmax_new_tokens = 4\n[output]\nurl = "{out}"\n[execution]\nrows_per_shard = 2\nmax_slots = 4\n'
+        f'[model]\npreset = "{tiny_preset}"\nmax_length = 64\nmax_slots = 4\n[input]\nurl = "{data}"\n'
+        f'[sampling]\nmax_new_tokens = 4\n[output]\nurl = "{out}"\n[execution]\nrows_per_shard = 2\n'
     )
     # The head is stopped through its own process tree (tests/ray_cluster.py), not `ray stop`, which would stop
     # every Ray on the machine, other test runs' included.

@@ -24,7 +24,7 @@ SWEEP = {
 def runner(tiny_preset) -> ModelRunner:
     """One loaded tiny model for the module (loading is what takes time)."""
     spec = make_spec("x", "y", preset=tiny_preset)
-    return ModelRunner.load(spec.model, spec.execution.max_slots, spec.execution.compilation_cache)
+    return ModelRunner.load(spec.model, spec.model.max_slots, spec.execution.compilation_cache)
 
 
 def run_all(spec: JobSpec, runner: ModelRunner) -> pa.Table:

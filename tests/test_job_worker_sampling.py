@@ -17,7 +17,7 @@ from tests.batch_fixtures import make_spec, tiny_preset, write_prompts  # noqa: 
 @pytest.fixture(scope="module")
 def runner(tiny_preset) -> ModelRunner:
     spec = make_spec("x", "y", preset=tiny_preset)
-    return ModelRunner.load(spec.model, spec.execution.max_slots, spec.execution.compilation_cache)
+    return ModelRunner.load(spec.model, spec.model.max_slots, spec.execution.compilation_cache)
 
 
 def run_all(spec: JobSpec, runner: ModelRunner) -> list[dict]:

@@ -117,7 +117,7 @@ def _run_pass(engine: Any, requests: list[Any]) -> tuple[PassFigures, dict[str, 
     s = engine.stats
     figures = PassFigures(
         wall_seconds=wall, first_result_seconds=first or 0.0, prompt_tokens=s.prompt_tokens,
-        generated_tokens=s.generated_tokens, prefill_seconds=s.prefill_seconds, decode_seconds=s.decode_seconds,
+        completion_tokens=s.completion_tokens, prefill_seconds=s.prefill_seconds, decode_seconds=s.decode_seconds,
         decode_calls=s.decode_calls, programs_compiled=s.programs_compiled, compile_seconds=s.compile_seconds,
     )
     return figures, outputs

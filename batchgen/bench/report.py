@@ -23,7 +23,7 @@ class PassFigures:
     wall_seconds: float
     first_result_seconds: float
     prompt_tokens: int
-    generated_tokens: int
+    completion_tokens: int
     prefill_seconds: float
     decode_seconds: float
     decode_calls: int
@@ -58,7 +58,7 @@ class EngineRow:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.steady.generated_tokens / self.steady.wall_seconds
+        return self.steady.completion_tokens / self.steady.wall_seconds
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -91,7 +91,7 @@ class PeerRun:
     wall_seconds: float
     first_result_seconds: float
     prompt_tokens: int
-    generated_tokens: int
+    completion_tokens: int
     outputs: dict[str, list[int]] = dataclasses.field(default_factory=dict, repr=False)
     workload: str = "main"
     identical_share: float | None = None  # against our float32 outputs on the same workload: the same work was done
@@ -99,7 +99,7 @@ class PeerRun:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.wall_seconds
+        return self.completion_tokens / self.wall_seconds
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -263,7 +263,7 @@ def _score(
         contexts[row.name] = context
         # The measured pass prefilled every prompt of the workload once and generated its tokens.
         work = prompt_flops(config, workload.prompt_lengths())
-        work += row.steady.generated_tokens * flops_per_token(config, context).total
+        work += row.steady.completion_tokens * flops_per_token(config, context).total
         row.achieved_flops_per_second = work / row.steady.wall_seconds
         row.floor_share = row.achieved_flops_per_second / rate
     for peer in peers:
@@ -272,7 +272,7 @@ def _score(
                 run.identical_share, run.mean_prefix_tokens = agreement(run.outputs, references[run.workload].outputs)
     flops = flops_per_token(config, contexts[REFERENCE_ROW])
     main = workloads[reference.workload]
-    prompt_share = prompt_flops(config, main.prompt_lengths()) / max(reference.steady.generated_tokens, 1)
+    prompt_share = prompt_flops(config, main.prompt_lengths()) / max(reference.steady.completion_tokens, 1)
     return FloorFigures(
         flops_per_token=flops.total, weight_flops=flops.weight_flops, attention_flops=flops.attention_flops,
         mean_context=flops.context, formula=flops.formula, rows=rates[0].rows, matmul_flops_per_second=rate,

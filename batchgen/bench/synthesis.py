@@ -99,7 +99,7 @@ def main() -> None:
             outputs[name] = [c.token_ids for c in completions]
             s = engine.stats
             passes[name].append(dict(
-                wall_s=wall, generated_tokens=s.generated_tokens, tokens_per_s=s.generated_tokens / wall,
+                wall_s=wall, completion_tokens=s.completion_tokens, tokens_per_s=s.completion_tokens / wall,
                 prompt_tokens_prefilled=s.prompt_tokens, prompt_tokens_shared=s.prompt_tokens_shared,
                 prompt_tokens_received=s.prompt_tokens_received, prefill_s=s.prefill_seconds, decode_s=s.decode_seconds,
                 programs_compiled=s.programs_compiled,

@@ -5,7 +5,9 @@ admitted into free slots when the cache has room for their worst case, and prefi
 rows of PACK_TOKENS tokens (only real tokens, each prompt attending to itself), straight into their slots'
 pages; then every jitted decode call advances all slots `steps_per_call` tokens, each slot's attention reading
 only its own pages (`model/paged_attention.py`). A slot whose sequence stops (stop token, stop string, token
-budget, end of cache) is refilled with the next waiting request before the next decode call.
+budget, end of cache) is refilled with the next waiting request before the next decode call. Which requests
+take the free slots, and how each prompt gets into the cache (prefilled, or copied pages when prompts are
+shared), is `admission.py`; a slot's new tokens become its Completion in `completions.py`.
 
 Shapes are static and bucketed, so a long job compiles a handful of programs once:
   prefill: one per packed row length (powers of two, 32 .. PACK_TOKENS, longer only for longer prompts);
@@ -30,38 +32,16 @@ import numpy as np
 
 from model import parallel, transformer
 from model.backbone import LlamaBackbone
-from model.generation import compile_counter, grammar, logprobs, paged_cache, penalties, sampling, scoring, steps
-from model.generation.detokenizer import IncrementalDetokenizer
+from model.generation import (
+    admission, compile_counter, completions, grammar, paged_cache, penalties, sampling, scoring, steps,
+)
 from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
 from model.generation.context_prefill import MAX_ROWS, ContextPrompt, build_call
 from model.generation.prefix_cache import PrefixCache, page_keys
 from model.generation.requests import Completion, Request
 from model.generation.scheduler import (
-    MIN_PACK_BUCKET, Slot, SlotTable, bucket, plan_packs, rows_bucket, segments_for,
+    MIN_PACK_BUCKET, Slot, SlotTable, auto_slots, bucket, plan_packs, rows_bucket, segments_for,
 )
-
-
-# 'auto' slots: one per two pages of cache (a sequence of up to 64 positions), at most this many. Slots are cheap:
-# admission still waits for room in the cache, and a decode call computes only the rows of occupied slots.
-AUTO_MAX_SLOTS = 256
-
-
-def auto_slots(cache_tokens: int) -> int:
-    """The slots an engine with `cache_tokens` positions of KV cache runs when asked for max_slots='auto'."""
-    return max(1, min(AUTO_MAX_SLOTS, paged_cache.pages_for(cache_tokens, PAGE_SIZE) // 2))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Weights:
-    """The weights as the jitted steps take them: stacked [L, ...] layers for prefill (one `lax.scan`, compiled
-    once for any depth) and per-layer copies for decode (unrolled: no per-step copies of layer slices).
-
-    The per-layer copies double the weights' memory; a decode step reads each weight once, without them XLA would
-    copy each layer's slice of the stacked arrays on every step, ~1/3 of the step's time on CPU.
-    """
-
-    stacked: transformer.Params
-    per_layer: transformer.Params
 
 
 @dataclasses.dataclass
@@ -71,7 +51,7 @@ class EngineStats:
     prompt_tokens: int = 0  # prefilled (computed by prefill calls)
     prompt_tokens_shared: int = 0  # copied from a cached copy of the same prompt instead (prefix_cache.py)
     prompt_tokens_received: int = 0  # of every request run: prefilled + shared + one per shared prompt (recomputed)
-    generated_tokens: int = 0
+    completion_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_calls: int = 0
@@ -145,7 +125,7 @@ class GenerationEngine:
         self.stats = EngineStats()
         self._cache: PagedKVCache | None = None
         self._weights_source: list[jax.Array] | None = None
-        self._weights_cache: _Weights | None = None
+        self._weights_cache: steps.Weights | None = None
         self.score_stats = scoring.ScoreStats()
         self.grammars = grammar.Grammars(tokenizer, config.vocabulary_size)
 
@@ -165,7 +145,7 @@ class GenerationEngine:
             self.stats.programs_compiled += compiles - compiles_before
             self.stats.compile_seconds += seconds - compile_seconds_before
 
-    def _weights(self) -> "_Weights":
+    def _weights(self) -> "steps.Weights":
         """The backbone's current weights as the steps take them, rebuilt only when the backbone's arrays change."""
         params = self.backbone.params()
         source = jax.tree.leaves(params)  # kept, so that an array freed by a new assignment cannot pass for it
@@ -173,7 +153,7 @@ class GenerationEngine:
             self._weights_cache = None  # let the old copies go before making new ones
             if self.backbone.compute_dtype != str(params["token_embedding"].dtype) and "token_embedding_scale" not in params:
                 params = jax.tree.map(lambda w: w.astype(self.backbone.compute_dtype), params)
-            self._weights_cache = _Weights(params, transformer.unstack_layers(params))
+            self._weights_cache = steps.Weights(params, transformer.unstack_layers(params))
             self._weights_source = source
         return self._weights_cache
 
@@ -198,7 +178,7 @@ class GenerationEngine:
 
     # ---- the loop ---------------------------------------------------------------------------------------
 
-    def _run(self, weights: _Weights, requests: Iterator[Request]) -> Iterator[Completion]:
+    def _run(self, weights: steps.Weights, requests: Iterator[Request]) -> Iterator[Completion]:
         if self._cache is None:
             # A tensor-parallel backbone gets a cache split along KV heads like its key / value weights.
             self._cache = PagedKVCache.allocate(
@@ -220,88 +200,32 @@ class GenerationEngine:
                 if request is not None:
                     waiting.append(request)
             free = table.free_slots() if self.continuous or not table.active.any() else []
-            admitted: list[tuple[int, Request]] = []  # to prefill whole
-            shared: list[tuple[int, Request, list[bytes]]] = []  # the whole prompt cached (or prefilled this round)
-            with_context: list[ContextPrompt] = []  # its first pages cached: prefill the rest
-            leaders: set[bytes] = set()  # prompts (their last page's key) prefilled by this round's calls
-            completing: set[bytes] = set()  # prompts whose rest this round prefills after their cached pages
-            shared_later: list[tuple[int, Request, list[bytes]]] = []  # repeats of those: copied after that
-            pinned: set[bytes] = set()  # cached pages this round copies: no admission may evict them
-            while free and waiting:
-                request = waiting[0]
-                error = self._validate(request)
-                # Constrained rows (response_format) are prefilled whole: their first token needs its mask.
-                keys = None
-                if prefix is not None and not error and request.response_format is None:
-                    keys = page_keys(request.prompt_ids, PAGE_SIZE)
-                found = prefix.lookup(keys) if keys else []
-                whole = keys is not None and (len(found) == len(keys) or keys[-1] in leaders)
-                later = keys is not None and not whole and keys[-1] in completing
-                new_pins = set(keys[: len(found)]) - pinned if keys else set()
-                pinned |= new_pins
-                if error:  # rejected alone; the rest of the batch goes on
-                    yield self._error(waiting.popleft(), error)
-                elif table.reserve(free[0], request, self.max_length, keep=pinned):
-                    slot = free.pop(0)
-                    waiting.popleft()
-                    if whole:
-                        shared.append((slot, request, keys))
-                    elif later:
-                        shared_later.append((slot, request, keys))
-                    elif found:
-                        with_context.append(ContextPrompt(slot, request, len(found)))
-                        completing.add(keys[-1])
-                    else:
-                        admitted.append((slot, request))
-                        leaders.update(keys[-1:] if keys else ())
-                elif new_pins and table.reserve(free[0], request, self.max_length, keep=pinned - new_pins):
-                    # Keeping the cached pages would leave this request no room (a small cache): prefill it
-                    # whole instead, and let those pages be reused.
-                    pinned -= new_pins
-                    admitted.append((free.pop(0), waiting.popleft()))
-                    leaders.update(keys[-1:])
-                else:  # the cache is full: the next request waits (in order) for a sequence to finish
-                    break
-            if admitted:
-                yield from self._prefill_admitted(weights.stacked, admitted, table)
-            if shared or with_context:
-                self._copy_cached(shared, with_context, table)
-                for slot, request, _ in shared:
+            plan = admission.admit(waiting, free, table, prefix, PAGE_SIZE, self.max_length, self._problem)
+            for request, reason in plan.rejected:
+                yield self._error(request, reason)
+            if plan.admitted:
+                yield from self._prefill_admitted(weights.stacked, plan.admitted, table)
+            if plan.shared or plan.with_context:
+                self._copy_cached(plan.shared, plan.with_context, table)
+                for slot, request, _ in plan.shared:
                     self._start_shared(slot, request, table)
-                for start in range(0, len(with_context), MAX_ROWS):
-                    yield from self._prefill_with_context(weights.stacked, with_context[start : start + MAX_ROWS], table)
-            if shared_later:  # their prompts are whole in the cache now
-                self._copy_cached(shared_later, [], table)
-                for slot, request, _ in shared_later:
+                for start in range(0, len(plan.with_context), MAX_ROWS):
+                    prompts = plan.with_context[start : start + MAX_ROWS]
+                    yield from self._prefill_with_context(weights.stacked, prompts, table)
+            if plan.shared_later:  # their prompts are whole in the cache now
+                self._copy_cached(plan.shared_later, [], table)
+                for slot, request, _ in plan.shared_later:
                     self._start_shared(slot, request, table)
             if table.active.any():
                 yield from self._decode_once(weights.per_layer, table)
             elif exhausted and not waiting:
                 return
 
-    def _validate(self, request: Request) -> str | None:
-        n = len(request.prompt_ids)
-        if n == 0:
-            return "the prompt has no tokens"
-        if n + 1 > self.max_length:
-            return (
-                f"the prompt has {n} tokens, which leaves no room for a new token in a context of "
-                f"{self.max_length} tokens"
-            )
-        if request.max_new_tokens < 1:
-            return f"max_new_tokens must be >= 1, got {request.max_new_tokens}"
-        bad = [t for t in request.prompt_ids if not 0 <= int(t) < self.config.vocabulary_size]
-        if bad:
-            return f"token id {bad[0]} is outside the vocabulary of {self.config.vocabulary_size}"
-        if request.response_format is not None:
-            problem = self.grammars.problem(request.response_format)
-            if problem:
-                return f"response_format {request.response_format:.200} {problem}"
-        return None
+    def _problem(self, request: Request) -> str | None:
+        return admission.problem(request, self.max_length, self.config.vocabulary_size, self.grammars)
 
     def _error(self, request: Request, reason: str) -> Completion:
-        text = None if self.tokenizer is None else ""
-        return Completion(request.request_id, (), text, "error", len(request.prompt_ids), 0, reason)
+        return completions.error(request, reason, self.tokenizer)
 
     def _prefill_admitted(self, params, admitted: list[tuple[int, Request]], table: "SlotTable"):
         lengths = [len(request.prompt_ids) for _, request in admitted]
@@ -328,7 +252,7 @@ class GenerationEngine:
         rows, variant = sampling.row_sampling_params(row_sampling + [row_sampling[0]] * (capacity - len(pack)))
         start = time.perf_counter()
         self.stats.shapes.add(("prefill", t, capacity, variant))
-        k = _logprobs_width(request for _, request in pack)
+        k = completions.logprobs_width(request for _, request in pack)
         padded = [request for _, request in pack] + [pack[0][1]] * (capacity - len(pack))
         row_penalties = penalties.build(
             [r.sampling for r in padded], [r.prompt_ids for r in padded], [()] * capacity, self.config.vocabulary_size
@@ -336,7 +260,7 @@ class GenerationEngine:
         for slot, request in pack:  # each constrained request's matcher starts here, so its first token is masked too
             if request.response_format is not None:
                 table.entries[slot].grammar = self.grammars.matcher(request.response_format)
-        token_mask = self._token_mask([table.entries[slot] for slot, _ in pack], capacity)
+        token_mask = self.grammars.token_mask([table.entries[slot] for slot, _ in pack], capacity)
         self._cache, first, first_logprobs = steps.prefill(
             params, self._cache, ids, positions, segments, pages, offsets, last, rows, seeds, row_penalties,
             token_mask, config=self.config, variant=variant, logprobs_k=k,
@@ -348,7 +272,8 @@ class GenerationEngine:
             n = len(request.prompt_ids)
             self.stats.prompt_tokens += n
             self.stats.prompt_tokens_received += n
-            done = self._first_token(slot, request, int(first[j]), seeds[j], _entries(first_logprobs, j, 1, request), table)
+            entries = completions.token_entries(first_logprobs, j, 1, request)
+            done = self._first_token(slot, request, int(first[j]), seeds[j], entries, table)
             if done is not None:
                 yield done
 
@@ -360,7 +285,7 @@ class GenerationEngine:
         state = table.occupy(slot, token, seed)
         done = self._take(state, [token], logprobs)
         if done is None and (table.counts[slot] >= table.budgets[slot] or table.lengths[slot] + 1 >= self.max_length):
-            done = self._finish(state, "length")
+            done = completions.finish(state, "length")
         if done is not None:
             table.release(slot)
         return done
@@ -397,7 +322,7 @@ class GenerationEngine:
         call = build_call(prompts, table.pages)
         b, t = call.token_ids.shape
         rows, variant = sampling.row_sampling_params([r.sampling for r in call.padded])
-        k = _logprobs_width(call.padded)
+        k = completions.logprobs_width(call.padded)
         row_penalties = penalties.build(
             [r.sampling for r in call.padded], [r.prompt_ids for r in call.padded], [()] * b, self.config.vocabulary_size
         )
@@ -416,7 +341,7 @@ class GenerationEngine:
             self.stats.prompt_tokens += n - context
             self.stats.prompt_tokens_shared += context
             self.stats.prompt_tokens_received += n
-            entries = _entries(first_logprobs, j, 1, prompt.request)
+            entries = completions.token_entries(first_logprobs, j, 1, prompt.request)
             done = self._first_token(prompt.slot, prompt.request, int(first[j]), call.seeds[j], entries, table)
             if done is not None:
                 yield done
@@ -433,11 +358,11 @@ class GenerationEngine:
         rows, variant = sampling.row_sampling_params(table.sampling_rows()[:b])
         # A slot with a grammar needs a mask per token, which the host computes from the token before: such calls
         # run one step (a program of their own); calls without one keep steps_per_call and their programs.
-        token_mask = self._token_mask([e if table.active[i] else None for i, e in enumerate(table.entries[:b])], b)
+        token_mask = self.grammars.token_mask([e if table.active[i] else None for i, e in enumerate(table.entries[:b])], b)
         steps_per_call = self.steps_per_call if token_mask is None else 1
         start = time.perf_counter()
         self.stats.shapes.add(("decode", b, chunks, width, variant) + (() if token_mask is None else ("grammar",)))
-        k = _logprobs_width(entry.request for entry in table.entries[:b] if entry is not None)
+        k = completions.logprobs_width(entry.request for entry in table.entries[:b] if entry is not None)
         entries = [entry if entry is not None else next(e for e in table.entries if e is not None) for entry in table.entries[:b]]
         slot_penalties = penalties.build(
             [e.request.sampling for e in entries], [e.request.prompt_ids for e in entries],
@@ -458,117 +383,16 @@ class GenerationEngine:
         for i in was_active:
             state = table.entries[i]
             new = [int(t) for t in emitted[i] if t >= 0]
-            done = self._take(state, new, _entries(token_logprobs, i, len(new), state.request))
+            done = self._take(state, new, completions.token_entries(token_logprobs, i, len(new), state.request))
             if done is None and not table.active[i]:
-                done = self._finish(state, "length")
+                done = completions.finish(state, "length")
             if done is not None:
                 table.release(i)
                 yield done
 
-    def _token_mask(self, states: Sequence[Slot | None], rows: int) -> np.ndarray | None:
-        """The allowed-token bitmask [rows, ceil(V / 32)] of a call whose row i is `states[i]` (None: a row without
-        a sequence), or None when no row has a grammar. Rows without one allow every token.
-
-        The library allows its end tokens once the grammar may end; a request with stop tokens of its own gets
-        those allowed instead, so that it ends the way an unconstrained one does.
-        """
-        constrained = [(s.grammar, i) for i, s in enumerate(states) if s is not None and s.grammar is not None]
-        if not constrained:
-            return None
-        mask = np.full((rows, grammar.mask_words(self.config.vocabulary_size)), -1, np.int32)
-        self.grammars.fill(mask, constrained)
-        words = mask.view(np.uint32)  # the same memory, with bit 31 as easy to set as the others
-        library_ends = [t for t in self.grammars.end_token_ids if t < self.config.vocabulary_size]
-        for matcher, i in constrained:
-            stop_ids = [t for t in states[i].stop_token_ids if t < self.config.vocabulary_size]
-            if not stop_ids:
-                continue
-            for t in library_ends:
-                words[i, t // 32] &= ~np.uint32(1 << (t % 32))
-            if matcher.is_accepting():
-                for t in stop_ids:
-                    words[i, t // 32] |= np.uint32(1 << (t % 32))
-        return mask
-
     def _take(self, state: Slot, new: list[int], logprobs: list | None = None) -> Completion | None:
-        """`_append` for any slot: a constrained slot's (single) token also advances its grammar, and the sequence
-        ends as soon as the grammar is complete."""
-        if state.grammar is None or not new:
-            return self._append(state, new, logprobs)
-        (token,) = new  # a constrained slot advances one token per call
-        if token not in state.stop_token_ids:
-            if token in self.grammars.end_token_ids:  # the library's end token: allowed only where the grammar may end
-                self.stats.generated_tokens += 1
-                return self._finish(state, "stop", counted=len(state.generated) + 1, stop_token_id=token)
-            if not state.grammar.consume_token(token):  # the mask allowed it, so this is a library or engine bug
-                return self._error(state.request, f"response_format: the grammar rejected token {token}: "
-                                                  f"{state.grammar.get_error()}")
-        done = self._append(state, new, logprobs)
-        if done is None and state.grammar.is_stopped():
-            done = self._finish(state, "stop")
+        """Adds a slot's new tokens (`completions.take`) and counts them; its Completion if one ended it."""
+        done = completions.take(state, new, self.tokenizer, self.grammars.end_token_ids, logprobs)
+        if done is None or done.finish_reason != "error":  # a token the grammar rejected is not counted
+            self.stats.completion_tokens += len(new)
         return done
-
-    def _append(self, state: Slot, new: list[int], logprobs: list | None = None) -> Completion | None:
-        """Adds generated tokens to a slot; returns its Completion if a stop token or stop string ended it.
-
-        Tokens are taken in order, each checked against the stop strings before a later one may end the
-        sequence: a decode call can return a stop string and, a few tokens on, a stop token, and the text must
-        end at the stop string, not at the token.
-        """
-        self.stats.generated_tokens += len(new)
-        detokenizer = state.detokenizer
-        if detokenizer is None and self.tokenizer is not None:
-            request = state.request
-            detokenizer = state.detokenizer = IncrementalDetokenizer(
-                self.tokenizer, request.prompt_ids, request.stop_strings, request.skip_special_tokens
-            )
-        for j, token in enumerate(new):
-            if token in state.stop_token_ids:
-                return self._finish(state, "stop", counted=len(state.generated) + 1, stop_token_id=token)
-            state.generated.append(token)
-            if logprobs is not None:
-                state.logprobs.append(logprobs[j])
-            if detokenizer is not None and detokenizer.add((token,)):
-                # completion_tokens counts up to the token that completed the stop string (it was generated);
-                # token_ids and text end where the stop string begins.
-                del state.generated[detokenizer.kept_tokens :]
-                return self._finish(state, "stop", counted=detokenizer.consumed_tokens)
-        return None
-
-    def _finish(
-        self, state: Slot, reason: str, counted: int | None = None, stop_token_id: int | None = None
-    ) -> Completion:
-        generated = tuple(state.generated)
-        text = state.detokenizer.text if state.detokenizer is not None else None
-        wanted = state.request.logprobs is not None
-        kept = state.logprobs[: len(generated)]  # a stop string cut the tokens after its start
-        return Completion(
-            state.request.request_id,
-            generated,
-            text,
-            reason,
-            state.prompt_tokens,
-            counted if counted is not None else len(generated),
-            None,
-            stop_token_id,
-            tuple(lp for lp, _ in kept) if wanted else None,
-            tuple(top for _, top in kept) if wanted else None,
-        )
-
-
-def _logprobs_width(requests: Iterable[Request]) -> int | None:
-    """The static top-k width a step computes for these requests: None when none asks for log-probabilities."""
-    asked = [r.logprobs for r in requests if r.logprobs is not None]
-    return logprobs.bucket_k(max(asked)) if asked else None
-
-
-def _entries(arrays: list[np.ndarray] | None, row: int, count: int, request: Request) -> list | None:
-    """Per-token (log-prob, ((id, log-prob) x the request's k)) of a row's first `count` tokens, or None."""
-    if arrays is None or request.logprobs is None:
-        return None
-    chosen, ids, top = (a[row] for a in arrays)
-    k = request.logprobs
-    return [
-        (float(chosen[t]), tuple((int(i), float(lp)) for i, lp in zip(ids[t, :k], top[t, :k])))
-        for t in range(count)
-    ]

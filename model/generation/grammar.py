@@ -118,6 +118,31 @@ class Grammars:
             self._executor = llguidance.LLExecutor()
         llguidance.numpy.fill_next_token_bitmask_par(self._executor, list(rows), mask)
 
+    def token_mask(self, states: Sequence[Any], rows: int) -> np.ndarray | None:
+        """The allowed-token bitmask [rows, ceil(V / 32)] of a call whose row i is the slot `states[i]` (None: a row
+        without a sequence), or None when no row has a grammar. Rows without one allow every token.
+
+        The library allows its end tokens once the grammar may end; a request with stop tokens of its own gets
+        those allowed instead, so that it ends the way an unconstrained one does.
+        """
+        constrained = [(s.grammar, i) for i, s in enumerate(states) if s is not None and s.grammar is not None]
+        if not constrained:
+            return None
+        mask = np.full((rows, mask_words(self.vocabulary_size)), -1, np.int32)
+        self.fill(mask, constrained)
+        words = mask.view(np.uint32)  # the same memory, with bit 31 as easy to set as the others
+        library_ends = [t for t in self.end_token_ids if t < self.vocabulary_size]
+        for matcher, i in constrained:
+            stop_ids = [t for t in states[i].stop_token_ids if t < self.vocabulary_size]
+            if not stop_ids:
+                continue
+            for t in library_ends:
+                words[i, t // 32] &= ~np.uint32(1 << (t % 32))
+            if matcher.is_accepting():
+                for t in stop_ids:
+                    words[i, t // 32] |= np.uint32(1 << (t % 32))
+        return mask
+
     def _compile(self, response_format: str) -> llguidance.LLMatcher | str:
         key = _canonical(response_format)
         if key in self._compiled:

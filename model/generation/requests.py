@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Hashable, Literal, Mapping, Sequence
+from typing import Any, Hashable, Literal, Mapping, Sequence
 
 FinishReason = Literal["stop", "length", "error"]
 
@@ -102,6 +102,20 @@ def normalize_logit_bias(
             raise ValueError(f"logit_bias names token {token} twice")
         result[token] = float(value)
     return tuple(sorted(result.items()))
+
+
+def resolve_stop_token_ids(value: Any, auto: Sequence[int] | None) -> tuple[int, ...]:
+    """The stop token ids a request carries, from what a caller asked for: "auto" -> `auto` (the checkpoint's end
+    tokens; None when unknown), None -> none, ids -> those ids. `generate()` and batch jobs both resolve here."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"stop_token_ids must be None, 'auto' or a tuple of ids, got {value!r}")
+        if auto is None:
+            raise ValueError("stop_token_ids='auto' needs a preprocessor; pass a tuple of ids or None")
+        return tuple(int(i) for i in auto)
+    return tuple(int(i) for i in value)
 
 
 @dataclasses.dataclass(frozen=True)

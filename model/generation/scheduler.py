@@ -13,7 +13,7 @@ from typing import Any, Collection, Sequence
 import numpy as np
 
 from model.generation.detokenizer import IncrementalDetokenizer
-from model.generation.paged_cache import PageTable
+from model.generation.paged_cache import PAGE_SIZE, PageTable, pages_for
 from model.generation.requests import Request, SamplingParams
 
 # A prefill call packs whole prompts into one row of up to this many tokens (a longer prompt gets a row of its
@@ -22,6 +22,14 @@ from model.generation.requests import Request, SamplingParams
 PACK_TOKENS = 512
 MIN_PACK_BUCKET = 32
 STOP_ID_BUCKET = 4  # stop-id table width grows in steps of this, so a few stop ids never force a recompile
+# 'auto' slots: one per two pages of cache (a sequence of up to 64 positions), at most this many. Slots are cheap:
+# admission still waits for room in the cache, and a decode call computes only the rows of occupied slots.
+AUTO_MAX_SLOTS = 256
+
+
+def auto_slots(cache_tokens: int) -> int:
+    """The slots an engine with `cache_tokens` positions of KV cache runs when asked for max_slots='auto'."""
+    return max(1, min(AUTO_MAX_SLOTS, pages_for(cache_tokens, PAGE_SIZE) // 2))
 
 
 def bucket(n: int, minimum: int) -> int:

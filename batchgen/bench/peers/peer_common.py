@@ -84,7 +84,7 @@ def timed_pass(
             first = time.perf_counter() - start
     return {
         "workload": workload["name"], "batch": batch, "wall_seconds": time.perf_counter() - start,
-        "first_result_seconds": first, "prompt_tokens": prompt_tokens, "generated_tokens": generated,
+        "first_result_seconds": first, "prompt_tokens": prompt_tokens, "completion_tokens": generated,
         "outputs": outputs,
     }
 

@@ -1,4 +1,5 @@
-"""Per-request seeds derived from the job seed, the row id and the sample index.
+"""Per-request seeds derived from a base seed, the row id and the sample index: the one seed function of
+`LlamaCausalLM.generate()` (row id = the prompt's index) and of batch jobs (the job seed and the row id).
 
 A request's seed depends on nothing else (not the shard, the worker or the batch it lands in), so a rerun,
 a retried shard or a different `rows_per_shard` gives the same text for the same row. The hash is blake2b
