@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 @contextlib.contextmanager
 def _attention_replaced(attention: Callable) -> Any:
-    """Decode attention swapped for `attention` while a program is traced (and so compiled) inside the block."""
+    """Decode attention swapped for `attention` while a program is traced inside the block."""
     from model import paged_attention
 
     real = paged_attention.decode_attention
@@ -114,11 +114,15 @@ def main() -> None:
         if attention is None:
             call, cache = full_slots_decode(lm, params, b, args.context, args.steps)
             return [call, jax.block_until_ready(call(cache))]
-        fresh = jax.jit(steps.decode.__wrapped__, donate_argnames=("cache",),
-                        static_argnames=("config", "variant", "steps", "chunks", "max_length", "logprobs_k"))
-        call, cache = full_slots_decode(lm, params, b, args.context, args.steps, decode=fresh)
-        with _attention_replaced(attention):
-            cache = jax.block_until_ready(call(cache))  # traced and compiled with the replacement
+
+        def decode_replaced(*args, **kwargs):  # the replacement holds whenever jit traces, first call or later
+            with _attention_replaced(attention):
+                return steps.decode.__wrapped__(*args, **kwargs)
+
+        jitted = jax.jit(decode_replaced, donate_argnames=("cache",),
+                         static_argnames=("config", "variant", "steps", "chunks", "max_length", "logprobs_k"))
+        call, cache = full_slots_decode(lm, params, b, args.context, args.steps, decode=jitted)
+        cache = jax.block_until_ready(call(cache))  # compiled
         return [call, cache]
 
     x = jnp.ones((b, config.hidden_dim), jnp.float32)
