@@ -52,15 +52,12 @@ def run(
     job: Path, overrides: tuple[str, ...], address: str | None, overwrite: bool, progress: bool | None, as_json: bool
 ) -> None:
     """Run the job in JOB to the end; a rerun resumes, skipping committed shards."""
-    from batchgen.faults import FaultPlan
     from batchgen.job import run_job
     from batchgen.spec import load_spec
 
     spec = load_spec(job, overrides)
     show = sys.stderr.isatty() if progress is None else progress
-    # BATCHGEN_FAULTS: the fault tests' way into a `batchgen run` subprocess (unset in real jobs: no faults).
-    faults = FaultPlan.from_env()
-    summary = run_job(spec, address=address, overwrite=overwrite, progress=show, faults=faults)
+    summary = run_job(spec, address=address, overwrite=overwrite, progress=show)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.render())
     sys.exit(summary.exit_code)
 

@@ -2,9 +2,9 @@
 
 Tests only. A test passes a `FaultPlan` to `run_job(spec, faults=...)`; the job then runs `FaultyShardWorker`s,
 which fire the faults around the real steps of `ShardWorker.run_shard` (the production worker has no hooks). A
-test that drives `batchgen run` in a subprocess sets the environment variable BATCHGEN_FAULTS (a JSON list,
-`FaultPlan.from_env`), which the CLI's `run` passes as that parameter; unset, as in every real job, the plan is
-empty and the plain `ShardWorker` runs. Each fault is a table:
+test that drives a job in a subprocess runs `python -m tests.run_with_faults FAULTS_JSON run JOB ...`, which
+hands the plan (`FaultPlan.from_json`) to the same parameter; `batchgen run` itself has no way in for faults,
+and every real job runs the plain `ShardWorker`. Each fault is a table (FAULTS_JSON is a list of them):
 
     {"action": "kill" | "hang" | "raise" | "fail_write" | "delay",
      "shard": 1,          # the shard's index in the plan; -1 means every shard
@@ -25,7 +25,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -34,7 +34,6 @@ from batchgen.manifest import ShardResult
 from batchgen.planning import Shard
 from batchgen.worker import ShardWorker
 
-FAULTS_ENV = "BATCHGEN_FAULTS"
 ACTIONS = ("kill", "hang", "raise", "fail_write", "delay")
 
 
@@ -62,9 +61,9 @@ class FaultPlan:
     faults: tuple[Fault, ...] = ()
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> FaultPlan:
-        """The plan in BATCHGEN_FAULTS, or an empty plan when it is unset."""
-        text = environ.get(FAULTS_ENV, "").strip()
+    def from_json(cls, text: str) -> FaultPlan:
+        """The plan in `text`, a JSON list of fault tables; an empty plan for empty text."""
+        text = text.strip()
         if not text:
             return cls()
         try:
@@ -79,10 +78,10 @@ class FaultPlan:
                 for item in items
             )
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{FAULTS_ENV} must be a JSON list of fault tables, got {text!r}: {error}") from error
+            raise ValueError(f"faults must be a JSON list of fault tables, got {text!r}: {error}") from error
         for fault in faults:
             if fault.action not in ACTIONS:
-                raise ValueError(f"{FAULTS_ENV}: unknown action {fault.action!r}; known: {ACTIONS}")
+                raise ValueError(f"faults: unknown action {fault.action!r}; known: {ACTIONS}")
         return cls(faults)
 
     def _active(self, action: str, shard_index: int, attempt: int) -> Fault | None:

@@ -66,7 +66,7 @@ class LocalCluster:
         self.dashboard_url = ""
         self.ids: dict[str, str] = {}  # node ids by name, as a test last recorded them (kept after a node is lost)
         self.env = {**os.environ, **CLUSTER_ENV, "PATH": f"{Path(RAY).parent}:{os.environ['PATH']}"}
-        for name in ("RAY_ADDRESS", "BATCHGEN_FAULTS", "XLA_FLAGS"):
+        for name in ("RAY_ADDRESS", "XLA_FLAGS"):
             self.env.pop(name, None)
 
     def __enter__(self) -> LocalCluster:

@@ -61,7 +61,7 @@ def test_a_write_failing_half_way_publishes_nothing(output):
     url, options = output
     sink = Sink(url, options)
     sink.prepare(job("bbbb"), overwrite=False)
-    failing = FaultPlan.from_env({"BATCHGEN_FAULTS": '[{"action": "fail_write", "shard": 0}]'})
+    failing = FaultPlan.from_json('[{"action": "fail_write", "shard": 0}]')
     batches = failing.wrap_batches(TABLE.to_batches(max_chunksize=3), shard_index=0, attempt=1)
     with pytest.raises(InjectedFault, match="half-way"):
         sink.write_part("bbbb", TABLE.schema, batches)

@@ -71,12 +71,12 @@ def _toml(value: Any) -> str:
 
 
 def start_driver(cluster: LocalCluster, job: Path, faults: list[dict] | None = None) -> subprocess.Popen:
-    """`batchgen run JOB --address <cluster> --json` in its own process; BATCHGEN_FAULTS slows or breaks shards."""
-    env = dict(cluster.env)
-    if faults:
-        env["BATCHGEN_FAULTS"] = json.dumps(faults)
-    command = [sys.executable, "-m", "batchgen.cli", "run", str(job), "--address", cluster.address, "--no-progress", "--json"]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """`batchgen run JOB --address <cluster> --json` in its own process; with `faults`, through
+    `tests.run_with_faults`, which slows or breaks shards."""
+    command = ["run", str(job), "--address", cluster.address, "--no-progress", "--json"]
+    entry = ["batchgen.cli"] if not faults else ["tests.run_with_faults", json.dumps(faults)]
+    return subprocess.Popen([sys.executable, "-m", *entry, *command], cwd=ROOT, env=cluster.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(driver: subprocess.Popen, timeout: float = JOB_TIMEOUT) -> tuple[int, dict[str, Any] | None, str]:
@@ -104,7 +104,7 @@ def worker_nodes(cluster: LocalCluster) -> dict[int, str]:
     from ray.util.state import list_actors
 
     names = {node_id: name for name, node_id in cluster.ids.items()}
-    # A job run with faults (BATCHGEN_FAULTS) runs them as FaultyShardWorker, the ShardWorker that fires them.
+    # A job run with faults runs them as FaultyShardWorker, the ShardWorker that fires them.
     actors = list_actors(address=cluster.dashboard_url, limit=10_000)
     workers = [a for a in actors if a.class_name in ("ShardWorker", "FaultyShardWorker")]
     return {actor.pid: names[actor.node_id] for actor in workers if actor.pid and actor.node_id}

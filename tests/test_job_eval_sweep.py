@@ -21,6 +21,8 @@ from batchgen.sink import Sink
 from batchgen.spec import DATA_DIR, load_spec
 from tests.batch_fixtures import TEST_XLA_CACHE, ray_local, tiny_preset  # noqa: F401 (fixtures)
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository: `python -m tests.run_with_faults` runs from it
+
 pytestmark = pytest.mark.slow
 
 JOB = Path(__file__).parent.parent / "jobs" / "eval_sweep.toml"
@@ -42,8 +44,9 @@ def test_the_eval_sweep_resumes_after_a_driver_sigkill_with_each_row_and_model_o
     command = [sys.executable, "-m", "batchgen.cli", "run", str(JOB), "--address", ray_local, "--no-progress"]
     command += [arg for setting in settings for arg in ("--set", setting)]
     # Every shard waits 1 s first, so that the driver is killed with shards of later models still to do.
-    env = {**os.environ, "BATCHGEN_FAULTS": json.dumps([{"action": "delay", "shard": -1, "attempts": [], "seconds": 1}])}
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    delays = json.dumps([{"action": "delay", "shard": -1, "attempts": [], "seconds": 1}])
+    with_delays = [sys.executable, "-m", "tests.run_with_faults", delays, *command[3:]]
+    driver = subprocess.Popen(with_delays, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     sink = Sink(str(out))
     deadline = time.monotonic() + 900
     while len(sink.committed()) < 7:  # past the first model's shards

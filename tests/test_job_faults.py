@@ -1,5 +1,5 @@
 """Faults, each one a test: on a shared local Ray, real worker actors on a tiny model, faults injected at real
-points of the worker's work (batchgen.faults: `run_job(spec, faults=...)`, or BATCHGEN_FAULTS for `batchgen run`)."""
+points of the worker's work (batchgen.faults: `run_job(spec, faults=...)`, or `python -m tests.run_with_faults` for a job in a subprocess)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from batchgen.sink import Sink
 from batchgen.spec import JobSpec
 from tests.batch_fixtures import TEST_XLA_CACHE, make_spec, ray_local, s3_server, tiny_preset, write_prompts  # noqa: F401
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository: `python -m tests.run_with_faults` runs from it
+
 pytestmark = pytest.mark.slow
 
 ROWS = 12
@@ -35,7 +37,7 @@ def spec_for(tmp_path: Path, preset: str, input_url: str | None = None, **sectio
 
 
 def faults(*items: dict) -> FaultPlan:
-    return FaultPlan.from_env({"BATCHGEN_FAULTS": json.dumps(list(items))})
+    return FaultPlan.from_json(json.dumps(list(items)))
 
 
 def assert_exactly_once(sink: Sink, rows: int = ROWS, n: int = N) -> None:
@@ -109,9 +111,10 @@ def test_the_driver_killed_mid_job_resumes_and_writes_every_row_exactly_once(tmp
         f'[execution]\nrows_per_shard = 3\ncompilation_cache = "{TEST_XLA_CACHE}"\n'
     )
     # Every shard waits 2 s before it starts, so the driver can be killed with shards still to do.
-    env = {**os.environ, "BATCHGEN_FAULTS": json.dumps([{"action": "delay", "shard": -1, "attempts": [], "seconds": 2}])}
+    delays = json.dumps([{"action": "delay", "shard": -1, "attempts": [], "seconds": 2}])
     command = [sys.executable, "-m", "batchgen.cli", "run", str(job), "--address", ray_local, "--no-progress"]
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with_delays = [sys.executable, "-m", "tests.run_with_faults", delays, *command[3:]]
+    driver = subprocess.Popen(with_delays, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     sink = Sink(str(tmp_path / "out"))
     deadline = time.monotonic() + 240
     while len(sink.committed()) < 1:

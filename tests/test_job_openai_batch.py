@@ -10,11 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from batchgen.sink import Sink
 from tests.batch_fixtures import TEST_XLA_CACHE, ray_local, tiny_preset  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: `python -m tests.run_with_faults` runs from it
 
 pytestmark = pytest.mark.slow
 
@@ -55,9 +58,10 @@ def test_an_openai_batch_of_1000_requests_survives_a_driver_sigkill_with_each_cu
         f'compilation_cache = "{TEST_XLA_CACHE}"\n'
     )
     # Every shard waits 1 s first, so that the driver is killed with shards still to do.
-    env = {**os.environ, "BATCHGEN_FAULTS": json.dumps([{"action": "delay", "shard": -1, "attempts": [], "seconds": 1}])}
+    delays = json.dumps([{"action": "delay", "shard": -1, "attempts": [], "seconds": 1}])
     command = [sys.executable, "-m", "batchgen.cli", "run", str(job), "--address", ray_local, "--no-progress"]
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with_delays = [sys.executable, "-m", "tests.run_with_faults", delays, *command[3:]]
+    driver = subprocess.Popen(with_delays, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     sink = Sink(str(out), output_format="openai_batch", compression="none")
     deadline = time.monotonic() + 240
     while len(sink.committed()) < 1:
