@@ -41,6 +41,21 @@ def full_slots_decode(lm, params, slots: int, context: int, steps_per_call: int,
     return call, PagedKVCache.allocate(config, pages.pages, PAGE_SIZE, lm.backbone.compute_dtype)
 
 
+def best_step_seconds(programs: dict, rounds: int, steps_per_call: int) -> dict:
+    """Runs the programs interleaved, `rounds` times each, so that drift on a shared machine hits all alike; returns
+    each one's best time per step. programs: name -> [call, state], call(state) -> the next state (a donated cache
+    is replaced by the one the call returns)."""
+    import jax
+
+    best = {name: float("inf") for name in programs}
+    for _ in range(rounds):
+        for name, entry in programs.items():
+            start = time.perf_counter()
+            entry[1] = jax.block_until_ready(entry[0](entry[1]))
+            best[name] = min(best[name], (time.perf_counter() - start) / steps_per_call)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="smollm2_135m_instruct")
@@ -63,13 +78,7 @@ def main() -> None:
         return call, jax.block_until_ready(call(cache))  # compiled
 
     sizes = [int(s) for s in args.slots.split(",")]
-    prepared = {b: list(prepare(b)) for b in sizes}
-    best = {b: float("inf") for b in sizes}
-    for _ in range(args.rounds):
-        for b, entry in prepared.items():
-            start = time.perf_counter()
-            entry[1] = jax.block_until_ready(entry[0](entry[1]))  # the cache is donated: keep the new one
-            best[b] = min(best[b], (time.perf_counter() - start) / args.steps)
+    best = best_step_seconds({b: list(prepare(b)) for b in sizes}, args.rounds, args.steps)
     print("| slots | ms per step | generated tok/s at full occupancy | ms per token |")
     print("|---|---|---|---|")
     for b, step in best.items():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 from typing import Any, Callable
 
 
@@ -101,7 +100,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from batchgen.bench.slots import full_slots_decode
+    from batchgen.bench.slots import best_step_seconds, full_slots_decode
     from model import LlamaCausalLM, transformer
     from model.generation import steps
 
@@ -110,35 +109,27 @@ def main() -> None:
     params = transformer.unstack_layers(lm.backbone.params())
     b = args.slots
 
-    def decode_call(attention: Callable | None):
-        if attention is None:
-            call, cache = full_slots_decode(lm, params, b, args.context, args.steps)
-            return [call, jax.block_until_ready(call(cache))]
+    def decode_call(attention: Callable | None = None):
+        decode = None  # the engine's steps.decode
+        if attention is not None:
+            def decode_replaced(*args, **kwargs):  # the replacement holds whenever jit traces, first call or later
+                with _attention_replaced(attention):
+                    return steps.decode.__wrapped__(*args, **kwargs)
 
-        def decode_replaced(*args, **kwargs):  # the replacement holds whenever jit traces, first call or later
-            with _attention_replaced(attention):
-                return steps.decode.__wrapped__(*args, **kwargs)
-
-        jitted = jax.jit(decode_replaced, donate_argnames=("cache",),
-                         static_argnames=("config", "variant", "steps", "chunks", "max_length", "logprobs_k"))
-        call, cache = full_slots_decode(lm, params, b, args.context, args.steps, decode=jitted)
-        cache = jax.block_until_ready(call(cache))  # compiled
-        return [call, cache]
+            decode = jax.jit(decode_replaced, donate_argnames=("cache",),
+                             static_argnames=("config", "variant", "steps", "chunks", "max_length", "logprobs_k"))
+        call, cache = full_slots_decode(lm, params, b, args.context, args.steps, decode=decode)
+        return [call, jax.block_until_ready(call(cache))]  # compiled
 
     x = jnp.ones((b, config.hidden_dim), jnp.float32)
     programs = {
-        "decode step": decode_call(None),
+        "decode step": decode_call(),
         "decode step, attention replaced by its queries": decode_call(lambda q, chunks_k, chunks_v, view: q),
     }
     for kind in ("float32", "int8 weights", "int8 x int8 (activations per row)"):
         call = _weight_products(params, config, args.steps, kind)
         programs[f"weight products alone, {kind}"] = [call, jax.block_until_ready(call(x))]
-    best = {name: float("inf") for name in programs}
-    for _ in range(args.rounds):
-        for name, entry in programs.items():
-            start = time.perf_counter()
-            entry[1] = jax.block_until_ready(entry[0](entry[1]))
-            best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
+    best = best_step_seconds(programs, args.rounds, args.steps)
     floor = best["weight products alone, float32"]
     print(f"{b} slots, {args.context} cached tokens each, best of {args.rounds} interleaved calls of {args.steps} steps:")
     print("| program | ms per step | / float32 weight products |")
