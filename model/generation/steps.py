@@ -1,7 +1,8 @@
 """The engine's jitted steps: pure functions of (weights, KV cache, per-slot arrays, per-row sampling arrays).
 
 `prefill` runs packed prompts and samples each one's first token; `decode` advances every slot several tokens.
-Both take the cache as a donated argument and return it updated, so it is written in place; neither holds state.
+Both return the cache updated in place (its buffers donated: decode's whole, prefill's layer by layer in its
+writes); neither holds state.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def prefill(
     token_ids: jax.Array,
     positions: jax.Array,
     segment_ids: jax.Array,
-    pages: jax.Array,
-    offsets: jax.Array,
+    pages: jax.Array,  # [T] the page each token's keys/values go to; N (dropped) for padding
+    offsets: jax.Array,  # [T] the offset within that page
     last: jax.Array,
     rows: sampling.RowSamplingParams,
     seeds: jax.Array,
@@ -91,9 +92,8 @@ def prefill_tokens(
     variant: sampling.SamplingVariant,
     logprobs_k: int | None = None,
 ) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
-    """The forward pass over packed prompts: each prompt's first token [R], its log-probabilities (as `prefill`)
-    and every token's keys and values [L, T, K, D] (pages [T] / offsets [T] in `prefill` say where they go:
-    the page each token's keys/values go to, N (dropped) for padding, and the offset within that page)."""
+    """`prefill`'s forward pass: each prompt's first token [R], its log-probabilities, and every token's keys and
+    values [L, T, K, D], which `prefill` writes into the pool."""
     hidden, new_k, new_v = transformer.forward(
         params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids
     )
