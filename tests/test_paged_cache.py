@@ -121,6 +121,18 @@ def test_a_cache_smaller_than_every_slot_at_full_length_makes_requests_wait_not_
         GenerationEngine(tiny_backbone, max_slots=8, max_length=64, cache_tokens=32)
 
 
+def test_the_default_cache_runs_every_slot_at_full_length_when_max_length_is_not_whole_pages(tiny_backbone):
+    # 40 positions take two pages of 32: a pool of 8 x 40 positions (10 pages) would run five of these at once and
+    # make three wait; the default pool holds every slot's whole pages, so all eight decode together.
+    rng = np.random.default_rng(3)
+    requests = [Request(i, list(rng.integers(1, 90, 20)), 20) for i in range(8)]
+    engine = GenerationEngine(tiny_backbone, max_slots=8, max_length=40, steps_per_call=4)
+    assert engine.cache_pages == 8 * paged_cache.pages_for(40, paged_cache.PAGE_SIZE)
+    completions = engine.generate(requests)
+    assert all(len(c.token_ids) == 20 for c in completions)
+    assert engine.stats.decode_calls == 5  # the first token from prefill, then 19 in ceil(19 / 4) calls, all rows at once
+
+
 def test_moving_a_slot_hands_over_its_pages_and_its_promise():
     table = PageTable(pages=8, page_size=4, slots=3, max_length=16)
     table.admit(2, prompt_tokens=6, max_tokens=12)  # 2 pages now, 3 promised

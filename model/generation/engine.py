@@ -69,8 +69,8 @@ class GenerationEngine:
         max_slots: sequences decoded together at most (B), or "auto": from `cache_tokens` (see `auto_slots`).
         max_length: cache length per slot (prompt + generated tokens), at most the model's context.
         steps_per_call: decode steps per jitted call; more amortises dispatch, fewer refills sooner.
-        cache_tokens: positions the paged KV cache holds over all slots (default max_slots x max_length, room
-            for every slot at full length); smaller saves memory, and a request then waits for room when the
+        cache_tokens: positions the paged KV cache holds over all slots (default: room for every slot at full
+            length, max_slots x max_length rounded up to whole pages per slot); smaller saves memory, and a request then waits for room when the
             cache cannot hold its prompt and whole token budget beside the sequences in flight.
         continuous: refill a slot as soon as its sequence ends; False runs static batches (a new batch starts
             only when every slot is free), kept to measure what continuous batching gains.
@@ -116,7 +116,10 @@ class GenerationEngine:
         self.steps_per_call = steps_per_call
         self.continuous = continuous
         self.prefix_caching = prefix_caching
-        self.cache_tokens = cache_tokens or max_slots * max_length
+        # The default holds every slot at full length in whole pages: max_slots x max_length tokens would not
+        # when max_length is not a multiple of the page (a slot's last page is partly empty), and the slots past
+        # what fits would wait for others to finish.
+        self.cache_tokens = cache_tokens or max_slots * paged_cache.pages_for(max_length, PAGE_SIZE) * PAGE_SIZE
         if self.cache_tokens < max_length:
             raise ValueError(f"cache_tokens {self.cache_tokens} cannot hold one sequence of max_length {max_length}")
         self.cache_pages = paged_cache.pages_for(self.cache_tokens, PAGE_SIZE)
