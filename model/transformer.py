@@ -68,12 +68,14 @@ def _attention(
     cache_v: jnp.ndarray | None,
     cache_lengths: jnp.ndarray | None,
     new_visible: jnp.ndarray,
+    segment_length: int | None = None,
 ) -> jnp.ndarray:
     """Grouped-query attention of new tokens over (cached tokens, new tokens).
 
     q [B, T, H, D]; new_k/new_v [B, T, K, D]; cache_k/cache_v [B, K, S, D] or None; cache_lengths [B]:
     cached keys j < cache_lengths[b] are visible; new_visible [B, T(query), T(key)]: which new tokens each new
-    token sees (see `visibility`).
+    token sees (see `visibility`); segment_length: without a cache, a bound on each packed segment's tokens (see
+    `_self_attention`).
     K/V are never repeated to H heads: queries are grouped as [B, T, K, G, D] instead.
     Scores over the cache and over the new block are computed apart and joined after, so the (large)
     cache is only read, never copied.
@@ -83,7 +85,7 @@ def _attention(
     g = h // k_heads
     qg = q.reshape(b, t, k_heads, g, d) * jnp.asarray(d**-0.5, q.dtype)
     if cache_k is None:
-        return _self_attention(qg, new_k, new_v, new_visible).reshape(b, t, h, d)
+        return _self_attention(qg, new_k, new_v, new_visible, segment_length).reshape(b, t, h, d)
     new_scores = jnp.einsum("btkgd,bskd->bkgts", qg, new_k, preferred_element_type=jnp.float32)
     new_scores = jnp.where(new_visible[:, None, None], new_scores, _MASKED)
     s = cache_k.shape[2]
@@ -126,8 +128,11 @@ def visibility(token_mask: jnp.ndarray, segment_ids: jnp.ndarray | None = None) 
 Attend = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, Any], tuple[jnp.ndarray, Any]]
 
 
-def _self_attention(qg: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:
+def _self_attention(
+    qg: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, visible: jnp.ndarray, segment_length: int | None = None
+) -> jnp.ndarray:
     """Attention of T tokens among themselves: qg [B, T, K, G, D] (scaled), k/v [B, T, K, D] -> [B, T, K, G, D].
+    `segment_length`: a bound on the tokens of each packed segment (see `_banded_self_attention`), or None.
 
     All G query heads of a KV head are the rows of one product, [G*T, D] x [D, T]: one large matmul per KV
     head instead of G thin ones (2x faster for a 512-token packed prefill row on CPU). A long row is cut into
@@ -135,6 +140,8 @@ def _self_attention(qg: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, visible: jn
     16 score blocks are never computed (a further 1.8x on a 512-token row).
     """
     b, t, k_heads, g, d = qg.shape
+    if segment_length is not None and 2 * segment_length <= t and t % segment_length == 0:
+        return _banded_self_attention(qg, k, v, visible, segment_length)
     rows = qg.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
     blocks = 4 if t >= 256 and t % 4 == 0 else 1
@@ -149,6 +156,33 @@ def _self_attention(qg: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, visible: jn
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, k_heads, g * size, end)
         outs.append(jnp.einsum("bkqs,bksd->bkqd", probs, values[:, :, :end]).reshape(b, k_heads, g, size, d))
     return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4)
+
+
+def _banded_self_attention(
+    qg: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, visible: jnp.ndarray, width: int
+) -> jnp.ndarray:
+    """`_self_attention` of a row of packed segments of at most `width` tokens each (T a multiple of it).
+
+    A token sees only keys of its own segment, so none further back than width - 1 positions: cut the row into
+    blocks of `width` queries, block i scores only the keys of blocks i-1 and i, [G*W, D] x [D, 2W] per KV
+    head. A 512-token row of ~35-token chat prompts (W = 64) computes 2TW = 65k scores instead of the 164k of
+    the causal blocks above: 2.2x less attention time per layer on CPU.
+    """
+    b, t, k_heads, g, d = qg.shape
+    n = t // width
+    rows = qg.reshape(b, n, width, k_heads, g, d).transpose(0, 3, 1, 4, 2, 5).reshape(b, k_heads, n, g * width, d)
+    earlier = lambda x: jnp.pad(x, ((0, 0), (width, 0)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731  a block before the first
+    pairs = lambda x: jnp.stack([x[:, i * width : (i + 2) * width] for i in range(n)], axis=1)  # noqa: E731  blocks i-1, i
+    keys, values = pairs(earlier(k)), pairs(earlier(v))  # [B, n, 2W, K, D]
+    visible = jnp.pad(visible, ((0, 0), (0, 0), (width, 0)))  # the keys axis shifted as `earlier` shifts keys
+    # [B, n, W, 2W]: which of block i's keys each of its queries sees
+    band = jnp.stack([visible[:, i * width : (i + 1) * width, i * width : (i + 2) * width] for i in range(n)], axis=1)
+    scores = jnp.einsum("bkiqd,biskd->bkiqs", rows, keys, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, k_heads, n, g, width, 2 * width)
+    scores = jnp.where(band[:, None, :, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, k_heads, n, g * width, 2 * width)
+    out = jnp.einsum("bkiqs,biskd->bkiqd", probs, values).reshape(b, k_heads, n, g, width, d)
+    return out.transpose(0, 2, 4, 1, 3, 5).reshape(b, t, k_heads, g, d)
 
 
 def _decoder_layer(
@@ -221,12 +255,14 @@ def forward(
     cache_lengths: jnp.ndarray | None = None,
     dtype: Any = None,
     segment_ids: jnp.ndarray | None = None,
+    segment_length: int | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Runs the decoder over new tokens, optionally after cached ones.
 
     token_ids, positions [B, T] int; token_mask [B, T] bool (default all real); cache_k/cache_v
     [L, B, K, S, D] read-only, with cache_lengths [B] valid entries per row; segment_ids [B, T]: several
-    sequences packed in a row, each attending only to itself (see `visibility`). Returns the final-normed
+    sequences packed in a row, each attending only to itself (see `visibility`); segment_length (static): a bound
+    on every segment's tokens, which lets attention skip keys further back (`_banded_self_attention`). Returns the final-normed
     hidden states [B, T, M] and the new tokens' keys and values [L, B, T, K, D], which the caller writes into
     its cache (see `model.generation.kv_cache`).
     """
@@ -237,7 +273,8 @@ def forward(
 
     def attend(q, k, v, layer_cache):
         layer_cache_k, layer_cache_v = layer_cache if layer_cache is not None else (None, None)
-        return _attention(q, k, v, layer_cache_k, layer_cache_v, cache_lengths, new_visible), (k, v)
+        attended = _attention(q, k, v, layer_cache_k, layer_cache_v, cache_lengths, new_visible, segment_length)
+        return attended, (k, v)
 
     cache = None if cache_k is None else (cache_k, cache_v)
     return _run_layers(params, config, token_ids, positions, dtype, attend, cache)

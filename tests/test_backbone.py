@@ -129,3 +129,28 @@ def test_self_attention_equals_a_plain_masked_softmax_with_packed_segments(t):
     expected = np.einsum("bkgts,bskd->btkgd", probs, v)
     got = np.asarray(transformer._self_attention(jnp.asarray(qg), jnp.asarray(k), jnp.asarray(v), jnp.asarray(visible)))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t, width", [(128, 32), (512, 64), (512, 128)])
+def test_banded_attention_of_short_packed_segments_equals_the_plain_masked_softmax(t, width):
+    # Segments of at most `width` tokens: each block of queries scores only its own and the block before's keys.
+    rng = np.random.default_rng(width)
+    k_heads, g, d = 3, 3, 8
+    lengths = []
+    while sum(lengths) < t - 20:  # segments of 1..width tokens, then 20 or more tokens of padding
+        lengths.append(int(min(rng.integers(1, width + 1), t - 20 - sum(lengths))))
+    segments = np.concatenate([np.full(n, j) for j, n in enumerate(lengths)] + [np.full(t - sum(lengths), -1)])[None]
+    qg = rng.normal(size=(1, t, k_heads, g, d)).astype(np.float32)
+    k = rng.normal(size=(1, t, k_heads, d)).astype(np.float32)
+    v = rng.normal(size=(1, t, k_heads, d)).astype(np.float32)
+    visible = np.asarray(transformer.visibility(jnp.asarray(segments >= 0), jnp.asarray(segments)))
+    scores = np.where(visible[:, None, None], np.einsum("btkgd,bskd->bkgts", qg, k), -1e30)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = np.einsum("bkgts,bskd->btkgd", probs / probs.sum(-1, keepdims=True), v)
+    args = jnp.asarray(qg), jnp.asarray(k), jnp.asarray(v), jnp.asarray(visible)
+    banded = np.asarray(transformer._self_attention(*args, segment_length=width))
+    real = segments[0] >= 0  # a padding token's output is never read
+    np.testing.assert_allclose(banded[0, real], expected[0, real], atol=1e-5, rtol=1e-5)
+    # A segment longer than the bound would lose keys: the bound must cover the longest.
+    too_narrow = np.asarray(transformer._self_attention(*args, segment_length=width // 2))
+    assert max(lengths) <= width // 2 or not np.allclose(too_narrow[0, real], expected[0, real], atol=1e-3)

@@ -51,10 +51,14 @@ def test_greedy_matches_full_recompute(tiny_backbone):
 def test_every_prompt_gets_the_same_tokens_alone_and_in_a_mixed_batch(tiny_backbone):
     batch = prompts(32, seed=3, high=60)
     requests = [Request(i, p, max_new_tokens=5 + i % 4) for i, p in enumerate(batch)]
-    together = GenerationEngine(tiny_backbone, max_slots=32, max_length=128).generate(requests)
+    engine = GenerationEngine(tiny_backbone, max_slots=32, max_length=128)
+    together = engine.generate(requests)
+    # A full packed row (512 tokens of prompts under 64) ran banded attention; a prompt alone runs the plain one.
+    assert 64 in {shape[-1] for shape in engine.stats.shapes if shape[0] == "prefill"}
     alone_engine = GenerationEngine(tiny_backbone, max_slots=1, max_length=128)
     for request, completion in zip(requests, together):
         assert alone_engine.generate([request])[0].token_ids == completion.token_ids
+    assert {shape[-1] for shape in alone_engine.stats.shapes if shape[0] == "prefill"} == {None}
 
 
 def test_stop_token_ends_a_sequence_and_is_not_returned(tiny_backbone):
@@ -145,6 +149,14 @@ def test_packs_hold_every_prompt_once_within_their_rows():
             row = bucket(total, 32)
             assert total <= max(PACK_TOKENS, row) and len(pack) <= segments_for(row, max_slots)
             assert len(pack) == 1 or total <= PACK_TOKENS or max(lengths[i] for i in pack) > PACK_TOKENS
+
+
+def test_only_full_rows_of_short_prompts_attend_in_bands():
+    from model.generation.scheduler import PACK_TOKENS, SHORT_PROMPT_TOKENS, segment_bound
+
+    assert segment_bound([40, 33, SHORT_PROMPT_TOKENS], PACK_TOKENS) == SHORT_PROMPT_TOKENS
+    assert segment_bound([40, 33, SHORT_PROMPT_TOKENS + 1], PACK_TOKENS) is None  # a longer prompt would lose keys
+    assert segment_bound([40, 33], PACK_TOKENS // 2) is None  # one banded program per job, not one per row length
 
 
 def test_packing_pads_little_on_a_mixed_workload():

@@ -40,7 +40,7 @@ from model.generation.context_prefill import MAX_ROWS, ContextPrompt, build_call
 from model.generation.prefix_cache import PrefixCache, page_keys
 from model.generation.requests import Completion, Request
 from model.generation.scheduler import (
-    MIN_PACK_BUCKET, Slot, SlotTable, auto_slots, bucket, plan_packs, rows_bucket, segments_for,
+    MIN_PACK_BUCKET, Slot, SlotTable, auto_slots, bucket, plan_packs, rows_bucket, segment_bound, segments_for,
 )
 
 
@@ -253,8 +253,9 @@ class GenerationEngine:
             cursor += n
         row_sampling = [request.sampling for _, request in pack]
         rows, variant = sampling.row_sampling_params(row_sampling + [row_sampling[0]] * (capacity - len(pack)))
+        segment_length = segment_bound([len(request.prompt_ids) for _, request in pack], t)
         start = time.perf_counter()
-        self.stats.shapes.add(("prefill", t, capacity, variant))
+        self.stats.shapes.add(("prefill", t, capacity, variant, segment_length))
         k = completions.logprobs_width(request for _, request in pack)
         padded = [request for _, request in pack] + [pack[0][1]] * (capacity - len(pack))
         row_penalties = penalties.build(
@@ -266,7 +267,7 @@ class GenerationEngine:
         token_mask = self.grammars.token_mask([table.entries[slot] for slot, _ in pack], capacity)
         self._cache, first, first_logprobs = steps.prefill(
             params, self._cache, ids, positions, segments, pages, offsets, last, rows, seeds, row_penalties,
-            token_mask, config=self.config, variant=variant, logprobs_k=k,
+            token_mask, config=self.config, variant=variant, logprobs_k=k, segment_length=segment_length,
         )
         first = np.asarray(first)
         first_logprobs = None if first_logprobs is None else [np.asarray(a)[:, None] for a in first_logprobs]

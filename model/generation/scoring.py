@@ -29,7 +29,7 @@ import numpy as np
 
 from model import transformer
 from model.config import LlamaConfig
-from model.generation.scheduler import MIN_PACK_BUCKET, bucket, plan_packs
+from model.generation.scheduler import MIN_PACK_BUCKET, bucket, plan_packs, segment_bound
 
 # Segments a scoring row holds at most; sequences cost no LM-head row of their own here (only their scored
 # tokens do), so this only bounds how finely a row is cut.
@@ -81,7 +81,7 @@ def target_logprobs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, j
     return chosen, jnp.argmax(logits, axis=-1) == targets
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config", "segment_length"))
 def score_step(
     params: transformer.Params,
     token_ids: jax.Array,  # [1, T] sequences packed one after another, then padding
@@ -91,9 +91,12 @@ def score_step(
     targets: jax.Array,  # [C] the token each of them predicts (padding: 0)
     *,
     config: LlamaConfig,
+    segment_length: int | None = None,  # a bound on every sequence's tokens (`scheduler.segment_bound`), or None
 ) -> tuple[jax.Array, jax.Array]:
     """One packed scoring row: the log-prob [C] of each target and whether it was the greedy choice [C]."""
-    hidden, _, _ = transformer.forward(params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids)
+    hidden, _, _ = transformer.forward(
+        params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids, segment_length=segment_length
+    )
     logits = transformer.logits(params, hidden[0, scored])  # the head only where a scored token is predicted
     return target_logprobs(logits, targets)
 
@@ -239,7 +242,8 @@ def _run_row(params, config: LlamaConfig, row: Sequence[_Piece], stats: ScoreSta
         spans.append(slice(taken, taken + k))
         cursor, taken = cursor + n, taken + k
     start = time.perf_counter()
-    chosen, best = score_step(params, ids, positions, segments, scored, targets, config=config)
+    segment_length = segment_bound([len(p.input_ids) for p in row], t)
+    chosen, best = score_step(params, ids, positions, segments, scored, targets, config=config, segment_length=segment_length)
     chosen, best = np.asarray(chosen), np.asarray(best)
     stats.seconds += time.perf_counter() - start
     stats.calls += 1

@@ -62,6 +62,7 @@ def prefill(
     config: LlamaConfig,
     variant: sampling.SamplingVariant,
     logprobs_k: int | None = None,
+    segment_length: int | None = None,
 ) -> tuple[PagedKVCache, jax.Array, Any]:
     """Prefills packed prompts into their pages; returns the cache, each prompt's first token [R] and, with
     `logprobs_k` (None: none), the log-probabilities of those tokens (see `model.generation.logprobs`).
@@ -71,12 +72,12 @@ def prefill(
     with layers x chunks (~10 s per prefill shape for the demo model)."""
     first_tokens, first_logprobs, new_k, new_v = prefill_tokens(
         params, token_ids, positions, segment_ids, last, rows, seeds, penalties, token_mask,
-        config=config, variant=variant, logprobs_k=logprobs_k,
+        config=config, variant=variant, logprobs_k=logprobs_k, segment_length=segment_length,
     )
     return paged_cache.write(cache, new_k, new_v, pages, offsets), first_tokens, first_logprobs
 
 
-@functools.partial(jax.jit, static_argnames=("config", "variant", "logprobs_k"))
+@functools.partial(jax.jit, static_argnames=("config", "variant", "logprobs_k", "segment_length"))
 def prefill_tokens(
     params: transformer.Params,
     token_ids: jax.Array,  # [1, T] int32: whole prompts packed one after another, then padding
@@ -91,11 +92,12 @@ def prefill_tokens(
     config: LlamaConfig,
     variant: sampling.SamplingVariant,
     logprobs_k: int | None = None,
+    segment_length: int | None = None,  # a bound on every prompt's tokens (`scheduler.segment_bound`), or None
 ) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
     """`prefill`'s forward pass: each prompt's first token [R], its log-probabilities, and every token's keys and
     values [L, T, K, D], which `prefill` writes into the pool."""
     hidden, new_k, new_v = transformer.forward(
-        params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids
+        params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids, segment_length=segment_length
     )
     logits = transformer.logits(params, hidden[0, last])  # only where a prompt's next token is predicted
     shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
