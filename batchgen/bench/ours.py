@@ -99,11 +99,12 @@ def _prepare(prepare: PrepareWorkloads, tokenizer: Any, stop_token_ids: tuple[in
         ).write(prepare.variable_path)
 
 
-def _run_pass(engine: Any, requests: list[Any]) -> tuple[PassFigures, dict[str, list[int]]]:
-    """Runs every request once through `engine`; the engine's counters are reset first so they cover this pass."""
+def _run_pass(engine: Any, requests: list[Any], calls: list | None = None) -> tuple[PassFigures, dict[str, list[int]]]:
+    """Runs every request once through `engine`; the engine's counters are reset first so they cover this pass
+    (`calls`: a list the engine appends each device call of the pass to, see `EngineStats.calls`)."""
     from model.generation.engine import EngineStats
 
-    engine.stats = EngineStats()
+    engine.stats = EngineStats(calls=calls)
     outputs: dict[str, list[int]] = {}
     first = None
     start = time.perf_counter()
@@ -123,8 +124,20 @@ def _run_pass(engine: Any, requests: list[Any]) -> tuple[PassFigures, dict[str, 
     return figures, outputs
 
 
-def run(spec: EngineRun) -> dict[str, Any]:
-    """Loads, prepares if asked, runs warm-up and steady passes; returns {"row": ..., "config": ...}."""
+@dataclasses.dataclass
+class Loaded:
+    """A spec's model, its engine sized for the spec's workload, and that workload's requests."""
+
+    lm: Any
+    engine: Any
+    requests: list[Any]
+    workload: Workload
+    max_length: int
+    load_seconds: float
+
+
+def load(spec: EngineRun) -> Loaded:
+    """The model loaded as `spec` says (prepared if asked) and its engine sized for the spec's workload."""
     from model.causal_lm import LlamaCausalLM
     from model.generation.engine import GenerationEngine
     from model.generation.requests import Request
@@ -153,18 +166,24 @@ def run(spec: EngineRun) -> dict[str, Any]:
                 response_format=spec.response_format)
         for r in workload.requests
     ]
-    warmup, _ = _run_pass(engine, requests)
-    steady, outputs = _run_pass(engine, requests)
+    return Loaded(lm, engine, requests, workload, max_length, load_seconds)
+
+
+def run(spec: EngineRun) -> dict[str, Any]:
+    """Loads, prepares if asked, runs warm-up and steady passes; returns {"row": ..., "config": ...}."""
+    loaded = load(spec)
+    warmup, _ = _run_pass(loaded.engine, loaded.requests)
+    steady, outputs = _run_pass(loaded.engine, loaded.requests)
     row = EngineRow(
-        name=spec.name, workload=workload.name, dtype=spec.dtype, quantization=spec.quantization,
-        continuous=spec.continuous, slots=spec.slots, steps_per_call=spec.steps_per_call, max_length=max_length,
-        load_seconds=load_seconds, warmup=warmup, steady=steady, peak_rss_bytes=peak_rss_bytes(), outputs=outputs,
-        response_format=spec.response_format,
+        name=spec.name, workload=loaded.workload.name, dtype=spec.dtype, quantization=spec.quantization,
+        continuous=spec.continuous, slots=spec.slots, steps_per_call=spec.steps_per_call, max_length=loaded.max_length,
+        load_seconds=loaded.load_seconds, warmup=warmup, steady=steady, peak_rss_bytes=peak_rss_bytes(),
+        outputs=outputs, response_format=spec.response_format,
     )
     if spec.save_preset_to:  # after the peak was read: saving is not part of the row
-        lm.save_to_preset(spec.save_preset_to)
+        loaded.lm.save_to_preset(spec.save_preset_to)
     data = dataclasses.asdict(row)
-    return {"row": data, "config": dataclasses.asdict(config)}
+    return {"row": data, "config": dataclasses.asdict(loaded.lm.backbone.config)}
 
 
 def main(argv: list[str] | None = None) -> None:

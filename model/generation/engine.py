@@ -58,6 +58,34 @@ class EngineStats:
     programs_compiled: int = 0
     compile_seconds: float = 0.0
     shapes: set = dataclasses.field(default_factory=set)
+    # Every device call in order, when a list is given (`batchgen.bench.timeline`); None keeps a long job's
+    # stats constant in size.
+    calls: list[DeviceCall] | None = None
+
+    def add_call(self, kind: str, start: float, rows: int, tokens: int) -> None:
+        """Counts a call of `kind` ("prefill", "prefill_with_context", "copy" or "decode") that began at
+        `start` (perf_counter) and ended now: its seconds go to prefill or decode, and to `calls` if kept."""
+        seconds = time.perf_counter() - start
+        if kind == "decode":
+            self.decode_seconds += seconds
+            self.decode_calls += 1
+        else:
+            self.prefill_seconds += seconds
+        if self.calls is not None:
+            self.calls.append(DeviceCall(kind, start, seconds, rows, tokens))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceCall:
+    """One jitted call of the engine: its kind, when it began (perf_counter), how long it took (its results
+    back on the host), the rows it computed and the tokens it processed (prompt tokens, pages copied, or
+    rows x steps for decode)."""
+
+    kind: str
+    start: float
+    seconds: float
+    rows: int
+    tokens: int
 
 
 class GenerationEngine:
@@ -271,7 +299,7 @@ class GenerationEngine:
         )
         first = np.asarray(first)
         first_logprobs = None if first_logprobs is None else [np.asarray(a)[:, None] for a in first_logprobs]
-        self.stats.prefill_seconds += time.perf_counter() - start
+        self.stats.add_call("prefill", start, len(pack), t)
         for j, (slot, request) in enumerate(pack):
             n = len(request.prompt_ids)
             self.stats.prompt_tokens += n
@@ -310,8 +338,9 @@ class GenerationEngine:
         m = bucket(len(source), 8)  # few programs: one per power of two of pages copied
         padded = lambda pages_, fill: np.array(list(pages_) + [fill] * (m - len(pages_)), np.int32)  # noqa: E731
         start = time.perf_counter()
-        self._cache = steps.copy_pages(self._cache, padded(source, 0), padded(target, self.cache_pages))
-        self.stats.prefill_seconds += time.perf_counter() - start
+        copied = steps.copy_pages(self._cache, padded(source, 0), padded(target, self.cache_pages))
+        self._cache = jax.block_until_ready(copied)  # timed to the end, as the other calls are
+        self.stats.add_call("copy", start, len(shared) + len(with_context), m)
 
     def _start_shared(self, slot: int, request: Request, table: "SlotTable") -> None:
         """Starts a slot whose whole prompt was copied at its prompt's last token: the next decode call
@@ -339,7 +368,7 @@ class GenerationEngine:
         )
         first = np.asarray(first)
         first_logprobs = None if first_logprobs is None else [np.asarray(a)[:, None] for a in first_logprobs]
-        self.stats.prefill_seconds += time.perf_counter() - start
+        self.stats.add_call("prefill_with_context", start, b, b * t)
         for j, prompt in enumerate(prompts):
             n, context = len(prompt.request.prompt_ids), prompt.context_pages * PAGE_SIZE
             self.stats.prompt_tokens += n - context
@@ -380,8 +409,7 @@ class GenerationEngine:
         )
         emitted = np.asarray(emitted)
         token_logprobs = None if token_logprobs is None else [np.asarray(a) for a in token_logprobs]
-        self.stats.decode_seconds += time.perf_counter() - start
-        self.stats.decode_calls += 1
+        self.stats.add_call("decode", start, b, b * steps_per_call)
         was_active = np.flatnonzero(table.active)
         table.tokens[:b], table.lengths[:b], table.counts[:b], table.active[:b] = tokens, lengths, counts, active
         for i in was_active:
