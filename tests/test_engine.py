@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -152,10 +153,10 @@ def test_packs_hold_every_prompt_once_within_their_rows():
 
 
 def test_only_full_rows_of_short_prompts_attend_in_bands():
-    from model.generation.scheduler import PACK_TOKENS, SHORT_PROMPT_TOKENS, segment_bound
+    from model.generation.scheduler import PACK_TOKENS, BAND_TOKENS, segment_bound
 
-    assert segment_bound([40, 33, SHORT_PROMPT_TOKENS], PACK_TOKENS) == SHORT_PROMPT_TOKENS
-    assert segment_bound([40, 33, SHORT_PROMPT_TOKENS + 1], PACK_TOKENS) is None  # a longer prompt would lose keys
+    assert segment_bound([40, 33, BAND_TOKENS], PACK_TOKENS) == BAND_TOKENS
+    assert segment_bound([40, 33, BAND_TOKENS + 1], PACK_TOKENS) is None  # a longer prompt would lose keys
     assert segment_bound([40, 33], PACK_TOKENS // 2) is None  # one banded program per job, not one per row length
 
 
@@ -291,3 +292,26 @@ def test_logprobs_are_the_models_log_softmax_at_each_generated_token(tiny_backbo
             assert len(top) == request.logprobs
             assert [i for i, _ in top] == list(np.argsort(-expected, kind="stable")[: request.logprobs])
             assert [lp for _, lp in top] == pytest.approx(list(np.sort(expected)[::-1][: request.logprobs]), abs=1e-4)
+
+
+def test_the_engine_can_list_every_device_call_and_their_seconds_add_up_to_its_counters(tiny_backbone):
+    from batchgen.bench.timeline import summary
+    from model.generation.engine import EngineStats
+
+    engine = GenerationEngine(tiny_backbone, max_slots=4, max_length=64, steps_per_call=4)
+    requests = [Request(i, p, max_new_tokens=6) for i, p in enumerate(prompts(6, seed=5))]
+    engine.generate(requests)  # compiles
+    engine.stats = EngineStats(calls=[])
+    start = time.perf_counter()
+    engine.generate(requests)
+    wall = time.perf_counter() - start
+    calls = engine.stats.calls
+    assert {call.kind for call in calls} == {"prefill", "decode"}
+    assert sum(call.rows for call in calls if call.kind == "prefill") == 6  # every prompt prefilled once
+    assert sum(1 for call in calls if call.kind == "decode") == engine.stats.decode_calls
+    assert sum(c.seconds for c in calls) == pytest.approx(engine.stats.prefill_seconds + engine.stats.decode_seconds)
+    assert all(a.start + a.seconds <= b.start for a, b in zip(calls, calls[1:]))  # one after another
+    table = summary(calls, wall)
+    assert table[-1][0] == "host, between calls" and table[-1][2] >= 0
+    assert sum(row[2] for row in table) == pytest.approx(wall)
+    assert GenerationEngine(tiny_backbone, max_slots=4, max_length=64).stats.calls is None  # off unless asked
