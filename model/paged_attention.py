@@ -21,6 +21,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from model.kernels import cpu_paged_attention
+
 _MASKED = -1e30  # as in model.transformer: a masked score's exponential is exactly 0
 
 
@@ -42,6 +44,20 @@ class PageView:
     start: jax.Array
     lengths: jax.Array
     table: jax.Array
+
+
+def step_attention(
+    q: jax.Array, chunks_k: Sequence[jax.Array], chunks_v: Sequence[jax.Array], view: PageView, kernel: bool
+) -> jax.Array:
+    """Decode attention as the decode step runs it: with `kernel`, on CPU and for the shapes it is built for, the
+    CPU kernel (`model.kernels.cpu_paged_attention`: it reads only the pages of the rows in the call, on every
+    core); else, and on every other platform, `decode_attention`. The caller passes kernel=False for a pool split across
+    devices: XLA cannot split a custom call, it would gather the whole pool onto every device."""
+    if kernel and cpu_paged_attention.supports(q, chunks_k) and cpu_paged_attention.available():
+        return jax.lax.platform_dependent(
+            q, chunks_k, chunks_v, view, cpu=cpu_paged_attention.decode_attention, default=decode_attention
+        )
+    return decode_attention(q, chunks_k, chunks_v, view)
 
 
 def decode_attention(

@@ -171,10 +171,13 @@ def _banded_self_attention(
     b, t, k_heads, g, d = qg.shape
     n = t // width
     rows = qg.reshape(b, n, width, k_heads, g, d).transpose(0, 3, 1, 4, 2, 5).reshape(b, k_heads, n, g * width, d)
-    earlier = lambda x: jnp.pad(x, ((0, 0), (width, 0)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731  a block before the first
-    pairs = lambda x: jnp.stack([x[:, i * width : (i + 2) * width] for i in range(n)], axis=1)  # noqa: E731  blocks i-1, i
-    keys, values = pairs(earlier(k)), pairs(earlier(v))  # [B, n, 2W, K, D]
-    visible = jnp.pad(visible, ((0, 0), (0, 0), (width, 0)))  # the keys axis shifted as `earlier` shifts keys
+
+    def pairs(x):  # [B, T, ...] -> [B, n, 2W, ...]: blocks i-1 and i for each i, zeros before the first
+        x = jnp.pad(x, ((0, 0), (width, 0)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.stack([x[:, i * width : (i + 2) * width] for i in range(n)], axis=1)
+
+    keys, values = pairs(k), pairs(v)  # [B, n, 2W, K, D]
+    visible = jnp.pad(visible, ((0, 0), (0, 0), (width, 0)))  # the keys axis shifted as `pairs` shifts keys
     # [B, n, W, 2W]: which of block i's keys each of its queries sees
     band = jnp.stack([visible[:, i * width : (i + 1) * width, i * width : (i + 2) * width] for i in range(n)], axis=1)
     scores = jnp.einsum("bkiqd,biskd->bkiqs", rows, keys, preferred_element_type=jnp.float32)
@@ -261,10 +264,10 @@ def forward(
 
     token_ids, positions [B, T] int; token_mask [B, T] bool (default all real); cache_k/cache_v
     [L, B, K, S, D] read-only, with cache_lengths [B] valid entries per row; segment_ids [B, T]: several
-    sequences packed in a row, each attending only to itself (see `visibility`); segment_length (static): a bound
-    on every segment's tokens, which lets attention skip keys further back (`_banded_self_attention`). Returns the final-normed
-    hidden states [B, T, M] and the new tokens' keys and values [L, B, T, K, D], which the caller writes into
-    its cache (see `model.generation.kv_cache`).
+    sequences packed in a row, each attending only to itself (see `visibility`); segment_length (static): a
+    bound on every segment's tokens, which lets attention skip keys further back (`_banded_self_attention`).
+    Returns the final-normed hidden states [B, T, M] and the new tokens' keys and values [L, B, T, K, D], which
+    the caller writes into its cache (see `model.generation.kv_cache`).
     """
     b, t = token_ids.shape
     if token_mask is None:
@@ -301,6 +304,7 @@ def decode_paged(
     write: Callable[[Any, Any, jnp.ndarray, jnp.ndarray], tuple[Any, Any]],
     chunks: int,
     dtype: Any = None,
+    kernel: bool = False,
 ) -> tuple[jnp.ndarray, tuple, tuple]:
     """One decode step, one new token per slot, over a paged cache (see `model.paged_attention`).
 
@@ -309,7 +313,8 @@ def decode_paged(
     `write(chunks_k, chunks_v, k [B, K, D], v [B, K, D])` puts the new token's key and value into a layer's
     first `chunks` chunks; attention then reads those, the new token's own entry among them. Writing before
     reading lets XLA update each pool in place: a read of the old pool scheduled after the write would make it
-    copy the whole pool. Returns the final-normed hidden states [B, 1, M] and the updated pools.
+    copy the whole pool. `kernel`: attention may run as the CPU kernel (`paged_attention.step_attention`).
+    Returns the final-normed hidden states [B, 1, M] and the updated pools.
     """
     positions = view.lengths[:, None]
     dtype = _compute_dtype(params, dtype)
@@ -320,7 +325,7 @@ def decode_paged(
 
         def attend(q, k, v, read):
             read_k, read_v = write(*read, k[:, 0], v[:, 0])
-            return paged_attention.decode_attention(q, read_k, read_v, view), (read_k, read_v)
+            return paged_attention.step_attention(q, read_k, read_v, view, kernel), (read_k, read_v)
 
         # Only the first `chunks` chunks of each pool are read and written; the rest pass through untouched.
         x, (read_k, read_v) = _decoder_layer(

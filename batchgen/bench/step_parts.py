@@ -22,12 +22,12 @@ def _attention_replaced(attention: Callable) -> Any:
     """Decode attention swapped for `attention` while a program is traced inside the block."""
     from model import paged_attention
 
-    real = paged_attention.decode_attention
-    paged_attention.decode_attention = attention
+    real = paged_attention.step_attention
+    paged_attention.step_attention = lambda q, chunks_k, chunks_v, view, kernel: attention(q, chunks_k, chunks_v, view)
     try:
         yield
     finally:
-        paged_attention.decode_attention = real
+        paged_attention.step_attention = real
 
 
 def _quantized(params: dict, names: tuple[str, ...], config: Any) -> dict:

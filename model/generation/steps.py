@@ -213,8 +213,9 @@ def decode(
 
         # Reads only the first `chunks` chunks of each pool: every page in use lies below them.
         view = paged_attention.PageView(owner, start, lengths, page_table)
+        # The CPU attention kernel reads a whole pool; a pool split across devices keeps XLA's attention.
         hidden, pages_k, pages_v = transformer.decode_paged(
-            params, config, tokens[:, None], cache.k, cache.v, view, write, chunks
+            params, config, tokens[:, None], cache.k, cache.v, view, write, chunks, kernel=cache.sharding is None
         )
         cache = PagedKVCache(pages_k, pages_v, cache.sharding)
         logits = transformer.logits(params, hidden[:, 0])
