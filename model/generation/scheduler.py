@@ -22,7 +22,7 @@ from model.generation.requests import Request, SamplingParams
 PACK_TOKENS = 512
 MIN_PACK_BUCKET = 32
 # A full row of prompts no longer than this (chat prompts: a system line and a question) attends in bands.
-SHORT_PROMPT_TOKENS = 64
+BAND_TOKENS = 64
 STOP_ID_BUCKET = 4  # stop-id table width grows in steps of this, so a few stop ids never force a recompile
 # 'auto' slots: one per two pages of cache (a sequence of up to 64 positions), at most this many. Slots are cheap:
 # admission still waits for room in the cache, and a decode call computes only the rows of occupied slots.
@@ -52,14 +52,14 @@ def segments_for(tokens: int, max_slots: int) -> int:
 
 
 def segment_bound(lengths: Sequence[int], row_tokens: int) -> int | None:
-    """SHORT_PROMPT_TOKENS when a full packed row (PACK_TOKENS or more) holds only sequences that short, else None:
+    """BAND_TOKENS when a full packed row (PACK_TOKENS or more) holds only sequences that short, else None:
     the static bound on a row's segments that lets attention skip keys further back than any segment reaches
     (`transformer._banded_self_attention`), 2.2x less attention time on a row of chat prompts.
 
     One bound, and only for full rows, where attention costs most: each bound is a program per row length, and a
     job of mixed lengths would otherwise compile several more prefill programs.
     """
-    return SHORT_PROMPT_TOKENS if row_tokens >= PACK_TOKENS and max(lengths) <= SHORT_PROMPT_TOKENS else None
+    return BAND_TOKENS if row_tokens >= PACK_TOKENS and max(lengths) <= BAND_TOKENS else None
 
 
 def plan_packs(lengths: Sequence[int], max_slots: int) -> list[list[int]]:

@@ -242,8 +242,8 @@ def _run_row(params, config: LlamaConfig, row: Sequence[_Piece], stats: ScoreSta
         spans.append(slice(taken, taken + k))
         cursor, taken = cursor + n, taken + k
     start = time.perf_counter()
-    segment_length = segment_bound([len(p.input_ids) for p in row], t)
-    chosen, best = score_step(params, ids, positions, segments, scored, targets, config=config, segment_length=segment_length)
+    bound = segment_bound([len(p.input_ids) for p in row], t)
+    chosen, best = score_step(params, ids, positions, segments, scored, targets, config=config, segment_length=bound)
     chosen, best = np.asarray(chosen), np.asarray(best)
     stats.seconds += time.perf_counter() - start
     stats.calls += 1
