@@ -51,8 +51,8 @@ def step_attention(
 ) -> jax.Array:
     """Decode attention as the decode step runs it: with `kernel`, on CPU and for the shapes it is built for, the
     CPU kernel (`model.kernels.cpu_paged_attention`: it reads only the pages of the rows in the call, on every
-    core); else, and on every other platform, `decode_attention`. The caller passes kernel=False for a pool split across
-    devices: XLA cannot split a custom call, it would gather the whole pool onto every device."""
+    core); else, and on every other platform, `decode_attention`. The caller passes kernel=False for a pool split
+    across devices: XLA cannot split a custom call, it would gather the whole pool onto every device."""
     if kernel and cpu_paged_attention.supports(q, chunks_k) and cpu_paged_attention.available():
         return jax.lax.platform_dependent(
             q, chunks_k, chunks_v, view, cpu=cpu_paged_attention.decode_attention, default=decode_attention

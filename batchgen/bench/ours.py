@@ -99,7 +99,7 @@ def _prepare(prepare: PrepareWorkloads, tokenizer: Any, stop_token_ids: tuple[in
         ).write(prepare.variable_path)
 
 
-def _run_pass(engine: Any, requests: list[Any], calls: list | None = None) -> tuple[PassFigures, dict[str, list[int]]]:
+def run_pass(engine: Any, requests: list[Any], calls: list | None = None) -> tuple[PassFigures, dict[str, list[int]]]:
     """Runs every request once through `engine`; the engine's counters are reset first so they cover this pass
     (`calls`: a list the engine appends each device call of the pass to, see `EngineStats.calls`)."""
     from model.generation.engine import EngineStats
@@ -172,8 +172,8 @@ def load(spec: EngineRun) -> Loaded:
 def run(spec: EngineRun) -> dict[str, Any]:
     """Loads, prepares if asked, runs warm-up and steady passes; returns {"row": ..., "config": ...}."""
     loaded = load(spec)
-    warmup, _ = _run_pass(loaded.engine, loaded.requests)
-    steady, outputs = _run_pass(loaded.engine, loaded.requests)
+    warmup, _ = run_pass(loaded.engine, loaded.requests)
+    steady, outputs = run_pass(loaded.engine, loaded.requests)
     row = EngineRow(
         name=spec.name, workload=loaded.workload.name, dtype=spec.dtype, quantization=spec.quantization,
         continuous=spec.continuous, slots=spec.slots, steps_per_call=spec.steps_per_call, max_length=loaded.max_length,

@@ -34,12 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", action="store_true", help="print every call, not only the summary")
     args = parser.parse_args(argv)
     os.environ.setdefault("KERAS_BACKEND", "jax")
-    from batchgen.bench.ours import EngineRun, _run_pass, load
+    from batchgen.bench.ours import EngineRun, run_pass, load
 
     loaded = load(EngineRun.read(args.spec))
-    _run_pass(loaded.engine, loaded.requests)  # compiles
+    run_pass(loaded.engine, loaded.requests)  # compiles
     calls: list = []
-    figures, _ = _run_pass(loaded.engine, loaded.requests, calls)
+    figures, _ = run_pass(loaded.engine, loaded.requests, calls)
     origin = calls[0].start if calls else time.perf_counter()
     if args.calls:
         print("| call | starts at s | seconds | rows | tokens |")

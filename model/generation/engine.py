@@ -98,8 +98,9 @@ class GenerationEngine:
         max_length: cache length per slot (prompt + generated tokens), at most the model's context.
         steps_per_call: decode steps per jitted call; more amortises dispatch, fewer refills sooner.
         cache_tokens: positions the paged KV cache holds over all slots (default: room for every slot at full
-            length, max_slots x max_length rounded up to whole pages per slot); smaller saves memory, and a request then waits for room when the
-            cache cannot hold its prompt and whole token budget beside the sequences in flight.
+            length, max_slots x max_length rounded up to whole pages per slot); smaller saves memory, and a
+            request then waits for room when the cache cannot hold its prompt and whole token budget beside the
+            sequences in flight.
         continuous: refill a slot as soon as its sequence ends; False runs static batches (a new batch starts
             only when every slot is free), kept to measure what continuous batching gains.
         prefix_caching: a prompt already in the cache (the n samples of one prompt, the same prompt under

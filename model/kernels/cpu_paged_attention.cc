@@ -129,7 +129,8 @@ void AttendOne(const Pool& pool, int64_t head, const float* __restrict q, int64_
   for (int g = 0; g < G; ++g) {
     const float inverse = total[g] > 0.0f ? 1.0f / total[g] : 0.0f;
 #ifdef __AVX512F__
-    for (int i = 0; i < DV; ++i) _mm512_storeu_ps(out + g * D + 16 * i, _mm512_mul_ps(acc[g][i], _mm512_set1_ps(inverse)));
+    const __m512 scale = _mm512_set1_ps(inverse);
+    for (int i = 0; i < DV; ++i) _mm512_storeu_ps(out + g * D + 16 * i, _mm512_mul_ps(acc[g][i], scale));
 #else
     for (int d = 0; d < D; ++d) out[g * D + d] = acc[g][d] * inverse;
 #endif

@@ -8,7 +8,7 @@ and runs wherever this cannot: other platforms (`jax.lax.platform_dependent` pic
 time), pools that are not float32, a pool split across devices, or a machine without a C++ compiler.
 
 The library is compiled with the host's `c++` for this machine (-march=native) against jaxlib's FFI headers,
-into ~/.cache/batchgen/kernels (or $XDG_CACHE_HOME), named by a hash of the source, the flags and the jaxlib
+into ~/.cache/batchgen/kernels (under $BATCHGEN_CACHE when set), named by a hash of the source, the flags and the jaxlib
 version, so a machine compiles it once (~10 s).
 """
 
@@ -36,19 +36,17 @@ FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-s
 log = logging.getLogger(__name__)
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "batchgen" / "kernels"
-
-
 def library_path() -> Path:
     """Where this machine's build of the kernel lives (whether built yet or not)."""
     import jaxlib
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(), platform.machine().encode()):
-        key.update(part)
-    return cache_dir() / f"cpu_paged_attention-{key.hexdigest()[:16]}.so"
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS), jaxlib.__version__, platform.machine()):
+        key.update(part if isinstance(part, bytes) else part.encode())
+    # The project's cache directory, as `model.checkpoints.resolve.cache_dir` reads it (not imported from there:
+    # model/kernels sits below model/checkpoints, which imports the backbone and so this module).
+    cache = Path(os.environ.get("BATCHGEN_CACHE") or Path.home() / ".cache" / "batchgen")
+    return cache / "kernels" / f"cpu_paged_attention-{key.hexdigest()[:16]}.so"
 
 
 def build(path: Path) -> None:
