@@ -15,14 +15,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -161,22 +158,6 @@ AttendFn Select(int64_t groups, int64_t page, int64_t dim) {
   }
 }
 
-// Work items claimed one at a time by the caller and by helpers scheduled on XLA's pool. The caller waits only
-// for items to be done, never for a helper to start, so a busy pool cannot deadlock it; a helper that starts
-// late finds no item left and touches nothing but this shared state.
-struct Work {
-  explicit Work(int64_t items, std::function<void(int64_t)> body) : items(items), body(std::move(body)) {}
-  void Run() {
-    for (int64_t i; (i = next.fetch_add(1)) < items;) {
-      body(i);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-  std::atomic<int64_t> next{0}, done{0};
-  const int64_t items;
-  const std::function<void(int64_t)> body;  // valid while the caller waits: it refers to the call's buffers
-};
-
 ffi::Error PagedAttention(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> lengths,
                           ffi::Buffer<ffi::S32> table, ffi::RemainingArgs chunks, ffi::ResultBuffer<ffi::F32> out) {
   const auto q_dims = q.dimensions();  // [B, K, G, D]
@@ -204,15 +185,11 @@ ffi::Error PagedAttention(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> q, ffi:
   const int32_t* length_data = lengths.typed_data();
   const int32_t* table_data = table.typed_data();
   float* out_data = out->typed_data();
-  auto work = std::make_shared<Work>(slots * heads, [&](int64_t i) {
+  batchgen::ParallelFor(threads, slots * heads, [&](int64_t i) {
     const int64_t b = i / heads;
     attend(pool, i % heads, q_data + i * groups * dim, length_data[b], table_data + b * width, width,
            out_data + i * groups * dim);
   });
-  const int64_t helpers = std::min<int64_t>(threads.num_threads(), work->items) - 1;
-  for (int64_t h = 0; h < helpers; ++h) threads.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->items) std::this_thread::yield();
   return ffi::Error::Success();
 }
 

@@ -7,61 +7,25 @@ over XLA's intra-op threads (see the .cc file). `model.paged_attention.decode_at
 and runs wherever this cannot: other platforms (`jax.lax.platform_dependent` picks per platform at compile
 time), pools that are not float32, a pool split across devices, or a machine without a C++ compiler.
 
-The library is compiled with the host's `c++` for this machine (-march=native) against jaxlib's FFI headers,
-into ~/.cache/batchgen/kernels (under $BATCHGEN_CACHE when set), named by a hash of the source, the flags and the jaxlib
-version, so a machine compiles it once (~10 s).
+The kernel is built on first use (see `model.kernels.build`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-SOURCE = Path(__file__).with_name("cpu_paged_attention.cc")
-TARGET = "batchgen_paged_attention"
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-shared", "-fPIC", "-std=c++17", "-w")
+from model.kernels import build
 
-log = logging.getLogger(__name__)
+NAME, SYMBOL, TARGET = "cpu_paged_attention", "BatchgenPagedAttention", "batchgen_paged_attention"
 
 
 def library_path() -> Path:
     """Where this machine's build of the kernel lives (whether built yet or not)."""
-    import jaxlib
-
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS), jaxlib.__version__, platform.machine()):
-        key.update(part if isinstance(part, bytes) else part.encode())
-    # The project's cache directory, as `model.checkpoints.resolve.cache_dir` reads it (not imported from there:
-    # model/kernels sits below model/checkpoints, which imports the backbone and so this module).
-    cache = Path(os.environ.get("BATCHGEN_CACHE") or Path.home() / ".cache" / "batchgen")
-    return cache / "kernels" / f"cpu_paged_attention-{key.hexdigest()[:16]}.so"
-
-
-def build(path: Path) -> None:
-    """Compiles the kernel into `path` (written whole or not at all, so concurrent workers never load half a file)."""
-    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        built = Path(scratch) / path.name
-        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(built)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-        os.replace(built, path)
+    return build.library_path(NAME)
 
 
 def supports(q: jax.Array, chunks_k: Sequence[jax.Array]) -> bool:
@@ -71,21 +35,10 @@ def supports(q: jax.Array, chunks_k: Sequence[jax.Array]) -> bool:
     return chunks_k[0].dtype == jnp.float32 and page == 32 and d in (64, 128) and 1 <= h // k_heads <= 8
 
 
-@functools.cache
 def available() -> bool:
     """Whether the kernel is built and registered with XLA for the CPU (built now if needed). False, with the
     reason logged once, when it cannot be: the engine then uses the pure-JAX attention."""
-    try:
-        path = library_path()
-        if not path.exists():
-            build(path)
-        library = ctypes.cdll.LoadLibrary(str(path))
-        handler = jax.ffi.pycapsule(library.BatchgenPagedAttention)
-        jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")
-        return True
-    except Exception as error:  # noqa: BLE001 - any failure to build or load means: use the pure-JAX path
-        log.warning("CPU paged-attention kernel unavailable, using the XLA path: %s", error)
-        return False
+    return build.register(NAME, SYMBOL, TARGET)
 
 
 def decode_attention(q: jax.Array, chunks_k: Sequence[jax.Array], chunks_v: Sequence[jax.Array], view) -> jax.Array:
