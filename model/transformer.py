@@ -16,6 +16,7 @@ A quantized kernel `name` is int8 with a float scale `name + "_scale"` broadcast
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 
 from model import paged_attention, rope
 from model.config import LlamaConfig
+from model.kernels import cpu_int8_matmul
 
 Params = dict[str, Any]
 
@@ -38,7 +40,13 @@ def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, epsilon: float) -> jnp.ndarray:
 
 
 def project(
-    x: jnp.ndarray, weights: Params, name: str, inputs: int, transposed: bool = False, out_dtype: Any = None
+    x: jnp.ndarray,
+    weights: Params,
+    name: str,
+    inputs: int,
+    transposed: bool = False,
+    out_dtype: Any = None,
+    kernel: bool = False,
 ) -> jnp.ndarray:
     """x [..., In] times the kernel `name` viewed as a matrix [In, Out] ([Out, In] when `transposed`): [..., Out].
 
@@ -46,17 +54,29 @@ def project(
     scale per output channel) is converted to x's dtype inside the product and its scale applied to the result,
     a pass over [.., Out] instead of over the weight. Activations stay in float: quantizing them per row to
     multiply in int8 (int32 accumulation) was no faster on this CPU and kept 2% of float32's greedy outputs
-    against 27% (see the README's benchmark notes).
+    against 27% (see the README's benchmark notes). With `kernel`, an int8 product may run as the CPU kernel
+    (`model.kernels.cpu_int8_matmul`, the same arithmetic with the scale applied to the weight); the caller
+    passes kernel=False for weights split across devices, which XLA cannot split a custom call over.
     """
     w = weights[name]
     scale = weights.get(name + "_scale")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, inputs)
     w2 = w.reshape(-1, inputs) if transposed else w.reshape(inputs, -1)
-    dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
-    out = jax.lax.dot_general(x2, w2.astype(x.dtype), dims, preferred_element_type=jnp.float32)
-    if scale is not None:
-        out = out * scale.reshape(1, -1)
+
+    def xla_product(x2, w2, scale):
+        dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
+        out = jax.lax.dot_general(x2, w2.astype(x.dtype), dims, preferred_element_type=jnp.float32)
+        return out if scale is None else out * scale.reshape(1, -1)
+
+    if (
+        kernel and scale is not None and cpu_int8_matmul.supports(x2, w2, scale) and cpu_int8_matmul.available()
+    ):
+        out = jax.lax.platform_dependent(
+            x2, w2, scale, cpu=functools.partial(cpu_int8_matmul.matmul, transposed=transposed), default=xla_product
+        )
+    else:
+        out = xla_product(x2, w2, scale)
     return out.astype(out_dtype or x.dtype).reshape(*lead, -1)
 
 
@@ -196,24 +216,27 @@ def _decoder_layer(
     positions: jnp.ndarray,
     attend: Attend,
     layer_cache: Any,
+    kernel: bool = False,
 ) -> tuple[jnp.ndarray, Any]:
-    """One pre-norm block: x + attention(norm(x)), then + SwiGLU(norm(x)). Returns x and what `attend` handed back."""
+    """One pre-norm block: x + attention(norm(x)), then + SwiGLU(norm(x)). Returns x and what `attend` handed back.
+    `kernel`: int8 products may run as the CPU kernel (see `project`)."""
     h = rms_norm(x, layer["attention_norm"], config.layer_norm_epsilon)
     b, t, m = h.shape
     heads, kv_heads = config.num_query_heads, config.num_key_value_heads
-    q = project(h, layer, "query", m).reshape(b, t, heads, -1)
-    k = project(h, layer, "key", m).reshape(b, t, kv_heads, -1)
-    v = project(h, layer, "value", m).reshape(b, t, kv_heads, -1)
+    q = project(h, layer, "query", m, kernel=kernel).reshape(b, t, heads, -1)
+    k = project(h, layer, "key", m, kernel=kernel).reshape(b, t, kv_heads, -1)
+    v = project(h, layer, "value", m, kernel=kernel).reshape(b, t, kv_heads, -1)
     q = rope.rotate(q, positions, inv_freq)
     k = rope.rotate(k, positions, inv_freq)
     attended, out = attend(q, k, v, layer_cache)
     # Every product as one [B*T, In] x [In, Out] matrix product: contracting (h, d) as two axes made XLA copy the
     # attention output weight on every call.
-    x = x + project(attended.reshape(b, t, -1), layer, "attention_output", attended.shape[2] * attended.shape[3])
+    attended = attended.reshape(b, t, -1)
+    x = x + project(attended, layer, "attention_output", attended.shape[-1], kernel=kernel)
     h = rms_norm(x, layer["mlp_norm"], config.layer_norm_epsilon)
-    gate = project(h, layer, "gate", m)
-    up = project(h, layer, "up", m)
-    x = x + project(jax.nn.silu(gate) * up, layer, "down", gate.shape[-1])
+    gate = project(h, layer, "gate", m, kernel=kernel)
+    up = project(h, layer, "up", m, kernel=kernel)
+    x = x + project(jax.nn.silu(gate) * up, layer, "down", gate.shape[-1], kernel=kernel)
     return x, out
 
 
@@ -225,6 +248,7 @@ def _run_layers(
     dtype: Any,
     attend: Attend,
     cache: Any,
+    kernel: bool = False,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Embedding, every layer as one `lax.scan` (cache: a pytree with a leading L axis, or None), final norm."""
     b, t = token_ids.shape
@@ -235,7 +259,7 @@ def _run_layers(
 
     def body(x, xs):
         layer, layer_cache = xs
-        return _decoder_layer(config, inv_freq, x, layer, positions, attend, layer_cache)
+        return _decoder_layer(config, inv_freq, x, layer, positions, attend, layer_cache, kernel)
 
     x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], cache))
     x = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
@@ -259,13 +283,15 @@ def forward(
     dtype: Any = None,
     segment_ids: jnp.ndarray | None = None,
     segment_length: int | None = None,
+    kernel: bool = False,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Runs the decoder over new tokens, optionally after cached ones.
 
     token_ids, positions [B, T] int; token_mask [B, T] bool (default all real); cache_k/cache_v
     [L, B, K, S, D] read-only, with cache_lengths [B] valid entries per row; segment_ids [B, T]: several
     sequences packed in a row, each attending only to itself (see `visibility`); segment_length (static): a
-    bound on every segment's tokens, which lets attention skip keys further back (`_banded_self_attention`).
+    bound on every segment's tokens, which lets attention skip keys further back (`_banded_self_attention`);
+    kernel: int8 products may run as the CPU kernel (see `project`).
     Returns the final-normed hidden states [B, T, M] and the new tokens' keys and values [L, B, T, K, D], which
     the caller writes into its cache (see `model.generation.kv_cache`).
     """
@@ -280,7 +306,7 @@ def forward(
         return attended, (k, v)
 
     cache = None if cache_k is None else (cache_k, cache_v)
-    return _run_layers(params, config, token_ids, positions, dtype, attend, cache)
+    return _run_layers(params, config, token_ids, positions, dtype, attend, cache, kernel)
 
 
 def unstack_layers(params: Params) -> Params:
@@ -313,7 +339,8 @@ def decode_paged(
     `write(chunks_k, chunks_v, k [B, K, D], v [B, K, D])` puts the new token's key and value into a layer's
     first `chunks` chunks; attention then reads those, the new token's own entry among them. Writing before
     reading lets XLA update each pool in place: a read of the old pool scheduled after the write would make it
-    copy the whole pool. `kernel`: attention may run as the CPU kernel (`paged_attention.step_attention`).
+    copy the whole pool. `kernel`: attention and int8 products may run as the CPU kernels
+    (`paged_attention.step_attention`, `project`).
     Returns the final-normed hidden states [B, 1, M] and the updated pools.
     """
     positions = view.lengths[:, None]
@@ -329,7 +356,7 @@ def decode_paged(
 
         # Only the first `chunks` chunks of each pool are read and written; the rest pass through untouched.
         x, (read_k, read_v) = _decoder_layer(
-            config, inv_freq, x, layer, positions, attend, (chunks_k[:chunks], chunks_v[:chunks])
+            config, inv_freq, x, layer, positions, attend, (chunks_k[:chunks], chunks_v[:chunks]), kernel
         )
         new_k.append(tuple(read_k) + tuple(chunks_k[chunks:]))
         new_v.append(tuple(read_v) + tuple(chunks_v[chunks:]))
@@ -346,9 +373,10 @@ def embed(params: Params, token_ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:
     return rows.astype(dtype)
 
 
-def logits(params: Params, hidden: jnp.ndarray) -> jnp.ndarray:
-    """LM head: hidden [..., M] -> float32 logits [..., V]; the tied head reuses the embedding table [V, M]."""
+def logits(params: Params, hidden: jnp.ndarray, kernel: bool = False) -> jnp.ndarray:
+    """LM head: hidden [..., M] -> float32 logits [..., V]; the tied head reuses the embedding table [V, M].
+    `kernel`: an int8 head may run as the CPU kernel (see `project`)."""
     m = hidden.shape[-1]
     if "lm_head" in params:
-        return project(hidden, params, "lm_head", m, out_dtype=jnp.float32)
-    return project(hidden, params, "token_embedding", m, transposed=True, out_dtype=jnp.float32)
+        return project(hidden, params, "lm_head", m, out_dtype=jnp.float32, kernel=kernel)
+    return project(hidden, params, "token_embedding", m, transposed=True, out_dtype=jnp.float32, kernel=kernel)

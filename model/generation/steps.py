@@ -73,11 +73,12 @@ def prefill(
     first_tokens, first_logprobs, new_k, new_v = prefill_tokens(
         params, token_ids, positions, segment_ids, last, rows, seeds, penalties, token_mask,
         config=config, variant=variant, logprobs_k=logprobs_k, segment_length=segment_length,
+        kernel=cache.sharding is None,  # a model split across devices keeps XLA's products
     )
     return paged_cache.write(cache, new_k, new_v, pages, offsets), first_tokens, first_logprobs
 
 
-@functools.partial(jax.jit, static_argnames=("config", "variant", "logprobs_k", "segment_length"))
+@functools.partial(jax.jit, static_argnames=("config", "variant", "logprobs_k", "segment_length", "kernel"))
 def prefill_tokens(
     params: transformer.Params,
     token_ids: jax.Array,  # [1, T] int32: whole prompts packed one after another, then padding
@@ -93,13 +94,15 @@ def prefill_tokens(
     variant: sampling.SamplingVariant,
     logprobs_k: int | None = None,
     segment_length: int | None = None,  # a bound on every prompt's tokens (`scheduler.segment_bound`), or None
+    kernel: bool = False,  # int8 products may run as the CPU kernel (`transformer.project`)
 ) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
     """`prefill`'s forward pass: each prompt's first token [R], its log-probabilities, and every token's keys and
     values [L, T, K, D], which `prefill` writes into the pool."""
     hidden, new_k, new_v = transformer.forward(
-        params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids, segment_length=segment_length
+        params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids,
+        segment_length=segment_length, kernel=kernel,
     )
-    logits = transformer.logits(params, hidden[0, last])  # only where a prompt's next token is predicted
+    logits = transformer.logits(params, hidden[0, last], kernel)  # only where a prompt's next token is predicted
     shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
     if token_mask is not None:
         shaped = grammar.apply_token_mask(shaped, token_mask)
@@ -213,12 +216,13 @@ def decode(
 
         # Reads only the first `chunks` chunks of each pool: every page in use lies below them.
         view = paged_attention.PageView(owner, start, lengths, page_table)
-        # The CPU attention kernel reads a whole pool; a pool split across devices keeps XLA's attention.
+        # The CPU kernels read whole operands: a model split across devices (its pool too) keeps XLA's ops.
+        kernel = cache.sharding is None
         hidden, pages_k, pages_v = transformer.decode_paged(
-            params, config, tokens[:, None], cache.k, cache.v, view, write, chunks, kernel=cache.sharding is None
+            params, config, tokens[:, None], cache.k, cache.v, view, write, chunks, kernel=kernel
         )
         cache = PagedKVCache(pages_k, pages_v, cache.sharding)
-        logits = transformer.logits(params, hidden[:, 0])
+        logits = transformer.logits(params, hidden[:, 0], kernel=kernel)
         shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
         if token_mask is not None:  # after penalties and bias: no bias brings back a token the grammar forbids
             shaped = grammar.apply_token_mask(shaped, token_mask)

@@ -1,0 +1,97 @@
+"""The CPU int8-weight product kernel against XLA's product of the same weights (model/transformer.py `project`)."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import transformer
+from model.config import LlamaConfig
+from model.generation.engine import GenerationEngine
+from model.generation.requests import Request
+from model.kernels import cpu_int8_matmul
+
+
+def test_the_kernel_builds_wherever_there_is_a_compiler():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: int8 products stay XLA's")
+    assert cpu_int8_matmul.available()
+    assert cpu_int8_matmul.library_path().exists()
+
+
+# Rows: one, a partial 8-row tile, whole tiles, past one 128-row work item. Depths: under one 16-wide block,
+# not whole blocks, past one 192-deep panel. Columns: 1, 2 and 3 vectors per panel, and several panels.
+SHAPES = [(1, 16, 16), (7, 40, 32), (64, 576, 192), (13, 600, 80), (130, 577, 1536), (9, 33, 256)]
+
+
+@pytest.mark.parametrize("m, k, n", SHAPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_kernel_equals_the_dequantized_product(m, k, n, transposed):
+    if not cpu_int8_matmul.available():
+        pytest.skip("no kernel on this machine")
+    rng = np.random.default_rng(m * k + n)
+    x = rng.standard_normal((m, k), np.float32)
+    w = rng.integers(-127, 128, (n, k) if transposed else (k, n)).astype(np.int8)
+    scale = (rng.random(n) * 0.01 + 1e-3).astype(np.float32)
+    assert cpu_int8_matmul.supports(jnp.asarray(x), jnp.asarray(w), jnp.asarray(scale))
+    got = np.asarray(jax.jit(cpu_int8_matmul.matmul, static_argnames="transposed")(x, w, scale, transposed))
+    expected = x.astype(np.float64) @ ((w.T if transposed else w).astype(np.float64) * scale)
+    np.testing.assert_allclose(got, expected, atol=2e-6 * np.abs(expected).max(), rtol=0)
+    # `project` takes the kernel when asked, and its XLA product (the reference everywhere else) agrees.
+    weights = {"w": jnp.asarray(w), "w_scale": jnp.asarray(scale)}
+
+    def project(x, kernel):
+        return transformer.project(x, weights, "w", k, transposed=transposed, kernel=kernel)
+
+    project = jax.jit(project, static_argnames="kernel")
+    np.testing.assert_array_equal(np.asarray(project(x, True)), got)
+    np.testing.assert_allclose(np.asarray(project(x, False)), expected, atol=2e-6 * np.abs(expected).max(), rtol=0)
+
+
+def test_operands_the_kernel_is_not_built_for_keep_xlas_product():
+    x, scale = jnp.zeros((4, 32), jnp.float32), jnp.ones(24, jnp.float32)
+    assert not cpu_int8_matmul.supports(x, jnp.zeros((32, 24), jnp.int8), scale)  # 24 columns: not whole vectors
+    scale = jnp.ones(32, jnp.float32)
+    assert not cpu_int8_matmul.supports(x, jnp.zeros((32, 32), jnp.float32), scale)  # a float weight
+    assert not cpu_int8_matmul.supports(x.astype(jnp.bfloat16), jnp.zeros((32, 32), jnp.int8), scale)
+
+
+def test_int8_generation_with_the_kernel_matches_xlas_products(monkeypatch):
+    """The engine's int8 decode and prefill run the kernel, and give the logits of XLA's products (the kernel
+    scales the weight before the sum, XLA after it: float32 rounding apart) and the same greedy text."""
+    import keras
+
+    from model.backbone import LlamaBackbone
+
+    if not cpu_int8_matmul.available():
+        pytest.skip("no kernel on this machine")
+    keras.utils.set_random_seed(5)
+    # Every width whole 16-float vectors, the vocabulary too: the tied LM head runs the kernel transposed.
+    config = LlamaConfig(vocabulary_size=128, num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=64,
+                         intermediate_dim=128, max_sequence_length=256, tie_word_embeddings=True)
+    backbone = LlamaBackbone(config)
+    backbone.quantize("int8")
+    rng = np.random.default_rng(4)
+    requests = [Request(i, list(rng.integers(1, 90, rng.integers(1, 60))), 16, logprobs=1) for i in range(8)]
+
+    def generate():
+        jax.clear_caches()  # the engine's programs are traced again, with or without the kernel
+        engine = GenerationEngine(backbone, max_slots=4, max_length=96, steps_per_call=4)
+        return engine.generate(requests)
+
+    traced = []
+    kernel = cpu_int8_matmul.matmul
+    monkeypatch.setattr(cpu_int8_matmul, "matmul", lambda *a, **kw: traced.append(kw["transposed"]) or kernel(*a, **kw))
+    with_kernel = generate()
+    assert set(traced) == {False, True}  # the layers' products and the tied LM head
+    monkeypatch.setattr(cpu_int8_matmul, "available", lambda: False)
+    traced.clear()
+    without = generate()
+    assert not traced
+    assert [c.token_ids for c in with_kernel] == [c.token_ids for c in without]
+    for a, b in zip(with_kernel, without):
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4)
