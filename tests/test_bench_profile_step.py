@@ -48,6 +48,7 @@ def test_ops_are_grouped_by_the_model_function_that_emitted_them():
     groups = {name: profile_step._group(chain) for name, chain in stacks.items()}
     assert groups == {"head": "LM head", "qkv": "weight products", "scores": "attention over pages"}
     assert profile_step._group(["unknown"]) == "other"
+    assert profile_step._group(["project.<locals>.xla_product"]) == "weight products"  # a nested function
 
 
 @pytest.mark.slow

@@ -66,7 +66,10 @@ def _stack_functions(hlo_text: str) -> dict[str, list[str]]:
 
 
 def _group(functions: list[str]) -> str:
-    return next((group for name, group in GROUPS if name in functions), "other")
+    """The group of the first of GROUPS's functions on the stack; a function nested in one counts as it (a
+    stack may name only `project.<locals>.xla_product`)."""
+    outer = {function.split(".<locals>.")[0] for function in functions}
+    return next((group for name, group in GROUPS if name in outer), "other")
 
 
 def _child(args: argparse.Namespace, dump: str, trace: str) -> None:

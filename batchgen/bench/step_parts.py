@@ -5,9 +5,10 @@ its shares are hard to trust. Here three programs at full slots run interleaved 
 - the engine's decode step (`model.generation.steps.decode`);
 - the same step with decode attention replaced by its queries: the pool is still written, never read;
 - the step's weight products alone: every layer's projections and the LM head on [slots, M] rows.
-Then the weight products three ways at `--slots` rows: float32; int8 weights converted inside each product (the
-engine's int8); and int8 x int8 -> int32 with each row's activations quantized on the fly (not used by the
-engine: see the README's notes on int8).
+Then the weight products four ways at `--slots` rows: float32; int8 weights converted inside each product (XLA's
+int8); the same int8 weights through the CPU kernel (`model.kernels.cpu_int8_matmul`, the engine's int8 on CPU);
+and int8 x int8 -> int32 with each row's activations quantized on the fly (not used by the engine: see the
+README's notes on int8). Last, the engine's decode step of the int8 model.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def _weight_products(params: dict, config: Any, steps: int, kind: str) -> Callab
     weights = params if kind == "float32" else _quantized(params, names, config)
 
     def product(x, layer, name, inputs):
-        if kind != "int8 x int8 (activations per row)":
-            return transformer.project(x, layer, name, inputs)  # float32, or int8 converted inside the product
+        if kind != "int8 x int8 (activations per row)":  # float32, or int8 converted inside XLA's product or the kernel
+            return transformer.project(x, layer, name, inputs, kernel=kind == "int8 weights, CPU kernel")
         row_scale = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127
         xq = jnp.round(x / jnp.maximum(row_scale, 1e-12)).astype(jnp.int8)
         out = jax.lax.dot_general(xq, layer[name], (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
@@ -126,9 +127,13 @@ def main() -> None:
         "decode step": decode_call(),
         "decode step, attention replaced by its queries": decode_call(lambda q, chunks_k, chunks_v, view: q),
     }
-    for kind in ("float32", "int8 weights", "int8 x int8 (activations per row)"):
+    for kind in ("float32", "int8 weights", "int8 weights, CPU kernel", "int8 x int8 (activations per row)"):
         call = _weight_products(params, config, args.steps, kind)
         programs[f"weight products alone, {kind}"] = [call, jax.block_until_ready(call(x))]
+    lm8 = LlamaCausalLM.from_preset(args.preset, dtype="float32")
+    lm8.quantize("int8")
+    call, cache = full_slots_decode(lm8, transformer.unstack_layers(lm8.backbone.params()), b, args.context, args.steps)
+    programs["decode step, int8 model"] = [call, jax.block_until_ready(call(cache))]
     best = best_step_seconds(programs, args.rounds, args.steps)
     floor = best["weight products alone, float32"]
     print(f"{b} slots, {args.context} cached tokens each, best of {args.rounds} interleaved calls of {args.steps} steps:")
