@@ -16,7 +16,6 @@ A quantized kernel `name` is int8 with a float scale `name + "_scale"` broadcast
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -25,7 +24,7 @@ import numpy as np
 
 from model import paged_attention, rope
 from model.config import LlamaConfig
-from model.kernels import cpu_int8_matmul
+from model.kernels import cpu_matmul
 
 Params = dict[str, Any]
 
@@ -54,9 +53,9 @@ def project(
     scale per output channel) is converted to x's dtype inside the product and its scale applied to the result,
     a pass over [.., Out] instead of over the weight. Activations stay in float: quantizing them per row to
     multiply in int8 (int32 accumulation) was no faster on this CPU and kept 2% of float32's greedy outputs
-    against 27% (see the README's benchmark notes). With `kernel`, an int8 product may run as the CPU kernel
-    (`model.kernels.cpu_int8_matmul`, the same arithmetic with the scale applied to the weight); the caller
-    passes kernel=False for weights split across devices, which XLA cannot split a custom call over.
+    against 27% (see the README's benchmark notes). With `kernel`, the product may run as the CPU kernel
+    (`model.kernels.cpu_matmul`: float32 or int8 weights; an int8 scale applied to the weight before the sum); the
+    caller passes kernel=False for weights split across devices, which XLA cannot split a custom call over.
     """
     w = weights[name]
     scale = weights.get(name + "_scale")
@@ -64,19 +63,17 @@ def project(
     x2 = x.reshape(-1, inputs)
     w2 = w.reshape(-1, inputs) if transposed else w.reshape(inputs, -1)
 
-    def xla_product(x2, w2, scale):
+    def xla_product():
         dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
         out = jax.lax.dot_general(x2, w2.astype(x.dtype), dims, preferred_element_type=jnp.float32)
         return out if scale is None else out * scale.reshape(1, -1)
 
-    if (
-        kernel and scale is not None and cpu_int8_matmul.supports(x2, w2, scale) and cpu_int8_matmul.available()
-    ):
+    if kernel and cpu_matmul.supports(x2, w2, scale) and cpu_matmul.available():
         out = jax.lax.platform_dependent(
-            x2, w2, scale, cpu=functools.partial(cpu_int8_matmul.matmul, transposed=transposed), default=xla_product
+            cpu=lambda: cpu_matmul.matmul(x2, w2, scale, transposed), default=xla_product
         )
     else:
-        out = xla_product(x2, w2, scale)
+        out = xla_product()
     return out.astype(out_dtype or x.dtype).reshape(*lead, -1)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 GROUPS = (
     ("logits", "LM head"),
     ("project", "weight products"),
+    ("matmul", "weight products"),  # the CPU kernel's call (model/kernels/cpu_matmul.py)
     ("decode_attention", "attention over pages"),
     ("write_layer", "KV cache writes"),
     ("sample_next", "sampling"),

@@ -5,10 +5,10 @@ its shares are hard to trust. Here three programs at full slots run interleaved 
 - the engine's decode step (`model.generation.steps.decode`);
 - the same step with decode attention replaced by its queries: the pool is still written, never read;
 - the step's weight products alone: every layer's projections and the LM head on [slots, M] rows.
-Then the weight products four ways at `--slots` rows: float32; int8 weights converted inside each product (XLA's
-int8); the same int8 weights through the CPU kernel (`model.kernels.cpu_int8_matmul`, the engine's int8 on CPU);
-and int8 x int8 -> int32 with each row's activations quantized on the fly (not used by the engine: see the
-README's notes on int8). Last, the engine's decode step of the int8 model.
+Then the weight products five ways at `--slots` rows: float32 in XLA and through the CPU kernel
+(`model.kernels.cpu_matmul`, what the engine runs on CPU); int8 weights converted inside each XLA product, and
+through the kernel; and int8 x int8 -> int32 with each row's activations quantized on the fly (not used by the
+engine: see the README's notes on int8). Last, the engine's decode step of the int8 model.
 """
 
 from __future__ import annotations
@@ -64,11 +64,11 @@ def _weight_products(params: dict, config: Any, steps: int, kind: str) -> Callab
 
     m, f = config.hidden_dim, config.intermediate_dim
     names = ("query", "key", "value", "attention_output", "gate", "up", "down")
-    weights = params if kind == "float32" else _quantized(params, names, config)
+    weights = params if kind.startswith("float32") else _quantized(params, names, config)
 
     def product(x, layer, name, inputs):
-        if kind != "int8 x int8 (activations per row)":  # float32, or int8 converted inside XLA's product or the kernel
-            return transformer.project(x, layer, name, inputs, kernel=kind == "int8 weights, CPU kernel")
+        if kind != "int8 x int8 (activations per row)":  # XLA's product, or the kernel
+            return transformer.project(x, layer, name, inputs, kernel=kind.endswith("CPU kernel"))
         row_scale = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127
         xq = jnp.round(x / jnp.maximum(row_scale, 1e-12)).astype(jnp.int8)
         out = jax.lax.dot_general(xq, layer[name], (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
@@ -80,7 +80,10 @@ def _weight_products(params: dict, config: Any, steps: int, kind: str) -> Callab
                 q, k, v = (product(x, layer, name, m) for name in names[:3])
                 x = x + product(q + jnp.tile(k + v, (1, q.shape[1] // k.shape[1])), layer, names[3], q.shape[1])
                 x = x + product(jax.nn.silu(product(x, layer, "gate", m)) * product(x, layer, "up", m), layer, "down", f)
-            head = transformer.logits(weights, x) if kind == "float32" else product(x, weights, "lm_head", m)
+            if kind.startswith("float32"):
+                head = transformer.logits(weights, x, kernel=kind.endswith("CPU kernel"))
+            else:
+                head = product(x, weights, "lm_head", m)
             return x + head[:, :m], None
 
         return jax.lax.scan(step, x, None, length=steps)[0]
@@ -127,7 +130,9 @@ def main() -> None:
         "decode step": decode_call(),
         "decode step, attention replaced by its queries": decode_call(lambda q, chunks_k, chunks_v, view: q),
     }
-    for kind in ("float32", "int8 weights", "int8 weights, CPU kernel", "int8 x int8 (activations per row)"):
+    kinds = ("float32", "float32, CPU kernel", "int8 weights", "int8 weights, CPU kernel",
+             "int8 x int8 (activations per row)")
+    for kind in kinds:
         call = _weight_products(params, config, args.steps, kind)
         programs[f"weight products alone, {kind}"] = [call, jax.block_until_ready(call(x))]
     lm8 = LlamaCausalLM.from_preset(args.preset, dtype="float32")

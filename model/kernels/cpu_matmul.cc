@@ -1,23 +1,25 @@
-// Products with int8 weights on CPU: y [M, N] = x [M, K] . (w * scale), float32 activations and accumulation.
+// Weight products on CPU: y [M, N] = x [M, K] . w, float32 activations and accumulation, w float32 or int8 with
+// one scale per output channel (the engine's weight-only int8: the same quantized weights, activations never
+// quantized).
 //
-// This is the engine's weight-only int8 (the same quantized weights, activations never quantized), made faster
-// than float32. XLA converts the int8 weight to float inside its product, a pass over the whole weight for every
-// 16 columns it computes; at 64 rows that costs more than the halved weight reads save. Here each block of the
-// weight is converted (and scaled) once into a small float panel that stays in L1, and every row of x is run
-// against it: the conversion is paid once per call, and what comes from memory is a quarter of float32's bytes.
+// Each block of the weight is copied (an int8 one widened and scaled) once into a small float panel that stays
+// in L1, and every row of x is run against it in register tiles. XLA's int8 product converts the weight inside
+// its product, a pass over the whole weight for every 16 columns it computes, which at 64 rows cost more than the
+// halved reads save; here the conversion is paid once per call and a quarter of float32's bytes come from memory.
 //
-// Layout: w is [K, N] (a Dense kernel), or [N, K] with `transposed` (the tied embedding as the LM head); scale
-// [N] is one per output channel. N must be whole 16-float vectors. Work items are (128 rows of x) x (48 columns
-// of w), spread over XLA's intra-op threads.
+// Layout: w is [K, N] (a Dense kernel), or [N, K] with `transposed` (the tied embedding as the LM head). N must
+// be whole 16-float vectors. Work items are (128 rows of x) x (48 columns of w), spread over XLA's intra-op
+// threads.
 //
-// Blocking (measured on a 2-core AVX-512 Xeon, M = 64, K = 576, N = 1536): an 8-row x 48-column tile is 24
-// accumulator registers, each weight vector loaded once per 8 rows and each x value broadcast once per 3
-// vectors; panels of 192 depths (36 KiB) fit L1. 155-180 GFLOP/s at 64 rows, against ~105 for XLA's int8 and
-// ~135 for its float32.
+// Blocking (2-core AVX-512 Xeon, M = 64, K = 576, N = 1536): an 8-row x 48-column tile is 24 accumulator
+// registers, each panel vector loaded once per 8 rows and each x value broadcast once per 3 vectors; panels of
+// 192 depths (36 KiB) fit L1. A panel, not the weight in place: rows of a [K, N] weight lie N floats apart, so a
+// block of them maps onto a few L1 sets and evicts itself.
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 
 #include "cpu_parallel.h"
@@ -32,15 +34,20 @@ constexpr int kPanel = 48;        // columns of w per panel (3 vectors)
 constexpr int64_t kDepth = 192;   // depths per panel
 constexpr int64_t kChunk = 128;   // rows of x per work item
 
+// 16 weights as floats.
 inline __m512 Widen(const int8_t* w) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
 }
+inline __m512 Widen(const float* w) { return _mm512_loadu_ps(w); }
+
+// 16 scales from `scale`, or ones for a float weight (no scale).
+inline __m512 Scales(const float* scale) { return scale ? _mm512_loadu_ps(scale) : _mm512_set1_ps(1.0f); }
 
 // panel [kc, V*16] = w[k0 .. k0+kc, n0 .. n0+V*16] * scale, from w [K, N] (`w` points at [k0, n0]).
-template <int V>
-void PackRows(const int8_t* w, int64_t n, const float* scale, int64_t kc, float* panel) {
+template <int V, typename T>
+void PackRows(const T* w, int64_t n, const float* scale, int64_t kc, float* panel) {
   __m512 s[V];
-  for (int v = 0; v < V; ++v) s[v] = _mm512_loadu_ps(scale + v * 16);
+  for (int v = 0; v < V; ++v) s[v] = Scales(scale ? scale + v * 16 : nullptr);
   for (int64_t p = 0; p < kc; ++p)
     for (int v = 0; v < V; ++v) _mm512_store_ps(panel + (p * V + v) * 16, _mm512_mul_ps(s[v], Widen(w + p * n + v * 16)));
 }
@@ -73,11 +80,11 @@ inline void Transpose16(__m512 r[16]) {
 }
 
 // The same panel from w [N, K] (`w` points at [n0, k0]): 16 x 16 blocks widened, transposed and scaled.
-template <int V>
-void PackTransposed(const int8_t* w, int64_t k, const float* scale, int64_t kc, float* panel) {
+template <int V, typename T>
+void PackTransposed(const T* w, int64_t k, const float* scale, int64_t kc, float* panel) {
   for (int v = 0; v < V; ++v) {
-    const int8_t* rows = w + v * 16 * k;
-    const __m512 s = _mm512_loadu_ps(scale + v * 16);
+    const T* rows = w + v * 16 * k;
+    const __m512 s = Scales(scale ? scale + v * 16 : nullptr);
     int64_t p = 0;
     for (; p + 16 <= kc; p += 16) {
       __m512 r[16];
@@ -86,7 +93,7 @@ void PackTransposed(const int8_t* w, int64_t k, const float* scale, int64_t kc, 
       for (int i = 0; i < 16; ++i) _mm512_store_ps(panel + ((p + i) * V + v) * 16, _mm512_mul_ps(s, r[i]));
     }
     for (; p < kc; ++p)
-      for (int j = 0; j < 16; ++j) panel[(p * V + v) * 16 + j] = rows[j * k + p] * scale[v * 16 + j];
+      for (int j = 0; j < 16; ++j) panel[(p * V + v) * 16 + j] = rows[j * k + p] * (scale ? scale[v * 16 + j] : 1.0f);
   }
 }
 
@@ -127,9 +134,10 @@ void Tiles(const float* x, int64_t rows, int64_t k, const float* panel, int64_t 
   }
 }
 
+template <typename T>
 struct Problem {
   const float* x;
-  const int8_t* w;
+  const T* w;
   const float* scale;
   float* y;
   int64_t m, k, n;
@@ -137,38 +145,54 @@ struct Problem {
 };
 
 // One work item: rows [r0, r0 + rows) of y, columns [n0, n0 + V*16).
-template <int V>
-void Block(const Problem& a, int64_t r0, int64_t rows, int64_t n0) {
+template <int V, typename T>
+void Block(const Problem<T>& a, int64_t r0, int64_t rows, int64_t n0) {
   alignas(64) static thread_local float panel[kDepth * kPanel];
+  const float* scale = a.scale ? a.scale + n0 : nullptr;  // none for a float weight
   for (int64_t k0 = 0; k0 < a.k; k0 += kDepth) {
     const int64_t kc = std::min(kDepth, a.k - k0);
     if (a.transposed) {
-      PackTransposed<V>(a.w + n0 * a.k + k0, a.k, a.scale + n0, kc, panel);
+      PackTransposed<V, T>(a.w + n0 * a.k + k0, a.k, scale, kc, panel);
     } else {
-      PackRows<V>(a.w + k0 * a.n + n0, a.n, a.scale + n0, kc, panel);
+      PackRows<V, T>(a.w + k0 * a.n + n0, a.n, scale, kc, panel);
     }
     Tiles<V>(a.x + r0 * a.k + k0, rows, a.k, panel, kc, a.y + r0 * a.n + n0, a.n, k0 == 0);
   }
 }
 
-ffi::Error Int8Matmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
-                      ffi::ResultBuffer<ffi::F32> y, bool transposed) {
-  const auto x_dims = x.dimensions();  // [M, K]
-  if (x_dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
-  Problem a{x.typed_data(), w.typed_data(), scale.typed_data(), y->typed_data(),
-            x_dims[0], x_dims[1], static_cast<int64_t>(scale.element_count()), transposed};
-  if (a.n % 16 != 0 || a.k * a.n != static_cast<int64_t>(w.element_count()) || a.m * a.n != y->element_count())
+template <typename T>
+ffi::Error Matmul(ffi::ThreadPool& threads, const float* x, const std::array<int64_t, 2>& x_dims, const T* w,
+                  int64_t w_count, const float* scale, int64_t n, float* y, int64_t y_count, bool transposed) {
+  Problem<T> a{x, w, scale, y, x_dims[0], x_dims[1], n, transposed};
+  if (a.n % 16 != 0 || a.k * a.n != w_count || a.m * a.n != y_count)
     return ffi::Error::InvalidArgument("shapes do not give x [M, K] . w [K, N] with N whole 16-float vectors");
   const int64_t panels = (a.n + kPanel - 1) / kPanel, chunks = (a.m + kChunk - 1) / kChunk;
   batchgen::ParallelFor(threads, panels * chunks, [&](int64_t i) {
     const int64_t r0 = (i / panels) * kChunk, rows = std::min(kChunk, a.m - r0), n0 = (i % panels) * kPanel;
     switch (std::min<int64_t>(kPanel, a.n - n0) / 16) {
-      case 3: return Block<3>(a, r0, rows, n0);
-      case 2: return Block<2>(a, r0, rows, n0);
-      default: return Block<1>(a, r0, rows, n0);
+      case 3: return Block<3, T>(a, r0, rows, n0);
+      case 2: return Block<2, T>(a, r0, rows, n0);
+      default: return Block<1, T>(a, r0, rows, n0);
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Int8Matmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                      ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, bool transposed) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
+  return Matmul<int8_t>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(),
+                        scale.typed_data(), scale.element_count(), y->typed_data(), y->element_count(), transposed);
+}
+
+ffi::Error F32Matmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::ResultBuffer<ffi::F32> y, bool transposed) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
+  const int64_t n = w.element_count() / std::max<int64_t>(dims[1], 1);
+  return Matmul<float>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(), nullptr, n,
+                       y->typed_data(), y->element_count(), transposed);
 }
 
 }  // namespace
@@ -178,6 +202,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenInt8Matmul, Int8Matmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenF32Matmul, F32Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transposed"));

@@ -1,4 +1,5 @@
-"""The CPU int8-weight product kernel against XLA's product of the same weights (model/transformer.py `project`)."""
+"""The CPU weight-product kernel (float32 and int8 weights) against XLA's product of the same weights
+(model/transformer.py `project`)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ from model import transformer
 from model.config import LlamaConfig
 from model.generation.engine import GenerationEngine
 from model.generation.requests import Request
-from model.kernels import cpu_int8_matmul
+from model.kernels import cpu_matmul
 
 
 def test_the_kernel_builds_wherever_there_is_a_compiler():
     if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: int8 products stay XLA's")
-    assert cpu_int8_matmul.available()
-    assert cpu_int8_matmul.library_path().exists()
+        pytest.skip("no C++ compiler: products stay XLA's")
+    assert cpu_matmul.available()
+    assert cpu_matmul.library_path().exists()
 
 
 # Rows: one, a partial 8-row tile, whole tiles, past one 128-row work item. Depths: under one 16-wide block,
@@ -30,51 +31,63 @@ SHAPES = [(1, 16, 16), (7, 40, 32), (64, 576, 192), (13, 600, 80), (130, 577, 15
 
 @pytest.mark.parametrize("m, k, n", SHAPES)
 @pytest.mark.parametrize("transposed", [False, True])
-def test_the_kernel_equals_the_dequantized_product(m, k, n, transposed):
-    if not cpu_int8_matmul.available():
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_the_kernel_equals_the_product(m, k, n, transposed, dtype):
+    if not cpu_matmul.available():
         pytest.skip("no kernel on this machine")
     rng = np.random.default_rng(m * k + n)
     x = rng.standard_normal((m, k), np.float32)
-    w = rng.integers(-127, 128, (n, k) if transposed else (k, n)).astype(np.int8)
-    scale = (rng.random(n) * 0.01 + 1e-3).astype(np.float32)
-    assert cpu_int8_matmul.supports(jnp.asarray(x), jnp.asarray(w), jnp.asarray(scale))
-    got = np.asarray(jax.jit(cpu_int8_matmul.matmul, static_argnames="transposed")(x, w, scale, transposed))
-    expected = x.astype(np.float64) @ ((w.T if transposed else w).astype(np.float64) * scale)
-    np.testing.assert_allclose(got, expected, atol=2e-6 * np.abs(expected).max(), rtol=0)
+    shape = (n, k) if transposed else (k, n)
+    if dtype == "int8":
+        w = rng.integers(-127, 128, shape).astype(np.int8)
+        scale = (rng.random(n) * 0.01 + 1e-3).astype(np.float32)
+    else:
+        w, scale = rng.standard_normal(shape, np.float32), None
+    assert cpu_matmul.supports(jnp.asarray(x), jnp.asarray(w), None if scale is None else jnp.asarray(scale))
+    got = np.asarray(jax.jit(cpu_matmul.matmul, static_argnames="transposed")(x, w, scale, transposed))
+    dequantized = (w.T if transposed else w).astype(np.float64) * (1.0 if scale is None else scale)
+    expected = x.astype(np.float64) @ dequantized
+    tolerance = 2e-6 * np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, atol=tolerance, rtol=0)
     # `project` takes the kernel when asked, and its XLA product (the reference everywhere else) agrees.
-    weights = {"w": jnp.asarray(w), "w_scale": jnp.asarray(scale)}
+    weights = {"w": jnp.asarray(w)} | ({} if scale is None else {"w_scale": jnp.asarray(scale)})
 
     def project(x, kernel):
         return transformer.project(x, weights, "w", k, transposed=transposed, kernel=kernel)
 
     project = jax.jit(project, static_argnames="kernel")
     np.testing.assert_array_equal(np.asarray(project(x, True)), got)
-    np.testing.assert_allclose(np.asarray(project(x, False)), expected, atol=2e-6 * np.abs(expected).max(), rtol=0)
+    np.testing.assert_allclose(np.asarray(project(x, False)), expected, atol=tolerance, rtol=0)
 
 
 def test_operands_the_kernel_is_not_built_for_keep_xlas_product():
     x, scale = jnp.zeros((4, 32), jnp.float32), jnp.ones(24, jnp.float32)
-    assert not cpu_int8_matmul.supports(x, jnp.zeros((32, 24), jnp.int8), scale)  # 24 columns: not whole vectors
+    assert not cpu_matmul.supports(x, jnp.zeros((32, 24), jnp.int8), scale)  # 24 columns: not whole vectors
     scale = jnp.ones(32, jnp.float32)
-    assert not cpu_int8_matmul.supports(x, jnp.zeros((32, 32), jnp.float32), scale)  # a float weight
-    assert not cpu_int8_matmul.supports(x.astype(jnp.bfloat16), jnp.zeros((32, 32), jnp.int8), scale)
+    assert not cpu_matmul.supports(x, jnp.zeros((32, 32), jnp.float32), scale)  # a float weight with a scale
+    assert not cpu_matmul.supports(x, jnp.zeros((32, 32), jnp.int8), None)  # an int8 weight without one
+    assert not cpu_matmul.supports(x, jnp.zeros((32, 32), jnp.bfloat16), None)
+    assert not cpu_matmul.supports(x.astype(jnp.bfloat16), jnp.zeros((32, 32), jnp.int8), scale)
+    assert cpu_matmul.supports(x, jnp.zeros((32, 32), jnp.float32), None)
 
 
-def test_int8_generation_with_the_kernel_matches_xlas_products(monkeypatch):
-    """The engine's int8 decode and prefill run the kernel, and give the logits of XLA's products (the kernel
-    scales the weight before the sum, XLA after it: float32 rounding apart) and the same greedy text."""
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_generation_with_the_kernel_matches_xlas_products(monkeypatch, quantization):
+    """The engine's decode and prefill run the kernel, and give the logits of XLA's products (float32 rounding
+    apart: another order of sums, and an int8 scale applied before the sum) and the same greedy text."""
     import keras
 
     from model.backbone import LlamaBackbone
 
-    if not cpu_int8_matmul.available():
+    if not cpu_matmul.available():
         pytest.skip("no kernel on this machine")
     keras.utils.set_random_seed(5)
     # Every width whole 16-float vectors, the vocabulary too: the tied LM head runs the kernel transposed.
     config = LlamaConfig(vocabulary_size=128, num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=64,
                          intermediate_dim=128, max_sequence_length=256, tie_word_embeddings=True)
     backbone = LlamaBackbone(config)
-    backbone.quantize("int8")
+    if quantization:
+        backbone.quantize(quantization)
     rng = np.random.default_rng(4)
     requests = [Request(i, list(rng.integers(1, 90, rng.integers(1, 60))), 16, logprobs=1) for i in range(8)]
 
@@ -84,11 +97,11 @@ def test_int8_generation_with_the_kernel_matches_xlas_products(monkeypatch):
         return engine.generate(requests)
 
     traced = []
-    kernel = cpu_int8_matmul.matmul
-    monkeypatch.setattr(cpu_int8_matmul, "matmul", lambda *a, **kw: traced.append(kw["transposed"]) or kernel(*a, **kw))
+    kernel = cpu_matmul.matmul
+    monkeypatch.setattr(cpu_matmul, "matmul", lambda *args: traced.append(args[3]) or kernel(*args))
     with_kernel = generate()
     assert set(traced) == {False, True}  # the layers' products and the tied LM head
-    monkeypatch.setattr(cpu_int8_matmul, "available", lambda: False)
+    monkeypatch.setattr(cpu_matmul, "available", lambda: False)
     traced.clear()
     without = generate()
     assert not traced
