@@ -108,3 +108,12 @@ def test_generation_with_the_kernel_matches_xlas_products(monkeypatch, quantizat
     assert [c.token_ids for c in with_kernel] == [c.token_ids for c in without]
     for a, b in zip(with_kernel, without):
         np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4)
+
+
+def test_batchgen_cpu_kernels_0_turns_the_kernels_off(monkeypatch):
+    from model.kernels import build
+
+    monkeypatch.setenv("BATCHGEN_CPU_KERNELS", "0")
+    name = cpu_matmul.NAME
+    for symbol, target in cpu_matmul.TARGETS.values():
+        assert build.register.__wrapped__(name, symbol, target) is False  # uncached: the environment is read now

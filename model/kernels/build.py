@@ -5,6 +5,7 @@ A kernel is compiled with the host's `c++` for this machine (-march=native) agai
 ~/.cache/batchgen/kernels (under $BATCHGEN_CACHE when set), named by a hash of its source, the shared header, the
 flags and the jaxlib version, so a machine compiles each kernel once (~10 s). Where that fails (no compiler, a
 CPU without AVX-512), `register` logs why once and says no: the callers then keep their pure-JAX path.
+BATCHGEN_CPU_KERNELS=0 turns every kernel off the same way (to compare, or to rule a kernel out).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def build(name: str, path: Path) -> None:
 def register(name: str, symbol: str, target: str) -> bool:
     """Builds kernel `name` if needed and registers its handler `symbol` with XLA for the CPU as `target`.
     False, with the reason logged once, when it cannot be."""
+    if os.environ.get("BATCHGEN_CPU_KERNELS", "1") == "0":
+        log.warning("CPU kernel %s turned off by BATCHGEN_CPU_KERNELS=0, using the XLA path", name)
+        return False
     try:
         path = library_path(name)
         if not path.exists():
