@@ -90,11 +90,17 @@ def test_generation_with_the_kernel_matches_xlas_products(monkeypatch, quantizat
         backbone.quantize(quantization)
     rng = np.random.default_rng(4)
     requests = [Request(i, list(rng.integers(1, 90, rng.integers(1, 60))), 16, logprobs=1) for i in range(8)]
+    # Prompts past a whole page of the first one's, admitted after it: the prefix cache's context prefill.
+    shared = list(rng.integers(1, 90, 40))
+    requests.insert(0, Request(8, shared + [5, 6, 7], 16, logprobs=1))
+    requests += [Request(9 + i, shared + list(rng.integers(1, 90, 3 + i)), 16, logprobs=1) for i in range(2)]
 
     def generate():
         jax.clear_caches()  # the engine's programs are traced again, with or without the kernel
         engine = GenerationEngine(backbone, max_slots=4, max_length=96, steps_per_call=4)
-        return engine.generate(requests)
+        completions = engine.generate(requests)
+        assert any(shape[0] == "prefill_with_context" for shape in engine.stats.shapes)
+        return completions
 
     traced = []
     kernel = cpu_matmul.matmul
@@ -117,3 +123,40 @@ def test_batchgen_cpu_kernels_0_turns_the_kernels_off(monkeypatch):
     name = cpu_matmul.NAME
     for symbol, target in cpu_matmul.TARGETS.values():
         assert build.register.__wrapped__(name, symbol, target) is False  # uncached: the environment is read now
+
+
+def test_scoring_with_the_kernel_matches_xlas_products(monkeypatch):
+    """Scoring's packed rows run the kernel too, and give XLA's log-probabilities to float32 rounding."""
+    import keras
+
+    from model.backbone import LlamaBackbone
+    from model.generation import scoring
+
+    if not cpu_matmul.available():
+        pytest.skip("no kernel on this machine")
+    keras.utils.set_random_seed(6)
+    config = LlamaConfig(vocabulary_size=128, num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=64,
+                         intermediate_dim=128, max_sequence_length=256, tie_word_embeddings=True)
+    backbone = LlamaBackbone(config)
+    rng = np.random.default_rng(7)
+    requests = [
+        scoring.ScoreRequest(i, list(rng.integers(1, 120, 5 + 7 * i)), list(rng.integers(1, 120, 1 + i)), True)
+        for i in range(6)
+    ]
+
+    def score():
+        jax.clear_caches()
+        return scoring.score(backbone.params(), config, requests, 128)
+
+    traced = []
+    kernel = cpu_matmul.matmul
+    monkeypatch.setattr(cpu_matmul, "matmul", lambda *args: traced.append(args[3]) or kernel(*args))
+    with_kernel = score()
+    assert set(traced) == {False, True}
+    monkeypatch.setattr(cpu_matmul, "available", lambda: False)
+    traced.clear()
+    without = score()
+    assert not traced
+    for a, b in zip(with_kernel, without):
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5)
+        assert a.tokens == b.tokens > 0

@@ -26,6 +26,7 @@ from typing import Callable, Hashable, Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from model import transformer
 from model.config import LlamaConfig
@@ -81,7 +82,7 @@ def target_logprobs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, j
     return chosen, jnp.argmax(logits, axis=-1) == targets
 
 
-@functools.partial(jax.jit, static_argnames=("config", "segment_length"))
+@functools.partial(jax.jit, static_argnames=("config", "segment_length", "kernel"))
 def score_step(
     params: transformer.Params,
     token_ids: jax.Array,  # [1, T] sequences packed one after another, then padding
@@ -92,12 +93,14 @@ def score_step(
     *,
     config: LlamaConfig,
     segment_length: int | None = None,  # a bound on every sequence's tokens (`scheduler.segment_bound`), or None
+    kernel: bool = False,  # products may run as the CPU kernel (`transformer.project`)
 ) -> tuple[jax.Array, jax.Array]:
     """One packed scoring row: the log-prob [C] of each target and whether it was the greedy choice [C]."""
     hidden, _, _ = transformer.forward(
-        params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids, segment_length=segment_length
+        params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids,
+        segment_length=segment_length, kernel=kernel,
     )
-    logits = transformer.logits(params, hidden[0, scored])  # the head only where a scored token is predicted
+    logits = transformer.logits(params, hidden[0, scored], kernel)  # the head only where a scored token is predicted
     return target_logprobs(logits, targets)
 
 
@@ -198,12 +201,14 @@ def _score_batch(
 ) -> list[ScoreResult]:
     errors = [check(r, config.vocabulary_size) for r in requests]
     pieces = [p for i, r in enumerate(requests) if errors[i] is None for p in _pieces(i, r, max_length)]
+    # The CPU kernels take whole operands: weights split across devices keep XLA's products.
+    kernel = not any(isinstance(getattr(w, "sharding", None), NamedSharding) for w in jax.tree.leaves(params))
     logprobs: dict[int, list[np.ndarray]] = {i: [] for i in range(len(requests))}
     greedy: dict[int, list[np.ndarray]] = {i: [] for i in range(len(requests))}
     order = []  # pieces of one request may land in different rows; results are joined in window order
     for pack in plan_packs([len(p.input_ids) for p in pieces], MAX_SEGMENTS):
         row = [pieces[i] for i in pack]
-        chosen, best = _run_row(params, config, row, stats)
+        chosen, best = _run_row(params, config, row, stats, kernel)
         for j, (piece, lp, g) in enumerate(zip(row, chosen, best)):
             order.append((piece.owner, pack[j], lp, g))
     for owner, _, lp, g in sorted(order, key=lambda item: item[1]):
@@ -222,7 +227,7 @@ def _score_batch(
     return results
 
 
-def _run_row(params, config: LlamaConfig, row: Sequence[_Piece], stats: ScoreStats):
+def _run_row(params, config: LlamaConfig, row: Sequence[_Piece], stats: ScoreStats, kernel: bool = False):
     """Runs one packed row; returns each piece's scored log-probs and greedy flags, as numpy arrays."""
     t = bucket(sum(len(p.input_ids) for p in row), MIN_PACK_BUCKET)
     # Head rows in steps of 8, not powers of two: a row of one-token continuations (multiple choice) would
@@ -243,7 +248,9 @@ def _run_row(params, config: LlamaConfig, row: Sequence[_Piece], stats: ScoreSta
         cursor, taken = cursor + n, taken + k
     start = time.perf_counter()
     bound = segment_bound([len(p.input_ids) for p in row], t)
-    chosen, best = score_step(params, ids, positions, segments, scored, targets, config=config, segment_length=bound)
+    chosen, best = score_step(
+        params, ids, positions, segments, scored, targets, config=config, segment_length=bound, kernel=kernel
+    )
     chosen, best = np.asarray(chosen), np.asarray(best)
     stats.seconds += time.perf_counter() - start
     stats.calls += 1

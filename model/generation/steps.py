@@ -157,10 +157,11 @@ def _context_tokens(
     dtype = transformer._compute_dtype(params, None)  # a bfloat16 cache of a float32 model: read in float32
     context_k = jnp.stack([dense(chunks, True) for chunks in cache.k]).astype(dtype)  # [L, B, K, C * P, D]
     context_v = jnp.stack([dense(chunks, False) for chunks in cache.v]).astype(dtype)
+    kernel = cache.sharding is None  # a model split across devices keeps XLA's products
     hidden, new_k, new_v = transformer.forward(
-        params, config, token_ids, positions, token_mask, context_k, context_v, context_lengths
+        params, config, token_ids, positions, token_mask, context_k, context_v, context_lengths, kernel=kernel
     )
-    logits = transformer.logits(params, hidden[jnp.arange(b), last])
+    logits = transformer.logits(params, hidden[jnp.arange(b), last], kernel)
     shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
     first_tokens = sampling.sample_next(shaped, rows, row_keys(seeds, jnp.zeros_like(seeds)), variant=variant)
     layers, _, t, heads, d = new_k.shape
