@@ -71,23 +71,46 @@ def test_operands_the_kernel_is_not_built_for_keep_xlas_product():
     assert cpu_matmul.supports(x, jnp.zeros((32, 32), jnp.float32), None)
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
-def test_generation_with_the_kernel_matches_xlas_products(monkeypatch, quantization):
-    """The engine's decode and prefill run the kernel, and give the logits of XLA's products (float32 rounding
-    apart: another order of sums, and an int8 scale applied before the sum) and the same greedy text."""
+def tiny_tied_model(seed: int, quantization: str | None = None):
+    """(config, backbone): two random layers, every width whole 16-float vectors, the vocabulary too, so that the
+    tied LM head runs the kernel transposed."""
     import keras
 
     from model.backbone import LlamaBackbone
 
-    if not cpu_matmul.available():
-        pytest.skip("no kernel on this machine")
-    keras.utils.set_random_seed(5)
-    # Every width whole 16-float vectors, the vocabulary too: the tied LM head runs the kernel transposed.
+    keras.utils.set_random_seed(seed)
     config = LlamaConfig(vocabulary_size=128, num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=64,
                          intermediate_dim=128, max_sequence_length=256, tie_word_embeddings=True)
     backbone = LlamaBackbone(config)
     if quantization:
         backbone.quantize(quantization)
+    return config, backbone
+
+
+def with_and_without_kernel(monkeypatch, run):
+    """run() with the kernel, asserting that it was traced for both weight layouts (the layers' products and the
+    tied LM head), then with XLA's products only (programs traced again); both results."""
+    if not cpu_matmul.available():
+        pytest.skip("no kernel on this machine")
+    traced = []
+    kernel = cpu_matmul.matmul
+    monkeypatch.setattr(cpu_matmul, "matmul", lambda *args: traced.append(args[3]) or kernel(*args))
+    jax.clear_caches()
+    with_kernel = run()
+    assert set(traced) == {False, True}
+    monkeypatch.setattr(cpu_matmul, "available", lambda: False)
+    traced.clear()
+    jax.clear_caches()
+    without = run()
+    assert not traced
+    return with_kernel, without
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_generation_with_the_kernel_matches_xlas_products(monkeypatch, quantization):
+    """The engine's decode and prefill run the kernel, and give the logits of XLA's products (float32 rounding
+    apart: another order of sums, and an int8 scale applied before the sum) and the same greedy text."""
+    config, backbone = tiny_tied_model(5, quantization)
     rng = np.random.default_rng(4)
     requests = [Request(i, list(rng.integers(1, 90, rng.integers(1, 60))), 16, logprobs=1) for i in range(8)]
     # Prompts past a whole page of the first one's, admitted after it: the prefix cache's context prefill.
@@ -96,24 +119,33 @@ def test_generation_with_the_kernel_matches_xlas_products(monkeypatch, quantizat
     requests += [Request(9 + i, shared + list(rng.integers(1, 90, 3 + i)), 16, logprobs=1) for i in range(2)]
 
     def generate():
-        jax.clear_caches()  # the engine's programs are traced again, with or without the kernel
         engine = GenerationEngine(backbone, max_slots=4, max_length=96, steps_per_call=4)
         completions = engine.generate(requests)
         assert any(shape[0] == "prefill_with_context" for shape in engine.stats.shapes)
         return completions
 
-    traced = []
-    kernel = cpu_matmul.matmul
-    monkeypatch.setattr(cpu_matmul, "matmul", lambda *args: traced.append(args[3]) or kernel(*args))
-    with_kernel = generate()
-    assert set(traced) == {False, True}  # the layers' products and the tied LM head
-    monkeypatch.setattr(cpu_matmul, "available", lambda: False)
-    traced.clear()
-    without = generate()
-    assert not traced
+    with_kernel, without = with_and_without_kernel(monkeypatch, generate)
     assert [c.token_ids for c in with_kernel] == [c.token_ids for c in without]
     for a, b in zip(with_kernel, without):
         np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4)
+
+
+def test_scoring_with_the_kernel_matches_xlas_products(monkeypatch):
+    """Scoring's packed rows run the kernel too, and give XLA's log-probabilities to float32 rounding."""
+    from model.generation import scoring
+
+    config, backbone = tiny_tied_model(6)
+    rng = np.random.default_rng(7)
+    requests = [
+        scoring.ScoreRequest(i, list(rng.integers(1, 120, 5 + 7 * i)), list(rng.integers(1, 120, 1 + i)), True)
+        for i in range(6)
+    ]
+    with_kernel, without = with_and_without_kernel(
+        monkeypatch, lambda: scoring.score(backbone.params(), config, requests, 128)
+    )
+    for a, b in zip(with_kernel, without):
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5)
+        assert a.tokens == b.tokens > 0
 
 
 def test_batchgen_cpu_kernels_0_turns_the_kernels_off(monkeypatch):
@@ -123,40 +155,3 @@ def test_batchgen_cpu_kernels_0_turns_the_kernels_off(monkeypatch):
     name = cpu_matmul.NAME
     for symbol, target in cpu_matmul.TARGETS.values():
         assert build.register.__wrapped__(name, symbol, target) is False  # uncached: the environment is read now
-
-
-def test_scoring_with_the_kernel_matches_xlas_products(monkeypatch):
-    """Scoring's packed rows run the kernel too, and give XLA's log-probabilities to float32 rounding."""
-    import keras
-
-    from model.backbone import LlamaBackbone
-    from model.generation import scoring
-
-    if not cpu_matmul.available():
-        pytest.skip("no kernel on this machine")
-    keras.utils.set_random_seed(6)
-    config = LlamaConfig(vocabulary_size=128, num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=64,
-                         intermediate_dim=128, max_sequence_length=256, tie_word_embeddings=True)
-    backbone = LlamaBackbone(config)
-    rng = np.random.default_rng(7)
-    requests = [
-        scoring.ScoreRequest(i, list(rng.integers(1, 120, 5 + 7 * i)), list(rng.integers(1, 120, 1 + i)), True)
-        for i in range(6)
-    ]
-
-    def score():
-        jax.clear_caches()
-        return scoring.score(backbone.params(), config, requests, 128)
-
-    traced = []
-    kernel = cpu_matmul.matmul
-    monkeypatch.setattr(cpu_matmul, "matmul", lambda *args: traced.append(args[3]) or kernel(*args))
-    with_kernel = score()
-    assert set(traced) == {False, True}
-    monkeypatch.setattr(cpu_matmul, "available", lambda: False)
-    traced.clear()
-    without = score()
-    assert not traced
-    for a, b in zip(with_kernel, without):
-        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5)
-        assert a.tokens == b.tokens > 0
