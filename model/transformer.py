@@ -216,7 +216,7 @@ def _decoder_layer(
     kernel: bool = False,
 ) -> tuple[jnp.ndarray, Any]:
     """One pre-norm block: x + attention(norm(x)), then + SwiGLU(norm(x)). Returns x and what `attend` handed back.
-    `kernel`: int8 products may run as the CPU kernel (see `project`)."""
+    `kernel`: products may run as the CPU kernel (see `project`)."""
     h = rms_norm(x, layer["attention_norm"], config.layer_norm_epsilon)
     b, t, m = h.shape
     heads, kv_heads = config.num_query_heads, config.num_key_value_heads
@@ -288,7 +288,7 @@ def forward(
     [L, B, K, S, D] read-only, with cache_lengths [B] valid entries per row; segment_ids [B, T]: several
     sequences packed in a row, each attending only to itself (see `visibility`); segment_length (static): a
     bound on every segment's tokens, which lets attention skip keys further back (`_banded_self_attention`);
-    kernel: int8 products may run as the CPU kernel (see `project`).
+    kernel: products may run as the CPU kernel (see `project`).
     Returns the final-normed hidden states [B, T, M] and the new tokens' keys and values [L, B, T, K, D], which
     the caller writes into its cache (see `model.generation.kv_cache`).
     """
@@ -336,7 +336,7 @@ def decode_paged(
     `write(chunks_k, chunks_v, k [B, K, D], v [B, K, D])` puts the new token's key and value into a layer's
     first `chunks` chunks; attention then reads those, the new token's own entry among them. Writing before
     reading lets XLA update each pool in place: a read of the old pool scheduled after the write would make it
-    copy the whole pool. `kernel`: attention and int8 products may run as the CPU kernels
+    copy the whole pool. `kernel`: attention and products may run as the CPU kernels
     (`paged_attention.step_attention`, `project`).
     Returns the final-normed hidden states [B, 1, M] and the updated pools.
     """
@@ -372,7 +372,7 @@ def embed(params: Params, token_ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:
 
 def logits(params: Params, hidden: jnp.ndarray, kernel: bool = False) -> jnp.ndarray:
     """LM head: hidden [..., M] -> float32 logits [..., V]; the tied head reuses the embedding table [V, M].
-    `kernel`: an int8 head may run as the CPU kernel (see `project`)."""
+    `kernel`: the head may run as the CPU kernel (see `project`)."""
     m = hidden.shape[-1]
     if "lm_head" in params:
         return project(hidden, params, "lm_head", m, out_dtype=jnp.float32, kernel=kernel)

@@ -94,7 +94,7 @@ def prefill_tokens(
     variant: sampling.SamplingVariant,
     logprobs_k: int | None = None,
     segment_length: int | None = None,  # a bound on every prompt's tokens (`scheduler.segment_bound`), or None
-    kernel: bool = False,  # int8 products may run as the CPU kernel (`transformer.project`)
+    kernel: bool = False,  # products may run as the CPU kernel (`transformer.project`)
 ) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
     """`prefill`'s forward pass: each prompt's first token [R], its log-probabilities, and every token's keys and
     values [L, T, K, D], which `prefill` writes into the pool."""
