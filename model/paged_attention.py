@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,26 +38,48 @@ class PageView:
     key and value are written before attention reads them) and visible.
     table [B, W] int32: each slot's pages in order, N (or more) past its last; W covers the most pages any slot
     holds.
+    write_pages [B] int32: the page each slot's new key and value go to (at offset lengths % P), N (or more) for
+    a slot that writes nothing (idle); None where the caller writes no new entries (`decode_attention` alone).
     """
 
     owner: jax.Array
     start: jax.Array
     lengths: jax.Array
     table: jax.Array
+    write_pages: jax.Array | None = None
 
 
 def step_attention(
-    q: jax.Array, chunks_k: Sequence[jax.Array], chunks_v: Sequence[jax.Array], view: PageView, kernel: bool
-) -> jax.Array:
-    """Decode attention as the decode step runs it: with `kernel`, on CPU and for the shapes it is built for, the
-    CPU kernel (`model.kernels.cpu_paged_attention`: it reads only the pages of the rows in the call, on every
-    core); else, and on every other platform, `decode_attention`. The caller passes kernel=False for a pool split
-    across devices: XLA cannot split a custom call, it would gather the whole pool onto every device."""
-    if kernel and cpu_paged_attention.supports(q, chunks_k) and cpu_paged_attention.available():
+    q: jax.Array,
+    new_k: jax.Array,
+    new_v: jax.Array,
+    chunks_k: Sequence[jax.Array],
+    chunks_v: Sequence[jax.Array],
+    view: PageView,
+    write: Callable[[Sequence[jax.Array], Sequence[jax.Array], jax.Array, jax.Array], tuple[tuple, tuple]],
+    kernel: bool,
+) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """One decode step's attention, its cache write first: the new tokens' keys and values new_k/new_v [B, K, D]
+    go into the pool at view.write_pages, then q [B, 1, H, D] attends over each slot's pages, its new entry
+    among them. Returns the attention [B, 1, H, D] and the written chunks.
+
+    With `kernel`, on CPU and for the shapes it is built for, the CPU kernel does both in one pass
+    (`model.kernels.cpu_paged_attention`: it writes in place and reads only the pages of the rows in the call,
+    on every core); else, and on every other platform, `write(chunks_k, chunks_v, new_k, new_v)` (XLA's
+    scatter, which must put the entries where view.write_pages says) then `decode_attention`. The caller passes
+    kernel=False for a pool split across devices: XLA cannot split a custom call, it would gather the whole pool
+    onto every device."""
+
+    def reference():
+        written_k, written_v = write(chunks_k, chunks_v, new_k, new_v)
+        return decode_attention(q, written_k, written_v, view), tuple(written_k), tuple(written_v)
+
+    if kernel and cpu_paged_attention.supports(q, chunks_k, chunks_v) and cpu_paged_attention.available():
         return jax.lax.platform_dependent(
-            q, chunks_k, chunks_v, view, cpu=cpu_paged_attention.decode_attention, default=decode_attention
+            cpu=lambda: cpu_paged_attention.write_and_attend(q, new_k, new_v, chunks_k, chunks_v, view),
+            default=reference,
         )
-    return decode_attention(q, chunks_k, chunks_v, view)
+    return reference()
 
 
 def decode_attention(

@@ -333,11 +333,11 @@ def decode_paged(
 
     params: with per-layer `layers` (`unstack_layers`); token_ids [B, 1] sit at position view.lengths; pages_k[l]
     and pages_v[l] are layer l's pool in chunks of pages (see `model.generation.paged_cache`).
-    `write(chunks_k, chunks_v, k [B, K, D], v [B, K, D])` puts the new token's key and value into a layer's
-    first `chunks` chunks; attention then reads those, the new token's own entry among them. Writing before
-    reading lets XLA update each pool in place: a read of the old pool scheduled after the write would make it
-    copy the whole pool. `kernel`: attention and products may run as the CPU kernels
-    (`paged_attention.step_attention`, `project`).
+    The new token's key and value go into a layer's first `chunks` chunks at view.write_pages, then attention
+    reads those, the new token's own entry among them (`paged_attention.step_attention`; `write(chunks_k,
+    chunks_v, k [B, K, D], v [B, K, D])` is its XLA write). Writing before reading lets XLA update each pool in
+    place: a read of the old pool scheduled after the write would make it copy the whole pool. `kernel`:
+    attention and products may run as the CPU kernels (`paged_attention.step_attention`, `project`).
     Returns the final-normed hidden states [B, 1, M] and the updated pools.
     """
     positions = view.lengths[:, None]
@@ -348,8 +348,8 @@ def decode_paged(
     for layer, chunks_k, chunks_v in zip(params["layers"], pages_k, pages_v):
 
         def attend(q, k, v, read):
-            read_k, read_v = write(*read, k[:, 0], v[:, 0])
-            return paged_attention.step_attention(q, read_k, read_v, view, kernel), (read_k, read_v)
+            attended, read_k, read_v = paged_attention.step_attention(q, k[:, 0], v[:, 0], *read, view, write, kernel)
+            return attended, (read_k, read_v)
 
         # Only the first `chunks` chunks of each pool are read and written; the rest pass through untouched.
         x, (read_k, read_v) = _decoder_layer(

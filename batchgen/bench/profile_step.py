@@ -32,6 +32,7 @@ GROUPS = (
     ("project", "weight products"),
     ("matmul", "weight products"),  # the CPU kernel's call (model/kernels/cpu_matmul.py)
     ("decode_attention", "attention over pages"),
+    ("write_and_attend", "attention over pages"),  # the CPU kernel's call: it writes the new entries too
     ("write_layer", "KV cache writes"),
     ("sample_next", "sampling"),
     ("first_argmax", "sampling"),

@@ -12,10 +12,11 @@ import argparse
 import time
 
 
-def full_slots_decode(lm, params, slots: int, context: int, steps_per_call: int, decode=None):
+def full_slots_decode(lm, params, slots: int, context: int, steps_per_call: int, decode=None, cache_dtype=None):
     """(call, cache): one jitted decode call of `steps_per_call` greedy steps over `slots` full slots of `context`
     cached tokens each (call(cache) -> the new cache, which the call donates), and a zeroed cache for it.
-    `decode` replaces the engine's `steps.decode` (same signature), e.g. with parts of the step removed."""
+    `decode` replaces the engine's `steps.decode` (same signature), e.g. with parts of the step removed;
+    `cache_dtype`: the cache's (default the model's compute dtype)."""
     import numpy as np
 
     from model.generation import paged_cache, sampling, steps
@@ -38,7 +39,7 @@ def full_slots_decode(lm, params, slots: int, context: int, steps_per_call: int,
             max_length=10**6,
         )[0]
 
-    return call, PagedKVCache.allocate(config, pages.pages, PAGE_SIZE, lm.backbone.compute_dtype)
+    return call, PagedKVCache.allocate(config, pages.pages, PAGE_SIZE, cache_dtype or lm.backbone.compute_dtype)
 
 
 def best_step_seconds(programs: dict, rounds: int, steps_per_call: int) -> dict:

@@ -1,9 +1,11 @@
 """Where a decode step's time goes, by subtraction: `python -m batchgen.bench.step_parts [--slots 64] ...`.
 
 Wall time, not a profile: XLA's per-op trace (`profile_step.py`) slows the step several-fold and unevenly, so
-its shares are hard to trust. Here three programs at full slots run interleaved in one process:
+its shares are hard to trust. Here these programs at full slots run interleaved in one process:
 - the engine's decode step (`model.generation.steps.decode`);
-- the same step with decode attention replaced by its queries: the pool is still written, never read;
+- the same step with decode attention replaced by its queries: the pool is still written (by XLA's scatter, where
+  the CPU kernel writes its own entries), never read;
+- the same step over a bfloat16 KV cache (`cache_dtype = "bfloat16"`): half the bytes for attention to read;
 - the step's weight products alone: every layer's projections and the LM head on [slots, M] rows.
 Then the weight products five ways at `--slots` rows: float32 in XLA and through the CPU kernel
 (`model.kernels.cpu_matmul`, what the engine runs on CPU); int8 weights converted inside each XLA product, and
@@ -24,7 +26,12 @@ def _attention_replaced(attention: Callable) -> Any:
     from model import paged_attention
 
     real = paged_attention.step_attention
-    paged_attention.step_attention = lambda q, chunks_k, chunks_v, view, kernel: attention(q, chunks_k, chunks_v, view)
+
+    def replaced(q, new_k, new_v, chunks_k, chunks_v, view, write, kernel):  # the pool still written by XLA
+        written_k, written_v = write(chunks_k, chunks_v, new_k, new_v)
+        return attention(q, written_k, written_v, view), tuple(written_k), tuple(written_v)
+
+    paged_attention.step_attention = replaced
     try:
         yield
     finally:
@@ -113,7 +120,7 @@ def main() -> None:
     params = transformer.unstack_layers(lm.backbone.params())
     b = args.slots
 
-    def decode_call(attention: Callable | None = None):
+    def decode_call(attention: Callable | None = None, cache_dtype: Any = None):
         decode = None  # the engine's steps.decode
         if attention is not None:
             def decode_replaced(*args, **kwargs):  # the replacement holds whenever jit traces, first call or later
@@ -122,13 +129,14 @@ def main() -> None:
 
             decode = jax.jit(decode_replaced, donate_argnames=("cache",),
                              static_argnames=("config", "variant", "steps", "chunks", "max_length", "logprobs_k"))
-        call, cache = full_slots_decode(lm, params, b, args.context, args.steps, decode=decode)
+        call, cache = full_slots_decode(lm, params, b, args.context, args.steps, decode=decode, cache_dtype=cache_dtype)
         return [call, jax.block_until_ready(call(cache))]  # compiled
 
     x = jnp.ones((b, config.hidden_dim), jnp.float32)
     programs = {
         "decode step": decode_call(),
         "decode step, attention replaced by its queries": decode_call(lambda q, chunks_k, chunks_v, view: q),
+        "decode step, bfloat16 KV cache": decode_call(cache_dtype=jnp.bfloat16),
     }
     kinds = ("float32", "float32, CPU kernel", "int8 weights", "int8 weights, CPU kernel",
              "int8 x int8 (activations per row)")

@@ -211,12 +211,13 @@ def decode(
     def step(carry, _):
         cache, tokens, lengths, counts, active, penalties = carry
         target = jnp.where(active, page_table[slots, lengths // page_size], cache.pages)  # idle slots: dropped
-
-        def write(chunks_k, chunks_v, k, v):
-            return paged_cache.write_layer(chunks_k, chunks_v, k, v, target, lengths % page_size, cache.sharding)
-
         # Reads only the first `chunks` chunks of each pool: every page in use lies below them.
-        view = paged_attention.PageView(owner, start, lengths, page_table)
+        view = paged_attention.PageView(owner, start, lengths, page_table, write_pages=target)
+
+        def write(chunks_k, chunks_v, k, v):  # XLA's write of the new entries (the CPU kernel writes its own)
+            return paged_cache.write_layer(
+                chunks_k, chunks_v, k, v, view.write_pages, lengths % page_size, cache.sharding
+            )
         # The CPU kernels read whole operands: a model split across devices (its pool too) keeps XLA's ops.
         kernel = cache.sharding is None
         hidden, pages_k, pages_v = transformer.decode_paged(

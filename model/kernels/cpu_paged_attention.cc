@@ -1,22 +1,32 @@
-// Decode attention over the paged KV cache on CPU: one new query token per slot against that slot's own pages.
+// Decode attention over the paged KV cache on CPU: each slot's new key and value written into its page, then its
+// one new query token against that slot's own pages.
 //
 // The XLA formulation (model/paged_attention.py) scores every page of the pool in one vectorised pass and runs
 // its small per-page products as batched dots on one core. This kernel walks each slot's row of the page table
 // instead, so it reads only the pages of the rows in the call, and spreads the (slot, KV head) pairs over the
 // threads of XLA's intra-op pool: the pass is bound by memory reads, which two cores do at ~1.7x one core's rate.
 // Numerics: the same split softmax (per page: largest score, sum of exponentials, weighted values), float32
-// throughout, so it matches the XLA path to float32 rounding.
+// throughout, so it matches the XLA path to float32 rounding. A bfloat16 pool is read as float32 (a shift per
+// value) and written rounded to nearest even, as XLA's conversion rounds.
 //
-// Arguments: q [B, K, G, D] (scaled by D^-0.5), lengths [B] (each slot's positions 0..lengths[b] are visible),
-// table [B, W] (each slot's pages in position order; an id >= the pool's pages ends the row), then the pool's
-// chunks: keys k_0..k_{C-1} [n_c, K, D, P] and values v_0..v_{C-1} [n_c, K, P, D], page ids running across
-// the chunks. Result: [B, K, G, D]; a slot that sees nothing gets zeros.
+// Why the write is here: XLA writes the new entries as a scatter, one element at a time (keys lie positions-
+// last, D values P apart), ~10% of the demo model's 64-slot decode step; here each (slot, KV head) work item
+// writes its own D keys and D values just before it reads them.
+//
+// Arguments: q [B, K, G, D] (scaled by D^-0.5), lengths [B] (each slot's new token sits at position lengths[b];
+// positions 0..lengths[b] are visible), table [B, W] (each slot's pages in position order; an id >= the pool's
+// pages ends the row), new_k and new_v [B, K, D] float32 (the new token's key and value), target [B] (the page
+// they go to, at offset lengths[b] % P; an id >= the pool's pages writes nothing: idle slots), then the pool's
+// chunks: keys k_0..k_{C-1} [n_c, K, D, P] and values v_0..v_{C-1} [n_c, K, P, D], float32 or bfloat16, page
+// ids running across the chunks. Results: [B, K, G, D] (a slot that sees nothing gets zeros), then the chunks,
+// each aliased to its argument: the pool is updated in place.
 
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "cpu_parallel.h"
@@ -29,26 +39,73 @@ namespace {
 // The running maximum before any page: finite, as the build's -ffast-math assumes; exp(kMasked - x) is 0.
 constexpr float kMasked = -1e30f;
 
+// A bfloat16 value: the high half of a float32.
+struct BFloat16 {
+  uint16_t bits;
+};
+
+// 16 pool entries as floats.
+#ifdef __AVX512F__
+inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 Load16(const BFloat16* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+#endif
+
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(BFloat16 x) {
+  const uint32_t bits = uint32_t{x.bits} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <typename E>
+E FromFloat(float x);
+template <>
+inline float FromFloat<float>(float x) { return x; }
+template <>
+inline BFloat16 FromFloat<BFloat16>(float x) {  // round to nearest even, as XLA converts (no NaNs here)
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return BFloat16{static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)};
+}
+
+template <typename E>
 struct Pool {
-  std::vector<const float*> keys, values;  // per chunk
-  std::vector<int64_t> first;              // first page id of each chunk, then the total
-  int64_t heads, dim, page;                // K, D, P
+  std::vector<E*> keys, values;  // per chunk
+  std::vector<int64_t> first;    // first page id of each chunk, then the total
+  int64_t heads, dim, page;      // K, D, P
 };
 
 // Where page `id` of the pool starts for KV head `head`: its keys [D, P] and its values [P, D].
-inline void PagePointers(const Pool& pool, int64_t id, int64_t head, const float** keys, const float** values) {
+template <typename E>
+inline void PagePointers(const Pool<E>& pool, int64_t id, int64_t head, E** keys, E** values) {
   const int64_t c = std::upper_bound(pool.first.begin(), pool.first.end(), id) - pool.first.begin() - 1;
   const int64_t entry = (id - pool.first[c]) * pool.heads + head;
   *keys = pool.keys[c] + entry * pool.dim * pool.page;
   *values = pool.values[c] + entry * pool.page * pool.dim;
 }
 
+// Writes one slot's new key and value [D] of KV head `head` at offset `offset` of page `id`.
+template <typename E>
+void WriteEntry(const Pool<E>& pool, int64_t id, int64_t head, int64_t offset, const float* key, const float* value) {
+  E* keys;    // [D, P]
+  E* values;  // [P, D]
+  PagePointers(pool, id, head, &keys, &values);
+  for (int64_t d = 0; d < pool.dim; ++d) {
+    keys[d * pool.page + offset] = FromFloat<E>(key[d]);
+    values[offset * pool.dim + d] = FromFloat<E>(value[d]);
+  }
+}
+
 // Attention of one slot's G queries of KV head `head` over its pages, into out [G, D]: per page, scores
 // [G, D] x [D, P], then the page's weights folded into each query's running (maximum, sum, weighted values).
 // G, P and D are compile-time sizes; with AVX-512 the scores (G x P/16 vectors) and the accumulators (G x D/16)
 // live in the 32 vector registers, which a plain loop nest does not get from the compiler.
-template <int G, int P, int D>
-void AttendOne(const Pool& pool, int64_t head, const float* __restrict q, int64_t length, const int32_t* pages,
+template <int G, int P, int D, typename E>
+void AttendOne(const Pool<E>& pool, int64_t head, const float* __restrict q, int64_t length, const int32_t* pages,
                int64_t width, float* __restrict out) {
   static_assert(P % 16 == 0 && D % 16 == 0, "pages and heads in whole 16-float vectors");
   constexpr int PV = P / 16, DV = D / 16;
@@ -65,8 +122,8 @@ void AttendOne(const Pool& pool, int64_t head, const float* __restrict q, int64_
   for (int64_t j = 0; j < width; ++j) {
     const int64_t id = pages[j], visible = std::min<int64_t>(P, length + 1 - j * P);
     if (id < 0 || id >= pool.first.back() || visible <= 0) break;
-    const float* keys;    // [D, P]
-    const float* values;  // [P, D]
+    E* keys;    // [D, P]
+    E* values;  // [P, D]
     PagePointers(pool, id, head, &keys, &values);
 #ifdef __AVX512F__
     __m512 scores[G][PV];
@@ -74,7 +131,7 @@ void AttendOne(const Pool& pool, int64_t head, const float* __restrict q, int64_
       for (int i = 0; i < PV; ++i) scores[g][i] = _mm512_setzero_ps();
     for (int d = 0; d < D; ++d) {
       __m512 row[PV];
-      for (int i = 0; i < PV; ++i) row[i] = _mm512_loadu_ps(keys + d * P + 16 * i);
+      for (int i = 0; i < PV; ++i) row[i] = Load16(keys + d * P + 16 * i);
       for (int g = 0; g < G; ++g) {
         const __m512 qd = _mm512_set1_ps(q[g * D + d]);
         for (int i = 0; i < PV; ++i) scores[g][i] = _mm512_fmadd_ps(qd, row[i], scores[g][i]);
@@ -86,7 +143,7 @@ void AttendOne(const Pool& pool, int64_t head, const float* __restrict q, int64_
     for (int g = 0; g < G; ++g)
       for (int p = 0; p < P; ++p) {
         float sum = 0.0f;
-        for (int d = 0; d < D; ++d) sum += q[g * D + d] * keys[d * P + p];
+        for (int d = 0; d < D; ++d) sum += q[g * D + d] * ToFloat(keys[d * P + p]);
         weights[g][p] = sum;
       }
 #endif
@@ -109,7 +166,7 @@ void AttendOne(const Pool& pool, int64_t head, const float* __restrict q, int64_
     }
     for (int64_t p = 0; p < visible; ++p) {
       __m512 row[DV];
-      for (int i = 0; i < DV; ++i) row[i] = _mm512_loadu_ps(values + p * D + 16 * i);
+      for (int i = 0; i < DV; ++i) row[i] = Load16(values + p * D + 16 * i);
       for (int g = 0; g < G; ++g) {
         const __m512 w = _mm512_set1_ps(weights[g][p]);
         for (int i = 0; i < DV; ++i) acc[g][i] = _mm512_fmadd_ps(w, row[i], acc[g][i]);
@@ -119,7 +176,7 @@ void AttendOne(const Pool& pool, int64_t head, const float* __restrict q, int64_
     for (int g = 0; g < G; ++g) {
       for (int d = 0; d < D; ++d) acc[g][d] *= rescale[g];
       for (int64_t p = 0; p < visible; ++p)
-        for (int d = 0; d < D; ++d) acc[g][d] += weights[g][p] * values[p * D + d];
+        for (int d = 0; d < D; ++d) acc[g][d] += weights[g][p] * ToFloat(values[p * D + d]);
     }
 #endif
   }
@@ -134,72 +191,102 @@ void AttendOne(const Pool& pool, int64_t head, const float* __restrict q, int64_
   }
 }
 
-using AttendFn = void (*)(const Pool&, int64_t, const float*, int64_t, const int32_t*, int64_t, float*);
+template <typename E>
+using AttendFn = void (*)(const Pool<E>&, int64_t, const float*, int64_t, const int32_t*, int64_t, float*);
 
 // The instantiation for (G, P, D); nullptr for sizes not built (the Python side then keeps XLA's attention).
-template <int G>
-AttendFn ForGroups(int64_t page, int64_t dim) {
-  if (page == 32 && dim == 64) return AttendOne<G, 32, 64>;
-  if (page == 32 && dim == 128) return AttendOne<G, 32, 128>;
+template <int G, typename E>
+AttendFn<E> ForGroups(int64_t page, int64_t dim) {
+  if (page == 32 && dim == 64) return AttendOne<G, 32, 64, E>;
+  if (page == 32 && dim == 128) return AttendOne<G, 32, 128, E>;
   return nullptr;
 }
 
-AttendFn Select(int64_t groups, int64_t page, int64_t dim) {
+template <typename E>
+AttendFn<E> Select(int64_t groups, int64_t page, int64_t dim) {
   switch (groups) {
-    case 1: return ForGroups<1>(page, dim);
-    case 2: return ForGroups<2>(page, dim);
-    case 3: return ForGroups<3>(page, dim);
-    case 4: return ForGroups<4>(page, dim);
-    case 5: return ForGroups<5>(page, dim);
-    case 6: return ForGroups<6>(page, dim);
-    case 7: return ForGroups<7>(page, dim);
-    case 8: return ForGroups<8>(page, dim);
+    case 1: return ForGroups<1, E>(page, dim);
+    case 2: return ForGroups<2, E>(page, dim);
+    case 3: return ForGroups<3, E>(page, dim);
+    case 4: return ForGroups<4, E>(page, dim);
+    case 5: return ForGroups<5, E>(page, dim);
+    case 6: return ForGroups<6, E>(page, dim);
+    case 7: return ForGroups<7, E>(page, dim);
+    case 8: return ForGroups<8, E>(page, dim);
     default: return nullptr;
   }
 }
 
-ffi::Error PagedAttention(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> lengths,
-                          ffi::Buffer<ffi::S32> table, ffi::RemainingArgs chunks, ffi::ResultBuffer<ffi::F32> out) {
-  const auto q_dims = q.dimensions();  // [B, K, G, D]
-  const int64_t slots = q_dims[0], heads = q_dims[1], groups = q_dims[2], dim = q_dims[3];
-  const int64_t width = table.dimensions()[1];
-  if (chunks.size() % 2 != 0) return ffi::Error::InvalidArgument("expected keys and values for every chunk");
-  Pool pool;
-  pool.heads = heads;
-  pool.dim = dim;
+struct Step {
+  const float *q, *new_k, *new_v;
+  const int32_t *lengths, *table, *target;
+  float* out;
+  int64_t slots, heads, groups, dim, width;
+};
+
+// The pool's chunks (the results aliased to them: written in place) as element type E.
+template <typename E>
+ffi::Error WriteAndAttend(ffi::ThreadPool& threads, const Step& a, ffi::RemainingRets& rets, size_t count) {
+  Pool<E> pool;
+  pool.heads = a.heads;
+  pool.dim = a.dim;
   pool.first.push_back(0);
-  const size_t count = chunks.size() / 2;
   for (size_t c = 0; c < count; ++c) {
-    auto k = chunks.get<ffi::Buffer<ffi::F32>>(c);
-    auto v = chunks.get<ffi::Buffer<ffi::F32>>(count + c);
-    if (!k.has_value() || !v.has_value()) return ffi::Error::InvalidArgument("pool chunks must be float32");
-    const auto k_dims = k->dimensions();  // [n, K, D, P]
+    auto k = rets.get<ffi::AnyBuffer>(c);
+    auto v = rets.get<ffi::AnyBuffer>(count + c);
+    if (!k.has_value() || !v.has_value()) return ffi::Error::InvalidArgument("expected the pool's chunks as results");
+    const auto k_dims = (*k)->dimensions();  // [n, K, D, P]
     pool.page = k_dims[3];
-    pool.keys.push_back(k->typed_data());
-    pool.values.push_back(v->typed_data());
+    pool.keys.push_back(static_cast<E*>((*k)->untyped_data()));
+    pool.values.push_back(static_cast<E*>((*v)->untyped_data()));
     pool.first.push_back(pool.first.back() + k_dims[0]);
   }
-  const AttendFn attend = Select(groups, pool.page, dim);
+  const AttendFn<E> attend = Select<E>(a.groups, pool.page, a.dim);
   if (attend == nullptr) return ffi::Error::InvalidArgument("no kernel built for these head and page sizes");
-  const float* q_data = q.typed_data();
-  const int32_t* length_data = lengths.typed_data();
-  const int32_t* table_data = table.typed_data();
-  float* out_data = out->typed_data();
-  batchgen::ParallelFor(threads, slots * heads, [&](int64_t i) {
-    const int64_t b = i / heads;
-    attend(pool, i % heads, q_data + i * groups * dim, length_data[b], table_data + b * width, width,
-           out_data + i * groups * dim);
+  batchgen::ParallelFor(threads, a.slots * a.heads, [&](int64_t i) {
+    const int64_t b = i / a.heads, head = i % a.heads, length = a.lengths[b], id = a.target[b];
+    if (id >= 0 && id < pool.first.back())  // the slot's own page: no other work item reads or writes it
+      WriteEntry(pool, id, head, length % pool.page, a.new_k + i * a.dim, a.new_v + i * a.dim);
+    attend(pool, head, a.q + i * a.groups * a.dim, length, a.table + b * a.width, a.width,
+           a.out + i * a.groups * a.dim);
   });
   return ffi::Error::Success();
 }
 
+ffi::Error PagedWriteAttention(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> lengths,
+                               ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::F32> new_k,
+                               ffi::Buffer<ffi::F32> new_v, ffi::Buffer<ffi::S32> target,
+                               ffi::RemainingArgs chunks, ffi::ResultBuffer<ffi::F32> out,
+                               ffi::RemainingRets written) {
+  const auto q_dims = q.dimensions();  // [B, K, G, D]
+  const Step a{q.typed_data(), new_k.typed_data(), new_v.typed_data(), lengths.typed_data(), table.typed_data(),
+               target.typed_data(), out->typed_data(), q_dims[0], q_dims[1], q_dims[2], q_dims[3],
+               table.dimensions()[1]};
+  if (chunks.size() % 2 != 0 || written.size() != chunks.size())
+    return ffi::Error::InvalidArgument("expected keys and values for every chunk, as arguments and as results");
+  if (new_k.element_count() != a.slots * a.heads * a.dim || new_v.element_count() != new_k.element_count())
+    return ffi::Error::InvalidArgument("new_k and new_v must be [B, K, D]");
+  const size_t count = chunks.size() / 2;
+  auto first = chunks.get<ffi::AnyBuffer>(0);
+  if (!first.has_value()) return ffi::Error::InvalidArgument("expected the pool's chunks");
+  switch (first->element_type()) {
+    case ffi::DataType::F32: return WriteAndAttend<float>(threads, a, written, count);
+    case ffi::DataType::BF16: return WriteAndAttend<BFloat16>(threads, a, written, count);
+    default: return ffi::Error::InvalidArgument("pool chunks must be float32 or bfloat16");
+  }
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenPagedAttention, PagedAttention,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenPagedWriteAttention, PagedWriteAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .RemainingRets());

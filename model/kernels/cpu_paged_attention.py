@@ -3,9 +3,11 @@
 Why a kernel: on CPU, XLA runs decode attention's small per-page products as batched dots on one core, ~30% of
 a 64-slot decode step of the demo model, and reads every page below the highest one in use, so a step of a few
 rows in a mostly empty pool still reads it all. The kernel walks each slot's own pages and spreads the slots
-over XLA's intra-op threads (see the .cc file). `model.paged_attention.decode_attention` stays the reference
-and runs wherever this cannot: other platforms (`jax.lax.platform_dependent` picks per platform at compile
-time), pools that are not float32, a pool split across devices, or a machine without a C++ compiler.
+over XLA's intra-op threads (see the .cc file). It also writes the step's new keys and values into the pool,
+which XLA does as an element-by-element scatter (~10% of the step). `model.paged_attention.step_attention`'s
+XLA path (`write`, then `decode_attention`) stays the reference and runs wherever this cannot: other platforms
+(`jax.lax.platform_dependent` picks per platform at compile time), pools that are neither float32 nor
+bfloat16, a pool split across devices, or a machine without a C++ compiler.
 
 The kernel is built on first use (see `model.kernels.build`).
 """
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 
 from model.kernels import build
 
-NAME, SYMBOL, TARGET = "cpu_paged_attention", "BatchgenPagedAttention", "batchgen_paged_attention"
+NAME, SYMBOL, TARGET = "cpu_paged_attention", "BatchgenPagedWriteAttention", "batchgen_paged_write_attention"
 
 
 def library_path() -> Path:
@@ -28,11 +30,17 @@ def library_path() -> Path:
     return build.library_path(NAME)
 
 
-def supports(q: jax.Array, chunks_k: Sequence[jax.Array]) -> bool:
+POOL_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def supports(q: jax.Array, chunks_k: Sequence[jax.Array], chunks_v: Sequence[jax.Array]) -> bool:
     """Whether the library has an instantiation for these shapes and types (`Select` in the .cc file): float32
-    pools of 32-position pages, head size 64 or 128, 1 to 8 query heads per KV head."""
+    or bfloat16 pools (keys and values alike) of 32-position pages, head size 64 or 128, 1 to 8 query heads per
+    KV head."""
     (_, _, h, d), (_, k_heads, _, page) = q.shape, chunks_k[0].shape
-    return chunks_k[0].dtype == jnp.float32 and page == 32 and d in (64, 128) and 1 <= h // k_heads <= 8
+    dtypes = {chunk.dtype for chunk in (*chunks_k, *chunks_v)}
+    return (len(dtypes) == 1 and dtypes.pop() in POOL_DTYPES and page == 32 and d in (64, 128)
+            and 1 <= h // k_heads <= 8)
 
 
 def available() -> bool:
@@ -41,13 +49,26 @@ def available() -> bool:
     return build.register(NAME, SYMBOL, TARGET)
 
 
-def decode_attention(q: jax.Array, chunks_k: Sequence[jax.Array], chunks_v: Sequence[jax.Array], view) -> jax.Array:
-    """`model.paged_attention.decode_attention` computed by the kernel: q [B, 1, H, D] -> [B, 1, H, D]. The pool
-    chunks must be float32; view.owner and view.start are not needed (a slot's row of the page table lists its
-    pages in position order)."""
+def write_and_attend(
+    q: jax.Array, new_k: jax.Array, new_v: jax.Array, chunks_k: Sequence[jax.Array], chunks_v: Sequence[jax.Array], view
+) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """`model.paged_attention.step_attention` computed by the kernel: new_k and new_v [B, K, D] written at
+    view.write_pages (offset view.lengths % P), then q [B, 1, H, D] attending over each slot's pages. Returns the
+    attention [B, 1, H, D] and the chunks, updated in place (each result aliases its argument). view.owner and
+    view.start are not needed: a slot's row of the page table lists its pages in position order."""
     b, _, h, d = q.shape
     k_heads = chunks_k[0].shape[1]
     qg = (q[:, 0].astype(jnp.float32) * d**-0.5).reshape(b, k_heads, h // k_heads, d)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(qg.shape, jnp.float32))
-    out = call(qg, view.lengths.astype(jnp.int32), view.table.astype(jnp.int32), *chunks_k, *chunks_v)
-    return out.reshape(b, 1, h, d).astype(q.dtype)
+    chunks = (*chunks_k, *chunks_v)
+    before = 6  # the operands before the chunks
+    call = jax.ffi.ffi_call(
+        TARGET,
+        (jax.ShapeDtypeStruct(qg.shape, jnp.float32), *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in chunks)),
+        input_output_aliases={before + i: 1 + i for i in range(len(chunks))},
+    )
+    out, *written = call(
+        qg, view.lengths.astype(jnp.int32), view.table.astype(jnp.int32), new_k.astype(jnp.float32),
+        new_v.astype(jnp.float32), view.write_pages.astype(jnp.int32), *chunks,
+    )
+    n = len(chunks_k)
+    return out.reshape(b, 1, h, d).astype(q.dtype), tuple(written[:n]), tuple(written[n:])
