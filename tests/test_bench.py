@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import stat
@@ -14,6 +15,7 @@ from batchgen.bench.floor import (
     FORMULA, flops_per_token, mean_context, measure_matmul_rate, prompt_flops, weights_per_token,
 )
 from batchgen.bench.options import BenchOptions
+from batchgen.bench.ours import EngineRun
 from batchgen.bench.quality import agreement, matching_prefix
 from batchgen.bench.report import BenchReport, EngineRow, FloorFigures, PassFigures, PeerResult, PeerRun
 from batchgen.bench.runner import generated_counts
@@ -280,12 +282,20 @@ def test_report_json_has_the_raw_figures_and_no_outputs():
 def test_engine_rows_cover_each_dtype_on_main_and_short(tmp_path):
     from batchgen.bench.runner import _engine_runs
 
-    runs = _engine_runs(BenchOptions(dtypes=("float32", "int8"), variable_prompts=0), tmp_path, None)
-    assert [r.name for r in runs] == ["main float32", "main int8", "short float32", "short int8"]
-    assert runs[3].quantization == "int8" and runs[3].workload_path == str(tmp_path / "workload_short.json")
+    runs = _engine_runs(BenchOptions(dtypes=("float32", "int8", "bf16-cache"), variable_prompts=0), tmp_path, None)
+    assert [r.name for r in runs] == [
+        "main float32", "main int8", "main bf16-cache", "short float32", "short int8", "short bf16-cache"
+    ]
+    assert runs[4].quantization == "int8" and runs[4].workload_path == str(tmp_path / "workload_short.json")
+    # The float32 model with a bfloat16 KV cache.
+    assert (runs[5].dtype, runs[5].quantization, runs[5].cache_dtype) == ("float32", None, "bfloat16")
+    assert runs[3].cache_dtype is None
     assert runs[0].prepare.short_path == str(tmp_path / "workload_short.json")
     runs = _engine_runs(BenchOptions(dtypes=("float32",), short_prompts=0, variable_prompts=0), tmp_path, None)
     assert [r.name for r in runs] == ["main float32"] and runs[0].prepare.short_path is None
+    runs[0] = dataclasses.replace(runs[0], cache_dtype="bfloat16")
+    runs[0].write(tmp_path / "spec.json")  # a spec file carries the cache dtype to the row's process
+    assert EngineRun.read(tmp_path / "spec.json").cache_dtype == "bfloat16"
 
 
 def test_a_response_format_adds_a_constrained_short_row(tmp_path):

@@ -25,14 +25,18 @@ def test_quick_run_on_a_tiny_model_measures_our_engine_and_skips_missing_peers(t
     bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')
     bare.chmod(bare.stat().st_mode | stat.S_IEXEC)
     options = BenchOptions.quick(
-        preset=str(preset), prompts=6, max_new_tokens=5, variable_prompts=0, short_prompts=0, dtypes=("float32",),
+        preset=str(preset), prompts=6, max_new_tokens=5, variable_prompts=0, short_prompts=0,
+        dtypes=("float32", "bf16-cache"),
         slots=4, peers=True, peer_python=str(bare), floor_seconds=0.05, workdir=str(tmp_path / "work"),
     )
     report = run_benchmark(options)
 
     # The tiny tokenizer spends more than 64 tokens on a short prompt: the short workload is left out here.
-    (row,) = report.engine_rows
-    assert row.name == "main float32" and row.slots == 4
+    row, bf16_cache = report.engine_rows
+    assert row.name == "main float32" and row.slots == 4 and row.cache_dtype == "float32"
+    # The float32 model over a bfloat16 KV cache, its greedy text compared with float32's.
+    assert (bf16_cache.name, bf16_cache.dtype, bf16_cache.cache_dtype) == ("main bf16-cache", "float32", "bfloat16")
+    assert bf16_cache.identical_share is not None and set(bf16_cache.outputs) == set(row.outputs)
     workload = Workload.read(tmp_path / "work" / "workload_main.json")
     assert len(workload.requests) == 6 and set(row.outputs) == {r.request_id for r in workload.requests}
     # The engine's token counter agrees with the outputs it returned (stop tokens included).

@@ -62,7 +62,7 @@ def _response_format(text: str) -> str:
 @click.option("--response-format",
               help="Add a row: the short workload in float32 with every request constrained by this response format "
               "(JSON text, e.g. '{\"type\": \"json_schema\", \"json_schema\": {\"schema\": {...}}}').")
-@click.option("--dtypes", help="Rows on the main and short workloads, from float32,bfloat16,int8 [all three].")
+@click.option("--dtypes", help="Rows on the main and short workloads, from float32,bfloat16,int8,bf16-cache [all four]; bf16-cache: the float32 model with a bfloat16 KV cache.")
 @click.option("--transformers-batches", help="Batch sizes for transformers, comma-separated [16,64,128].")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep workloads, logs and per-row results here.")
 def bench(

@@ -8,8 +8,9 @@ from typing import Any
 
 from batchgen.bench.peers import peer_names
 
-# "int8" is float32 activations with int8 weights (`quantize("int8")`); the others are Keras dtype policies.
-DTYPES = ("float32", "bfloat16", "int8")
+# "int8" is float32 activations with int8 weights (`quantize("int8")`); "bf16-cache" is the float32 model with a
+# bfloat16 KV cache (`cache_dtype = "bfloat16"`); the others are Keras dtype policies.
+DTYPES = ("float32", "bfloat16", "int8", "bf16-cache")
 
 
 @dataclasses.dataclass(frozen=True)

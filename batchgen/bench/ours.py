@@ -54,6 +54,7 @@ class EngineRun:
     slots: int = 64
     steps_per_call: int = 8
     cache_tokens: int = 0  # 0: room for every slot at the longest sequence
+    cache_dtype: str | None = None  # the KV cache's dtype; None: the model's compute dtype
     response_format: str | None = None  # every request constrained by it (structured output)
     prepare: PrepareWorkloads | None = None
     save_preset_to: str | None = None
@@ -160,6 +161,7 @@ def load(spec: EngineRun) -> Loaded:
     engine = GenerationEngine(
         lm.backbone, tokenizer, max_slots=spec.slots, max_length=max_length, steps_per_call=spec.steps_per_call,
         cache_tokens=max(spec.cache_tokens, max_length) if spec.cache_tokens else None, continuous=spec.continuous,
+        cache_dtype=spec.cache_dtype,
     )
     requests = [
         Request(r.request_id, list(r.prompt_ids), r.max_new_tokens, stop_token_ids=workload.stop_token_ids,
@@ -178,7 +180,7 @@ def run(spec: EngineRun) -> dict[str, Any]:
         name=spec.name, workload=loaded.workload.name, dtype=spec.dtype, quantization=spec.quantization,
         continuous=spec.continuous, slots=spec.slots, steps_per_call=spec.steps_per_call, max_length=loaded.max_length,
         load_seconds=loaded.load_seconds, warmup=warmup, steady=steady, peak_rss_bytes=peak_rss_bytes(),
-        outputs=outputs, response_format=spec.response_format,
+        outputs=outputs, response_format=spec.response_format, cache_dtype=str(loaded.engine.cache_dtype),
     )
     if spec.save_preset_to:  # after the peak was read: saving is not part of the row
         loaded.lm.save_to_preset(spec.save_preset_to)

@@ -49,6 +49,7 @@ class EngineRow:
     peak_rss_bytes: int
     outputs: dict[str, list[int]] = dataclasses.field(default_factory=dict, repr=False)
     response_format: str | None = None  # structured output: its text differs from float32's by design
+    cache_dtype: str | None = None  # the KV cache's dtype, as the engine allocated it
     # Filled by the runner:
     load_average: str = ""  # 1, 5 and 15 minute load averages as the row started (above the core count: noisy)
     identical_share: float | None = None  # share of prompts whose greedy output equals float32's

@@ -104,7 +104,9 @@ def _engine_runs(options: BenchOptions, work: Path, keras_hub_preset: Path | Non
             name = f"{workload} {dtype}"
             if name == REFERENCE_ROW:
                 continue
-            settings = {"quantization": "int8"} if dtype == "int8" else {"dtype": dtype}
+            settings = {"int8": {"quantization": "int8"}, "bf16-cache": {"cache_dtype": "bfloat16"}}.get(
+                dtype, {"dtype": dtype}
+            )
             runs.append(run(name, paths[workload], **settings))
     if options.response_format is not None:
         runs.append(run(f"short float32 {RESPONSE_FORMAT_ROW}", paths["short"], response_format=options.response_format))
