@@ -370,6 +370,33 @@ def embed(params: Params, token_ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:
     return rows.astype(dtype)
 
 
+def first_argmax(x: jnp.ndarray) -> jnp.ndarray:
+    """The index of the first maximum along the last axis (as `jnp.argmax`, about 3x faster on CPU)."""
+    n = x.shape[-1]
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jnp.min(jnp.where(x == top, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
+    return jnp.minimum(index, n - 1)  # a NaN row matches nowhere; keep the index in range
+
+
+def greedy_tokens(params: Params, hidden: jnp.ndarray, kernel: bool = False) -> jnp.ndarray:
+    """The LM head's first largest logit per row, hidden [B, M] -> [B] int32: `first_argmax(logits(...))`.
+
+    With `kernel`, on CPU the product kernel returns each row's best column directly
+    (`cpu_matmul.matmul_argmax`): the [B, V] logits, 12.6 MB for the demo model at 64 rows, are never written and
+    read back. The caller uses it only where nothing else needs the logits (greedy rows, no penalties, grammar or
+    log-probabilities)."""
+    m = hidden.shape[-1]
+    name, transposed = ("lm_head", False) if "lm_head" in params else ("token_embedding", True)
+    w, scale = params[name], params.get(name + "_scale")
+    x = hidden.reshape(-1, m)
+    w2 = w.reshape(-1, m) if transposed else w.reshape(m, -1)
+    reference = lambda: first_argmax(logits(params, hidden, kernel))  # noqa: E731
+    if kernel and cpu_matmul.supports(x, w2, scale) and cpu_matmul.available():
+        fused = lambda: cpu_matmul.matmul_argmax(x, w2, scale, transposed).reshape(hidden.shape[:-1])  # noqa: E731
+        return jax.lax.platform_dependent(cpu=fused, default=reference)
+    return reference()
+
+
 def logits(params: Params, hidden: jnp.ndarray, kernel: bool = False) -> jnp.ndarray:
     """LM head: hidden [..., M] -> float32 logits [..., V]; the tied head reuses the embedding table [V, M].
     `kernel`: the head may run as the CPU kernel (see `project`)."""

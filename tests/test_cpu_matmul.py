@@ -62,6 +62,66 @@ def test_the_kernel_equals_the_product(m, k, n, transposed, dtype):
     np.testing.assert_allclose(np.asarray(project(x, False)), expected, atol=tolerance, rtol=0)
 
 
+@pytest.mark.parametrize("m, k, n", [(4, 40, 32), (64, 576, 192), (13, 600, 80), (130, 577, 1536)])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_the_argmax_head_picks_the_products_first_largest_column(m, k, n, transposed, dtype):
+    if not cpu_matmul.available():
+        pytest.skip("no kernel on this machine")
+    rng = np.random.default_rng(m + k * n)
+    x = rng.standard_normal((m, k), np.float32)
+    if dtype == "int8":
+        w = rng.integers(-127, 128, (k, n)).astype(np.int8)
+        scale = (rng.random(n) * 0.01 + 1e-3).astype(np.float32)
+    else:
+        w, scale = rng.standard_normal((k, n), np.float32), None
+    # Ties: column n-1 copies column 0 and column 17 copies 16 (the same panel, and another panel), and rows 0
+    # and 1 make those columns their largest, so the first of each pair must win.
+    w[:, n - 1], w[:, 17] = w[:, 0], w[:, 16]
+    if scale is not None:  # the largest scales, so that the sign-matched rows below pick those columns
+        scale[[0, n - 1, 16, 17]] = 0.05
+    x[0] = np.sign(w[:, 0]) * 5
+    x[1] = np.sign(w[:, 16]) * 5
+    w = np.ascontiguousarray(w.T) if transposed else w
+    expected = np.asarray(jax.jit(cpu_matmul.matmul, static_argnames="transposed")(x, w, scale, transposed))
+    first = np.argmax(expected, axis=-1)  # numpy: the first of equal largest values
+    got = np.asarray(jax.jit(cpu_matmul.matmul_argmax, static_argnames="transposed")(x, w, scale, transposed))
+    np.testing.assert_array_equal(got, first)
+    assert got[0] == 0 and got[1] == 16 and expected[0, n - 1] == expected[0, 0]
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_greedy_tokens_are_the_first_argmax_of_the_heads_logits(quantization):
+    if not cpu_matmul.available():
+        pytest.skip("no kernel on this machine")
+    config, backbone = tiny_tied_model(8, quantization)
+    params = backbone.params()
+    hidden = jnp.asarray(np.random.default_rng(9).standard_normal((16, config.hidden_dim)), jnp.float32)
+    tokens = jax.jit(transformer.greedy_tokens, static_argnames="kernel")
+    logits = jax.jit(transformer.logits, static_argnames="kernel")
+    np.testing.assert_array_equal(tokens(params, hidden, True), transformer.first_argmax(logits(params, hidden, True)))
+    np.testing.assert_array_equal(tokens(params, hidden, False), transformer.first_argmax(logits(params, hidden, False)))
+
+
+def test_greedy_decode_takes_the_argmax_head_and_keeps_its_text(monkeypatch):
+    """A decode step whose rows are all greedy, without penalties, grammar or log-probabilities, gets its tokens
+    from the head's argmax kernel; the text is the one XLA's products give."""
+    config, backbone = tiny_tied_model(10)
+    rng = np.random.default_rng(11)
+    requests = [Request(i, list(rng.integers(1, 90, rng.integers(1, 60))), 16) for i in range(8)]
+    fused = []
+    argmax = cpu_matmul.matmul_argmax
+    monkeypatch.setattr(cpu_matmul, "matmul_argmax", lambda *args: fused.append(1) or argmax(*args))
+
+    def generate():
+        engine = GenerationEngine(backbone, max_slots=4, max_length=96, steps_per_call=4)
+        return [c.token_ids for c in engine.generate(requests)]
+
+    with_kernel, without = with_and_without_kernel(monkeypatch, generate)
+    assert fused  # traced while the kernel was on (and not since: `available` is off for the second run)
+    assert with_kernel == without
+
+
 def test_operands_the_kernel_is_not_built_for_keep_xlas_product():
     x, scale = jnp.zeros((4, 32), jnp.float32), jnp.ones(24, jnp.float32)
     assert not cpu_matmul.supports(x, jnp.zeros((32, 24), jnp.int8), scale)  # 24 columns: not whole vectors
@@ -156,5 +216,5 @@ def test_batchgen_cpu_kernels_0_turns_the_kernels_off(monkeypatch):
 
     monkeypatch.setenv("BATCHGEN_CPU_KERNELS", "0")
     name = cpu_matmul.NAME
-    for symbol, target in cpu_matmul.TARGETS.values():
+    for symbol, target in (*cpu_matmul.TARGETS.values(), *cpu_matmul.ARGMAX_TARGETS.values()):
         assert build.register.__wrapped__(name, symbol, target) is False  # uncached: the environment is read now

@@ -36,6 +36,7 @@ GROUPS = (
     ("write_layer", "KV cache writes"),
     ("sample_next", "sampling"),
     ("first_argmax", "sampling"),
+    ("greedy_tokens", "LM head"),  # the CPU kernel's head that returns greedy tokens, not logits
     ("rms_norm", "norms, rotary, activations"),
     ("rotate", "norms, rotary, activations"),
     ("_decoder_layer", "norms, rotary, activations"),

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.generation.requests import SamplingParams
+from model.transformer import first_argmax  # noqa: F401 - also imported from here (search)
 
 GREEDY, TOP_K, TOP_P, RANDOM, MIN_P = 0, 1, 2, 3, 4
 _MODES = {"greedy": GREEDY, "top_k": TOP_K, "top_p": TOP_P, "random": RANDOM, "min_p": MIN_P}
@@ -120,14 +121,6 @@ def sampling_variant(params: RowSamplingParams) -> SamplingVariant:
     has_top_p = bool(np.any(mode == TOP_P))
     full_vocab = bool(np.any((mode == TOP_P) | (mode == RANDOM) | (mode == MIN_P)))
     return SamplingVariant(all_greedy=False, max_top_k=max_top_k, has_top_p=has_top_p, full_vocab=full_vocab)
-
-
-def first_argmax(x: jnp.ndarray) -> jnp.ndarray:
-    """The index of the first maximum along the last axis (as `jnp.argmax`, about 3x faster on CPU)."""
-    n = x.shape[-1]
-    top = jnp.max(x, axis=-1, keepdims=True)
-    index = jnp.min(jnp.where(x == top, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
-    return jnp.minimum(index, n - 1)  # a NaN row matches nowhere; keep the index in range
 
 
 def sample_next(

@@ -224,11 +224,15 @@ def decode(
             params, config, tokens[:, None], cache.k, cache.v, view, write, chunks, kernel=kernel
         )
         cache = PagedKVCache(pages_k, pages_v, cache.sharding)
-        logits = transformer.logits(params, hidden[:, 0], kernel=kernel)
-        shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
-        if token_mask is not None:  # after penalties and bias: no bias brings back a token the grammar forbids
-            shaped = grammar.apply_token_mask(shaped, token_mask)
-        sampled = sampling.sample_next(shaped, rows, row_keys(seeds, counts), variant=variant)
+        if variant.all_greedy and penalties is None and token_mask is None and logprobs_k is None:
+            # Nothing but the argmax needs the logits: the head may hand back the tokens alone.
+            logits, sampled = None, transformer.greedy_tokens(params, hidden[:, 0], kernel=kernel)
+        else:
+            logits = transformer.logits(params, hidden[:, 0], kernel=kernel)
+            shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
+            if token_mask is not None:  # after penalties and bias: no bias brings back a token the grammar forbids
+                shaped = grammar.apply_token_mask(shaped, token_mask)
+            sampled = sampling.sample_next(shaped, rows, row_keys(seeds, counts), variant=variant)
         if penalties is not None:
             penalties = penalty_kernel.count(penalties, sampled, active)
         lengths = lengths + active

@@ -11,6 +11,11 @@
 // be whole 16-float vectors. Work items are (128 rows of x) x (48 columns of w), spread over XLA's intra-op
 // threads.
 //
+// The argmax handlers are the LM head of a greedy step: instead of y they return, per row and per 48-column
+// panel, the panel's largest value and the first column holding it, so the [M, V] logits are never written to
+// memory and read back (the caller picks the first panel with the row's largest value). The tiles are computed
+// as for y, so the values, and the chosen token, are the same.
+//
 // Blocking (2-core AVX-512 Xeon, M = 64, K = 576, N = 1536): an 8-row x 48-column tile is 24 accumulator
 // registers, each panel vector loaded once per 8 rows and each x value broadcast once per 3 vectors; panels of
 // 192 depths (36 KiB) fit L1. A panel, not the weight in place: rows of a [K, N] weight lie N floats apart, so a
@@ -144,9 +149,10 @@ struct Problem {
   bool transposed;
 };
 
-// One work item: rows [r0, r0 + rows) of y, columns [n0, n0 + V*16).
+// One work item: rows [r0, r0 + rows) of x times columns [n0, n0 + V*16) of w, into y [rows, V*16] (row stride
+// ldy).
 template <int V, typename T>
-void Block(const Problem<T>& a, int64_t r0, int64_t rows, int64_t n0) {
+void Block(const Problem<T>& a, int64_t r0, int64_t rows, int64_t n0, float* y, int64_t ldy) {
   alignas(64) static thread_local float panel[kDepth * kPanel];
   const float* scale = a.scale ? a.scale + n0 : nullptr;  // none for a float weight
   for (int64_t k0 = 0; k0 < a.k; k0 += kDepth) {
@@ -156,8 +162,40 @@ void Block(const Problem<T>& a, int64_t r0, int64_t rows, int64_t n0) {
     } else {
       PackRows<V, T>(a.w + k0 * a.n + n0, a.n, scale, kc, panel);
     }
-    Tiles<V>(a.x + r0 * a.k + k0, rows, a.k, panel, kc, a.y + r0 * a.n + n0, a.n, k0 == 0);
+    Tiles<V>(a.x + r0 * a.k + k0, rows, a.k, panel, kc, y, ldy, k0 == 0);
   }
+}
+
+// Per row of y [rows, V*16] (row stride V*16): its largest value and the first column holding it, written to
+// best[r * stride] and where[r * stride] (as a column of the whole product, n0 + column).
+template <int V>
+void RowArgmax(const float* y, int64_t rows, int64_t n0, float* best, int32_t* where, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = y + r * V * 16;
+    __m512 top = _mm512_loadu_ps(row);
+    for (int v = 1; v < V; ++v) top = _mm512_max_ps(top, _mm512_loadu_ps(row + v * 16));
+    const float value = _mm512_reduce_max_ps(top);
+    int column = 0;
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + v * 16), _mm512_set1_ps(value), _CMP_EQ_OQ);
+      if (hit) {
+        column = v * 16 + __builtin_ctz(hit);
+        break;
+      }
+    }
+    best[r * stride] = value;
+    where[r * stride] = static_cast<int32_t>(n0 + column);
+  }
+}
+
+// Calls body(r0, rows, n0, V) for every work item, on XLA's intra-op threads.
+template <typename T, typename Body>
+void ForEachItem(ffi::ThreadPool& threads, const Problem<T>& a, Body body) {
+  const int64_t panels = (a.n + kPanel - 1) / kPanel, chunks = (a.m + kChunk - 1) / kChunk;
+  batchgen::ParallelFor(threads, panels * chunks, [&](int64_t i) {
+    const int64_t r0 = (i / panels) * kChunk, rows = std::min(kChunk, a.m - r0), n0 = (i % panels) * kPanel;
+    body(r0, rows, n0, std::min<int64_t>(kPanel, a.n - n0) / 16);
+  });
 }
 
 template <typename T>
@@ -166,13 +204,40 @@ ffi::Error Matmul(ffi::ThreadPool& threads, const float* x, const std::array<int
   Problem<T> a{x, w, scale, y, x_dims[0], x_dims[1], n, transposed};
   if (a.n % 16 != 0 || a.k * a.n != w_count || a.m * a.n != y_count)
     return ffi::Error::InvalidArgument("shapes do not give x [M, K] . w [K, N] with N whole 16-float vectors");
-  const int64_t panels = (a.n + kPanel - 1) / kPanel, chunks = (a.m + kChunk - 1) / kChunk;
-  batchgen::ParallelFor(threads, panels * chunks, [&](int64_t i) {
-    const int64_t r0 = (i / panels) * kChunk, rows = std::min(kChunk, a.m - r0), n0 = (i % panels) * kPanel;
-    switch (std::min<int64_t>(kPanel, a.n - n0) / 16) {
-      case 3: return Block<3, T>(a, r0, rows, n0);
-      case 2: return Block<2, T>(a, r0, rows, n0);
-      default: return Block<1, T>(a, r0, rows, n0);
+  ForEachItem(threads, a, [&](int64_t r0, int64_t rows, int64_t n0, int64_t vectors) {
+    float* out = a.y + r0 * a.n + n0;
+    switch (vectors) {
+      case 3: return Block<3, T>(a, r0, rows, n0, out, a.n);
+      case 2: return Block<2, T>(a, r0, rows, n0, out, a.n);
+      default: return Block<1, T>(a, r0, rows, n0, out, a.n);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// best [M, P] and where [M, P] (P = N / 48 panels, rounded up): each panel's largest value of each row of the
+// product, and its first column.
+template <typename T>
+ffi::Error MatmulArgmax(ffi::ThreadPool& threads, const float* x, const std::array<int64_t, 2>& x_dims, const T* w,
+                        int64_t w_count, const float* scale, int64_t n, float* best, int32_t* where,
+                        int64_t best_count, bool transposed) {
+  Problem<T> a{x, w, scale, nullptr, x_dims[0], x_dims[1], n, transposed};
+  const int64_t panels = (a.n + kPanel - 1) / kPanel;
+  if (a.n % 16 != 0 || a.k * a.n != w_count || a.m * panels != best_count)
+    return ffi::Error::InvalidArgument("shapes do not give x [M, K] . w [K, N] with N whole 16-float vectors");
+  ForEachItem(threads, a, [&](int64_t r0, int64_t rows, int64_t n0, int64_t vectors) {
+    alignas(64) static thread_local float tile[kChunk * kPanel];  // this item's [rows, V*16] of the product
+    const int64_t at = r0 * panels + n0 / kPanel;
+    switch (vectors) {
+      case 3:
+        Block<3, T>(a, r0, rows, n0, tile, 48);
+        return RowArgmax<3>(tile, rows, n0, best + at, where + at, panels);
+      case 2:
+        Block<2, T>(a, r0, rows, n0, tile, 32);
+        return RowArgmax<2>(tile, rows, n0, best + at, where + at, panels);
+      default:
+        Block<1, T>(a, r0, rows, n0, tile, 16);
+        return RowArgmax<1>(tile, rows, n0, best + at, where + at, panels);
     }
   });
   return ffi::Error::Success();
@@ -195,7 +260,45 @@ ffi::Error F32Matmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buff
                        y->typed_data(), y->element_count(), transposed);
 }
 
+ffi::Error Int8MatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                            ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> best,
+                            ffi::ResultBuffer<ffi::S32> where, bool transposed) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
+  return MatmulArgmax<int8_t>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(),
+                              scale.typed_data(), scale.element_count(), best->typed_data(), where->typed_data(),
+                              best->element_count(), transposed);
+}
+
+ffi::Error F32MatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::ResultBuffer<ffi::F32> best, ffi::ResultBuffer<ffi::S32> where, bool transposed) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
+  const int64_t n = w.element_count() / std::max<int64_t>(dims[1], 1);
+  return MatmulArgmax<float>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(), nullptr,
+                             n, best->typed_data(), where->typed_data(), best->element_count(), transposed);
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenInt8MatmulArgmax, Int8MatmulArgmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<bool>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenF32MatmulArgmax, F32MatmulArgmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<bool>("transposed"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenInt8Matmul, Int8Matmul,
                               ffi::Ffi::Bind()

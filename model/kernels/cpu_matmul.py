@@ -9,6 +9,8 @@ to float inside each product, over the whole weight for every few columns, which
 at 64 rows. The kernel converts each weight block once, into the same panel. `model.transformer.project`'s XLA
 product stays the reference and runs wherever this cannot: other platforms (`jax.lax.platform_dependent`),
 weights split across devices, activations that are not float32, or a machine without a C++ compiler.
+`matmul_argmax` is the same product as a greedy step's LM head: it returns each row's first largest column, not
+the [rows, vocabulary] logits (`model.transformer.greedy_tokens`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ NAME = "cpu_matmul"
 TARGETS = {  # weight dtype -> (the handler's symbol in the library, its XLA target name)
     "float32": ("BatchgenF32Matmul", "batchgen_f32_matmul"),
     "int8": ("BatchgenInt8Matmul", "batchgen_int8_matmul"),
+}
+ARGMAX_TARGETS = {  # the same products, returning each row's best column instead (a greedy step's LM head)
+    "float32": ("BatchgenF32MatmulArgmax", "batchgen_f32_matmul_argmax"),
+    "int8": ("BatchgenInt8MatmulArgmax", "batchgen_int8_matmul_argmax"),
 }
 
 
@@ -55,7 +61,8 @@ def supports(x: jax.Array, w: jax.Array, scale: jax.Array | None) -> bool:
 def available() -> bool:
     """Whether the kernel is built and registered with XLA for the CPU (built now if needed). False, with the
     reason logged once, when it cannot be: products then stay XLA's."""
-    return all(build.register(NAME, symbol, target) for symbol, target in TARGETS.values())
+    targets = (*TARGETS.values(), *ARGMAX_TARGETS.values())
+    return all(build.register(NAME, symbol, target) for symbol, target in targets)
 
 
 def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, transposed: bool) -> jax.Array:
@@ -66,3 +73,18 @@ def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, transposed: bool
     if scale is None:
         return jax.ffi.ffi_call(TARGETS["float32"][1], out)(x, w, transposed=transposed)
     return jax.ffi.ffi_call(TARGETS["int8"][1], out)(x, w, scale.reshape(n), transposed=transposed)
+
+
+def matmul_argmax(x: jax.Array, w: jax.Array, scale: jax.Array | None, transposed: bool) -> jax.Array:
+    """The first column of each row's largest value of `matmul(x, w, scale, transposed)`: [M] int32, without the
+    [M, N] product ever being written (the kernel keeps each 48-column panel's best; the first panel holding the
+    row's largest value wins here, so ties go to the lowest column, as `jnp.argmax`)."""
+    n = w.size // x.shape[1]
+    panels = -(-n // 48)  # the kernel's panels of 48 columns (cpu_matmul.cc's kPanel)
+    out = (jax.ShapeDtypeStruct((x.shape[0], panels), jnp.float32), jax.ShapeDtypeStruct((x.shape[0], panels), jnp.int32))
+    if scale is None:
+        best, where = jax.ffi.ffi_call(ARGMAX_TARGETS["float32"][1], out)(x, w, transposed=transposed)
+    else:
+        best, where = jax.ffi.ffi_call(ARGMAX_TARGETS["int8"][1], out)(x, w, scale.reshape(n), transposed=transposed)
+    panel = jnp.argmax(best, axis=-1)
+    return jnp.take_along_axis(where, panel[:, None], axis=-1)[:, 0]
