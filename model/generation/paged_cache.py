@@ -35,6 +35,7 @@ import numpy as np
 from model.config import LlamaConfig
 from model.generation.kv_cache import keep_layout
 from model.generation.prefix_cache import PrefixCache
+from model.kernels import cpu_paged_cache
 
 PAGE_SIZE = 32  # positions per page: a slot wastes P / 2 on average; smaller pages mean more, slower pages
 
@@ -147,7 +148,13 @@ def write_layer(
 
 @functools.partial(jax.jit, static_argnames=("sharding",), donate_argnums=(0, 1))
 def _write_one_layer(chunks_k, chunks_v, new_k, new_v, layer, pages, offsets, sharding=None):
-    return write_layer(chunks_k, chunks_v, new_k[layer], new_v[layer], pages, offsets, sharding)
+    xla = lambda: write_layer(chunks_k, chunks_v, new_k[layer], new_v[layer], pages, offsets, sharding)  # noqa: E731
+    # On CPU the kernel writes instead: XLA's CPU scatter into a bfloat16 pool converts the whole pool to float32
+    # and back (see model/kernels/cpu_paged_cache.py). A pool split across devices keeps XLA's writes.
+    if sharding is None and cpu_paged_cache.supports_write(chunks_k, chunks_v) and cpu_paged_cache.available():
+        kernel = lambda: cpu_paged_cache.write(chunks_k, chunks_v, new_k[layer], new_v[layer], pages, offsets)  # noqa: E731
+        return jax.lax.platform_dependent(cpu=kernel, default=xla)
+    return xla()
 
 
 def write(cache: PagedKVCache, new_k: jax.Array, new_v: jax.Array, pages: jax.Array, offsets: jax.Array) -> PagedKVCache:
@@ -180,15 +187,21 @@ def gather_pages(chunks: Sequence[jax.Array], pages: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("sharding",), donate_argnums=(0,))
 def _copy_in_layer(chunks: tuple[jax.Array, ...], source: jax.Array, target: jax.Array, sharding=None):
     """Copies pages source [M] -> target [M] within one layer's keys or values (its chunks updated in place)."""
-    pages = gather_pages(chunks, source)
-    out, first = [], 0
-    for chunk in chunks:
-        n = chunk.shape[0]
-        local = target - first
-        local = jnp.where((local >= 0) & (local < n), local, n)  # n: not in this chunk, dropped
-        out.append(keep_layout(sharding, chunk.at[local].set(pages, mode="drop"))[0])
-        first += n
-    return tuple(out)
+
+    def xla():
+        pages = gather_pages(chunks, source)
+        out, first = [], 0
+        for chunk in chunks:
+            n = chunk.shape[0]
+            local = target - first
+            local = jnp.where((local >= 0) & (local < n), local, n)  # n: not in this chunk, dropped
+            out.append(keep_layout(sharding, chunk.at[local].set(pages, mode="drop"))[0])
+            first += n
+        return tuple(out)
+
+    if sharding is None and cpu_paged_cache.available():  # as `_write_one_layer`: XLA's bfloat16 scatter is slow
+        return jax.lax.platform_dependent(cpu=lambda: cpu_paged_cache.copy(chunks, source, target), default=xla)
+    return xla()
 
 
 def copy_pages(cache: PagedKVCache, source: jax.Array, target: jax.Array) -> PagedKVCache:

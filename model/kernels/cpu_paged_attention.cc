@@ -29,6 +29,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_paged_pool.h"
 #include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -36,13 +37,12 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using batchgen::BFloat16;
+using batchgen::Pool;
+using batchgen::ToFloat;
+
 // The running maximum before any page: finite, as the build's -ffast-math assumes; exp(kMasked - x) is 0.
 constexpr float kMasked = -1e30f;
-
-// A bfloat16 value: the high half of a float32.
-struct BFloat16 {
-  uint16_t bits;
-};
 
 // 16 pool entries as floats.
 #ifdef __AVX512F__
@@ -52,53 +52,6 @@ inline __m512 Load16(const BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 #endif
-
-inline float ToFloat(float x) { return x; }
-inline float ToFloat(BFloat16 x) {
-  const uint32_t bits = uint32_t{x.bits} << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-template <typename E>
-E FromFloat(float x);
-template <>
-inline float FromFloat<float>(float x) { return x; }
-template <>
-inline BFloat16 FromFloat<BFloat16>(float x) {  // round to nearest even, as XLA converts (no NaNs here)
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  return BFloat16{static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)};
-}
-
-template <typename E>
-struct Pool {
-  std::vector<E*> keys, values;  // per chunk
-  std::vector<int64_t> first;    // first page id of each chunk, then the total
-  int64_t heads, dim, page;      // K, D, P
-};
-
-// Where page `id` of the pool starts for KV head `head`: its keys [D, P] and its values [P, D].
-template <typename E>
-inline void PagePointers(const Pool<E>& pool, int64_t id, int64_t head, E** keys, E** values) {
-  const int64_t c = std::upper_bound(pool.first.begin(), pool.first.end(), id) - pool.first.begin() - 1;
-  const int64_t entry = (id - pool.first[c]) * pool.heads + head;
-  *keys = pool.keys[c] + entry * pool.dim * pool.page;
-  *values = pool.values[c] + entry * pool.page * pool.dim;
-}
-
-// Writes one slot's new key and value [D] of KV head `head` at offset `offset` of page `id`.
-template <typename E>
-void WriteEntry(const Pool<E>& pool, int64_t id, int64_t head, int64_t offset, const float* key, const float* value) {
-  E* keys;    // [D, P]
-  E* values;  // [P, D]
-  PagePointers(pool, id, head, &keys, &values);
-  for (int64_t d = 0; d < pool.dim; ++d) {
-    keys[d * pool.page + offset] = FromFloat<E>(key[d]);
-    values[offset * pool.dim + d] = FromFloat<E>(value[d]);
-  }
-}
 
 // Attention of one slot's G queries of KV head `head` over its pages, into out [G, D]: per page, scores
 // [G, D] x [D, P], then the page's weights folded into each query's running (maximum, sum, weighted values).
@@ -124,7 +77,7 @@ void AttendOne(const Pool<E>& pool, int64_t head, const float* __restrict q, int
     if (id < 0 || id >= pool.first.back() || visible <= 0) break;
     E* keys;    // [D, P]
     E* values;  // [P, D]
-    PagePointers(pool, id, head, &keys, &values);
+    batchgen::PagePointers(pool, id, head, &keys, &values);
 #ifdef __AVX512F__
     __m512 scores[G][PV];
     for (int g = 0; g < G; ++g)
@@ -228,25 +181,14 @@ struct Step {
 template <typename E>
 ffi::Error WriteAndAttend(ffi::ThreadPool& threads, const Step& a, ffi::RemainingRets& rets, size_t count) {
   Pool<E> pool;
-  pool.heads = a.heads;
-  pool.dim = a.dim;
-  pool.first.push_back(0);
-  for (size_t c = 0; c < count; ++c) {
-    auto k = rets.get<ffi::AnyBuffer>(c);
-    auto v = rets.get<ffi::AnyBuffer>(count + c);
-    if (!k.has_value() || !v.has_value()) return ffi::Error::InvalidArgument("expected the pool's chunks as results");
-    const auto k_dims = (*k)->dimensions();  // [n, K, D, P]
-    pool.page = k_dims[3];
-    pool.keys.push_back(static_cast<E*>((*k)->untyped_data()));
-    pool.values.push_back(static_cast<E*>((*v)->untyped_data()));
-    pool.first.push_back(pool.first.back() + k_dims[0]);
-  }
+  if (!batchgen::PoolFromResults(rets, count, &pool))
+    return ffi::Error::InvalidArgument("expected the pool's chunks as results");
   const AttendFn<E> attend = Select<E>(a.groups, pool.page, a.dim);
   if (attend == nullptr) return ffi::Error::InvalidArgument("no kernel built for these head and page sizes");
   batchgen::ParallelFor(threads, a.slots * a.heads, [&](int64_t i) {
     const int64_t b = i / a.heads, head = i % a.heads, length = a.lengths[b], id = a.target[b];
     if (id >= 0 && id < pool.first.back())  // the slot's own page: no other work item reads or writes it
-      WriteEntry(pool, id, head, length % pool.page, a.new_k + i * a.dim, a.new_v + i * a.dim);
+      batchgen::WriteEntry(pool, id, head, length % pool.page, a.new_k + i * a.dim, a.new_v + i * a.dim);
     attend(pool, head, a.q + i * a.groups * a.dim, length, a.table + b * a.width, a.width,
            a.out + i * a.groups * a.dim);
   });
