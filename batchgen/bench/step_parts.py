@@ -10,7 +10,8 @@ its shares are hard to trust. Here these programs at full slots run interleaved 
 Then the weight products five ways at `--slots` rows: float32 in XLA and through the CPU kernel
 (`model.kernels.cpu_matmul`, what the engine runs on CPU); int8 weights converted inside each XLA product, and
 through the kernel; and int8 x int8 -> int32 with each row's activations quantized on the fly (not used by the
-engine: see the README's notes on int8). Last, the engine's decode step of the int8 model.
+engine: see the README's notes on int8). Last, the engine's decode step of the int8 model and of the bfloat16
+model (bfloat16 activations and weights, XLA's products with float32 accumulation: the CPU kernels take float32).
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def main() -> None:
     lm8.quantize("int8")
     call, cache = full_slots_decode(lm8, transformer.unstack_layers(lm8.backbone.params()), b, args.context, args.steps)
     programs["decode step, int8 model"] = [call, jax.block_until_ready(call(cache))]
+    lm16 = LlamaCausalLM.from_preset(args.preset, dtype="bfloat16")
+    call, cache = full_slots_decode(lm16, transformer.unstack_layers(lm16.backbone.params()), b, args.context, args.steps)
+    programs["decode step, bfloat16 model"] = [call, jax.block_until_ready(call(cache))]
     best = best_step_seconds(programs, args.rounds, args.steps)
     floor = best["weight products alone, float32"]
     print(f"{b} slots, {args.context} cached tokens each, best of {args.rounds} interleaved calls of {args.steps} steps:")
