@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model.generation import paged_cache
-from model.generation.paged_cache import PAGE_SIZE, chunk_sizes, gather_pages, write_layer
+from model.generation.paged_cache import PAGE_SIZE, chunk_sizes, copy_layer, write_layer
 from model.kernels import cpu_paged_cache
 
 DTYPES = [jnp.float32, jnp.bfloat16]
@@ -20,17 +20,6 @@ def random_pool(rng, pages, kv_heads, dim, dtype):
     chunks_k = tuple(jnp.asarray(rng.normal(size=(n, kv_heads, dim, PAGE_SIZE)), dtype) for n in chunk_sizes(pages))
     chunks_v = tuple(jnp.asarray(rng.normal(size=(n, kv_heads, PAGE_SIZE, dim)), dtype) for n in chunk_sizes(pages))
     return chunks_k, chunks_v
-
-
-def xla_copy(chunks, source, target):
-    """XLA's copy of pages source -> target within chunks, as `paged_cache._copy_in_layer` writes it."""
-    pages, out, first = gather_pages(chunks, source), [], 0
-    for chunk in chunks:
-        n = chunk.shape[0]
-        local = jnp.where((target - first >= 0) & (target - first < n), target - first, n)
-        out.append(chunk.at[local].set(pages, mode="drop"))
-        first += n
-    return tuple(out)
 
 
 def assert_pools_equal(want, have):
@@ -72,7 +61,7 @@ def test_the_kernel_copies_pages_as_xlas_gather_and_scatter(dtype):
     # before it is written), and padding: targets past the pool.
     source = jnp.asarray([3, 1400, 17, 900, 5, 0, 0], jnp.int32)
     target = jnp.asarray([1200, 2, 17, 3, 6, pages, pages + 9], jnp.int32)
-    want = jax.jit(xla_copy)(chunks, source, target)
+    want = jax.jit(copy_layer)(chunks, source, target)
     have = jax.jit(cpu_paged_cache.copy)(chunks, source, target)
     for a, b in zip(want, have):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -184,22 +184,28 @@ def gather_pages(chunks: Sequence[jax.Array], pages: jax.Array) -> jax.Array:
     return picked.reshape(pages.shape + chunks[0].shape[1:])
 
 
+def copy_layer(
+    chunks: Sequence[jax.Array], source: jax.Array, target: jax.Array, sharding: jax.sharding.Sharding | None = None
+) -> tuple[jax.Array, ...]:
+    """Copies pages source [M] -> target [M] within one layer's keys or values; a target past the chunks is
+    dropped (padding). XLA's copy: the reference, and what other platforms run."""
+    pages = gather_pages(chunks, source)
+    out, first = [], 0
+    for chunk in chunks:
+        n = chunk.shape[0]
+        local = target - first
+        local = jnp.where((local >= 0) & (local < n), local, n)  # n: not in this chunk, dropped
+        out.append(keep_layout(sharding, chunk.at[local].set(pages, mode="drop"))[0])
+        first += n
+    return tuple(out)
+
+
 @functools.partial(jax.jit, static_argnames=("sharding",), donate_argnums=(0,))
 def _copy_in_layer(chunks: tuple[jax.Array, ...], source: jax.Array, target: jax.Array, sharding=None):
-    """Copies pages source [M] -> target [M] within one layer's keys or values (its chunks updated in place)."""
-
-    def xla():
-        pages = gather_pages(chunks, source)
-        out, first = [], 0
-        for chunk in chunks:
-            n = chunk.shape[0]
-            local = target - first
-            local = jnp.where((local >= 0) & (local < n), local, n)  # n: not in this chunk, dropped
-            out.append(keep_layout(sharding, chunk.at[local].set(pages, mode="drop"))[0])
-            first += n
-        return tuple(out)
-
-    if sharding is None and cpu_paged_cache.available():  # as `_write_one_layer`: XLA's bfloat16 scatter is slow
+    """`copy_layer` as one program, the chunks updated in place; on CPU the kernel copies (as `_write_one_layer`:
+    XLA's bfloat16 scatter converts the whole pool)."""
+    xla = lambda: copy_layer(chunks, source, target, sharding)  # noqa: E731
+    if sharding is None and cpu_paged_cache.available():
         return jax.lax.platform_dependent(cpu=lambda: cpu_paged_cache.copy(chunks, source, target), default=xla)
     return xla()
 

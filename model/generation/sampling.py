@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.generation.requests import SamplingParams
-from model.transformer import first_argmax  # noqa: F401 - also imported from here (search)
+from model.transformer import first_argmax
 
 GREEDY, TOP_K, TOP_P, RANDOM, MIN_P = 0, 1, 2, 3, 4
 _MODES = {"greedy": GREEDY, "top_k": TOP_K, "top_p": TOP_P, "random": RANDOM, "min_p": MIN_P}

@@ -27,7 +27,8 @@ from model.config import LlamaConfig
 from model.generation.detokenizer import IncrementalDetokenizer
 from model.generation.kv_cache import KVCache, write_prompts, write_tokens
 from model.generation.requests import Completion
-from model.generation.sampling import first_argmax, top_k
+from model.generation.sampling import top_k
+from model.transformer import first_argmax
 
 if TYPE_CHECKING:
     from model.backbone import LlamaBackbone

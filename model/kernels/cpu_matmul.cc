@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -188,13 +189,18 @@ void RowArgmax(const float* y, int64_t rows, int64_t n0, float* best, int32_t* w
   }
 }
 
-// Calls body(r0, rows, n0, V) for every work item, on XLA's intra-op threads.
+// Calls body(r0, rows, n0, std::integral_constant<int, V>) for every work item, on XLA's intra-op threads: V, the
+// item's 16-float vectors of columns (3, or fewer in the last panel), as a compile-time size for Block.
 template <typename T, typename Body>
 void ForEachItem(ffi::ThreadPool& threads, const Problem<T>& a, Body body) {
   const int64_t panels = (a.n + kPanel - 1) / kPanel, chunks = (a.m + kChunk - 1) / kChunk;
   batchgen::ParallelFor(threads, panels * chunks, [&](int64_t i) {
     const int64_t r0 = (i / panels) * kChunk, rows = std::min(kChunk, a.m - r0), n0 = (i % panels) * kPanel;
-    body(r0, rows, n0, std::min<int64_t>(kPanel, a.n - n0) / 16);
+    switch (std::min<int64_t>(kPanel, a.n - n0) / 16) {
+      case 3: return body(r0, rows, n0, std::integral_constant<int, 3>{});
+      case 2: return body(r0, rows, n0, std::integral_constant<int, 2>{});
+      default: return body(r0, rows, n0, std::integral_constant<int, 1>{});
+    }
   });
 }
 
@@ -204,13 +210,8 @@ ffi::Error Matmul(ffi::ThreadPool& threads, const float* x, const std::array<int
   Problem<T> a{x, w, scale, y, x_dims[0], x_dims[1], n, transposed};
   if (a.n % 16 != 0 || a.k * a.n != w_count || a.m * a.n != y_count)
     return ffi::Error::InvalidArgument("shapes do not give x [M, K] . w [K, N] with N whole 16-float vectors");
-  ForEachItem(threads, a, [&](int64_t r0, int64_t rows, int64_t n0, int64_t vectors) {
-    float* out = a.y + r0 * a.n + n0;
-    switch (vectors) {
-      case 3: return Block<3, T>(a, r0, rows, n0, out, a.n);
-      case 2: return Block<2, T>(a, r0, rows, n0, out, a.n);
-      default: return Block<1, T>(a, r0, rows, n0, out, a.n);
-    }
+  ForEachItem(threads, a, [&](int64_t r0, int64_t rows, int64_t n0, auto vectors) {
+    Block<vectors, T>(a, r0, rows, n0, a.y + r0 * a.n + n0, a.n);
   });
   return ffi::Error::Success();
 }
@@ -225,20 +226,11 @@ ffi::Error MatmulArgmax(ffi::ThreadPool& threads, const float* x, const std::arr
   const int64_t panels = (a.n + kPanel - 1) / kPanel;
   if (a.n % 16 != 0 || a.k * a.n != w_count || a.m * panels != best_count)
     return ffi::Error::InvalidArgument("shapes do not give x [M, K] . w [K, N] with N whole 16-float vectors");
-  ForEachItem(threads, a, [&](int64_t r0, int64_t rows, int64_t n0, int64_t vectors) {
+  ForEachItem(threads, a, [&](int64_t r0, int64_t rows, int64_t n0, auto vectors) {
     alignas(64) static thread_local float tile[kChunk * kPanel];  // this item's [rows, V*16] of the product
     const int64_t at = r0 * panels + n0 / kPanel;
-    switch (vectors) {
-      case 3:
-        Block<3, T>(a, r0, rows, n0, tile, 48);
-        return RowArgmax<3>(tile, rows, n0, best + at, where + at, panels);
-      case 2:
-        Block<2, T>(a, r0, rows, n0, tile, 32);
-        return RowArgmax<2>(tile, rows, n0, best + at, where + at, panels);
-      default:
-        Block<1, T>(a, r0, rows, n0, tile, 16);
-        return RowArgmax<1>(tile, rows, n0, best + at, where + at, panels);
-    }
+    Block<vectors, T>(a, r0, rows, n0, tile, vectors * 16);
+    RowArgmax<vectors>(tile, rows, n0, best + at, where + at, panels);
   });
   return ffi::Error::Success();
 }

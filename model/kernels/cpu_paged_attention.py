@@ -20,7 +20,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from model.kernels import build
+from model.kernels import build, cpu_paged_cache
 
 NAME, SYMBOL, TARGET = "cpu_paged_attention", "BatchgenPagedWriteAttention", "batchgen_paged_write_attention"
 
@@ -30,16 +30,12 @@ def library_path() -> Path:
     return build.library_path(NAME)
 
 
-POOL_DTYPES = (jnp.float32, jnp.bfloat16)
-
-
 def supports(q: jax.Array, chunks_k: Sequence[jax.Array], chunks_v: Sequence[jax.Array]) -> bool:
     """Whether the library has an instantiation for these shapes and types (`Select` in the .cc file): float32
     or bfloat16 pools (keys and values alike) of 32-position pages, head size 64 or 128, 1 to 8 query heads per
     KV head."""
     (_, _, h, d), (_, k_heads, _, page) = q.shape, chunks_k[0].shape
-    dtypes = {chunk.dtype for chunk in (*chunks_k, *chunks_v)}
-    return (len(dtypes) == 1 and dtypes.pop() in POOL_DTYPES and page == 32 and d in (64, 128)
+    return (cpu_paged_cache.supports_write(chunks_k, chunks_v) and page == 32 and d in (64, 128)
             and 1 <= h // k_heads <= 8)
 
 

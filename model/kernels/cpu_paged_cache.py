@@ -23,7 +23,8 @@ COPY = ("BatchgenPagedCopy", "batchgen_paged_copy")
 
 
 def supports_write(chunks_k: Sequence[jax.Array], chunks_v: Sequence[jax.Array]) -> bool:
-    """Whether the kernel writes into this pool: keys and values all float32 or all bfloat16."""
+    """Whether the kernel writes into this pool: keys and values all float32 or all bfloat16 (`cpu_paged_pool.h`;
+    the attention kernel reads and writes the same pools)."""
     dtypes = {chunk.dtype for chunk in (*chunks_k, *chunks_v)}
     return len(dtypes) == 1 and dtypes.pop() in (jnp.float32, jnp.bfloat16)
 
