@@ -24,7 +24,8 @@ import numpy as np
 
 from model import paged_attention, rope
 from model.config import LlamaConfig
-from model.kernels import cpu_matmul
+from model.kernels import cpu_matmul, panels
+from model.kernels.panels import Panels
 
 Params = dict[str, Any]
 
@@ -61,11 +62,17 @@ def project(
     scale = weights.get(name + "_scale")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, inputs)
-    w2 = w.reshape(-1, inputs) if transposed else w.reshape(inputs, -1)
+    if isinstance(w, Panels):  # the engine's CPU decode weights (`model.kernels.panels`)
+        w2 = w
+    else:
+        w2 = w.reshape(-1, inputs) if transposed else w.reshape(inputs, -1)
 
     def xla_product():
-        dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
-        out = jax.lax.dot_general(x2, w2.astype(x.dtype), dims, preferred_element_type=jnp.float32)
+        if isinstance(w2, Panels):
+            out = panels.product(x2, w2)
+        else:
+            dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
+            out = jax.lax.dot_general(x2, w2.astype(x.dtype), dims, preferred_element_type=jnp.float32)
         return out if scale is None else out * scale.reshape(1, -1)
 
     if kernel and cpu_matmul.supports(x2, w2, scale) and cpu_matmul.available():
@@ -264,7 +271,7 @@ def _run_layers(
 
 
 def _compute_dtype(params: Params, dtype: Any) -> Any:
-    dtype = dtype or params["token_embedding"].dtype
+    dtype = dtype or params["token_embedding"].dtype  # an array, or Panels (`model.kernels.panels`)
     return jnp.float32 if dtype == jnp.int8 else dtype
 
 
@@ -363,7 +370,7 @@ def decode_paged(
 
 def embed(params: Params, token_ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:
     table = params["token_embedding"]
-    rows = jnp.take(table, token_ids, axis=0)
+    rows = panels.rows(table, token_ids) if isinstance(table, Panels) else jnp.take(table, token_ids, axis=0)
     scale = params.get("token_embedding_scale")
     if scale is not None:  # int8 rows with one scale per row
         rows = rows.astype(jnp.float32) * jnp.take(scale, token_ids, axis=0)
@@ -389,7 +396,7 @@ def greedy_tokens(params: Params, hidden: jnp.ndarray, kernel: bool = False) -> 
     name, transposed = ("lm_head", False) if "lm_head" in params else ("token_embedding", True)
     w, scale = params[name], params.get(name + "_scale")
     x = hidden.reshape(-1, m)
-    w2 = w.reshape(-1, m) if transposed else w.reshape(m, -1)
+    w2 = w if isinstance(w, Panels) else w.reshape(-1, m) if transposed else w.reshape(m, -1)
     reference = lambda: first_argmax(logits(params, hidden, kernel))  # noqa: E731
     if kernel and cpu_matmul.supports(x, w2, scale) and cpu_matmul.available():
         fused = lambda: cpu_matmul.matmul_argmax(x, w2, scale, transposed).reshape(hidden.shape[:-1])  # noqa: E731

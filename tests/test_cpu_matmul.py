@@ -14,7 +14,7 @@ from model import transformer
 from model.config import LlamaConfig
 from model.generation.engine import GenerationEngine
 from model.generation.requests import Request
-from model.kernels import cpu_matmul
+from model.kernels import cpu_matmul, panels
 
 
 def test_the_kernel_builds_wherever_there_is_a_compiler():
@@ -60,6 +60,14 @@ def test_the_kernel_equals_the_product(m, k, n, transposed, dtype):
     if supported:
         np.testing.assert_array_equal(np.asarray(project(x, True)), got)
     np.testing.assert_allclose(np.asarray(project(x, False)), expected, atol=tolerance, rtol=0)
+    # The same weight in panels (the engine's decode layout): the kernel reads it in place, or packs an int8 one
+    # from it, and gives the same bits; XLA's product of the panels is the reference again.
+    weights["w"] = panels.to_panels(jnp.asarray(w), k, transposed)
+    assert weights["w"].data.shape == (n // 16, k, 16)
+    np.testing.assert_array_equal(np.asarray(jax.jit(cpu_matmul.matmul)(x, weights["w"], scale)), got)
+    if supported:
+        np.testing.assert_array_equal(np.asarray(project(x, True)), got)
+    np.testing.assert_allclose(np.asarray(project(x, False)), expected, atol=tolerance, rtol=0)
 
 
 @pytest.mark.parametrize("m, k, n", [(4, 40, 32), (64, 576, 192), (13, 600, 80), (130, 577, 1536)])
@@ -87,6 +95,8 @@ def test_the_argmax_head_picks_the_products_first_largest_column(m, k, n, transp
     first = np.argmax(expected, axis=-1)  # numpy: the first of equal largest values
     got = np.asarray(jax.jit(cpu_matmul.matmul_argmax, static_argnames="transposed")(x, w, scale, transposed))
     np.testing.assert_array_equal(got, first)
+    in_panels = panels.to_panels(jnp.asarray(w), k, transposed)
+    np.testing.assert_array_equal(np.asarray(jax.jit(cpu_matmul.matmul_argmax)(x, in_panels, scale)), first)
     assert got[0] == 0 and got[1] == 16 and expected[0, n - 1] == expected[0, 0]
 
 
@@ -134,6 +144,37 @@ def test_operands_the_kernel_is_not_built_for_keep_xlas_product():
     assert not cpu_matmul.supports(x[:3], jnp.zeros((32, 32), jnp.float32), None)  # too few rows to pay
 
 
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_decode_weights_in_panels_give_the_same_step(quantization):
+    """`panels.for_kernel` puts every product the kernel takes into panels (the tied embedding too, whose token
+    lookup then reads rows of them), leaves the rest, and a decode step over them equals one over the weights as
+    they were, through XLA's products (the reference on every platform) and through the kernel."""
+    from model.kernels.panels import Panels
+
+    config, backbone = tiny_tied_model(12, quantization)
+    per_layer = transformer.unstack_layers(backbone.params())
+    packed = panels.for_kernel(per_layer, config.hidden_dim)
+    assert all(isinstance(layer[name], Panels) for layer in packed["layers"] for name in panels.LAYER_PRODUCTS)
+    assert isinstance(packed["token_embedding"], Panels) and not isinstance(packed["final_norm"], Panels)
+    assert not isinstance(packed["layers"][0]["attention_norm"], Panels)
+    ids = jnp.asarray([[0, 5, 17, 127]])
+    np.testing.assert_array_equal(transformer.embed(packed, ids, jnp.float32), transformer.embed(per_layer, ids, jnp.float32))
+    hidden = jnp.asarray(np.random.default_rng(3).standard_normal((8, config.hidden_dim)), jnp.float32)
+    for kernel in (False, True) if cpu_matmul.available() else (False,):
+        logits = jax.jit(transformer.logits, static_argnames="kernel")
+        np.testing.assert_allclose(logits(packed, hidden, kernel), logits(per_layer, hidden, kernel), atol=1e-5)
+        tokens = jax.jit(transformer.greedy_tokens, static_argnames="kernel")
+        np.testing.assert_array_equal(tokens(packed, hidden, kernel), tokens(per_layer, hidden, kernel))
+
+
+def test_a_weight_not_in_whole_panels_stays_as_it_is():
+    w = jnp.ones((32, 24), jnp.float32)
+    with pytest.raises(ValueError, match="whole panels"):
+        panels.to_panels(w, 32)
+    params = {"token_embedding": jnp.ones((24, 32), jnp.float32), "layers": []}  # 24 tokens: not whole panels
+    assert panels.for_kernel(params, 32)["token_embedding"] is params["token_embedding"]
+
+
 def tiny_tied_model(seed: int, quantization: str | None = None):
     """(config, backbone): two random layers, every width whole 16-float vectors, the vocabulary too, so that the
     tied LM head runs the kernel transposed."""
@@ -150,17 +191,19 @@ def tiny_tied_model(seed: int, quantization: str | None = None):
     return config, backbone
 
 
-def with_and_without_kernel(monkeypatch, run):
-    """run() with the kernel, asserting that it was traced for both weight layouts (the layers' products and the
-    tied LM head), then with XLA's products only (programs traced again); both results."""
+def with_and_without_kernel(monkeypatch, run, layouts=(0, 1, 2)):
+    """run() with the kernel, asserting that it was traced for these weight layouts (0, 1: prefill's layer products
+    and tied LM head, [K, N] and [N, K]; 2: decode's panels), then with XLA's products only (programs traced
+    again); both results."""
     if not cpu_matmul.available():
         pytest.skip("no kernel on this machine")
     traced = []
     kernel = cpu_matmul.matmul
-    monkeypatch.setattr(cpu_matmul, "matmul", lambda *args: traced.append(args[3]) or kernel(*args))
+    layout = lambda w, transposed=False: int(cpu_matmul._layout(w, transposed)[1])  # noqa: E731
+    monkeypatch.setattr(cpu_matmul, "matmul", lambda *args: traced.append(layout(*args[1::2])) or kernel(*args))
     jax.clear_caches()
     with_kernel = run()
-    assert set(traced) == {False, True}
+    assert set(traced) == set(layouts)
     monkeypatch.setattr(cpu_matmul, "available", lambda: False)
     traced.clear()
     jax.clear_caches()
@@ -204,7 +247,7 @@ def test_scoring_with_the_kernel_matches_xlas_products(monkeypatch):
         for i in range(6)
     ]
     with_kernel, without = with_and_without_kernel(
-        monkeypatch, lambda: scoring.score(backbone.params(), config, requests, 128)
+        monkeypatch, lambda: scoring.score(backbone.params(), config, requests, 128), layouts=(0, 1)  # no decode
     )
     for a, b in zip(with_kernel, without):
         np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5)

@@ -79,7 +79,7 @@ def _child(args: argparse.Namespace, dump: str, trace: str) -> None:
     import jax
     import numpy as np
 
-    from model import transformer
+    from batchgen.bench.slots import decode_weights
     from model.causal_lm import LlamaCausalLM
     from model.generation import paged_cache, sampling, steps
     from model.generation.paged_cache import PAGE_SIZE, PagedKVCache, PageTable, pages_for
@@ -93,7 +93,7 @@ def _child(args: argparse.Namespace, dump: str, trace: str) -> None:
     for slot in range(b):
         pages.admit(slot, context + args.steps, context + args.steps)
     cache = PagedKVCache.allocate(config, pages.pages, PAGE_SIZE, args.cache_dtype or lm.backbone.compute_dtype)
-    params = transformer.unstack_layers(lm.backbone.params())
+    params = decode_weights(lm)  # as the engine runs them
     rows, variant = sampling.row_sampling_params([SamplingParams(args.sampler)] * b)
     ints = lambda value: np.full(b, value, np.int32)  # noqa: E731
 

@@ -42,6 +42,13 @@ def full_slots_decode(lm, params, slots: int, context: int, steps_per_call: int,
     return call, PagedKVCache.allocate(config, pages.pages, PAGE_SIZE, cache_dtype or lm.backbone.compute_dtype)
 
 
+def decode_weights(lm) -> dict:
+    """The decode weights the engine would run `lm` with (per layer; in the CPU kernel's panels where it runs)."""
+    from model.generation import engine, steps
+
+    return steps.decode_weights(lm.backbone.params(), lm.backbone.config, kernel=engine.kernel_products(lm.backbone))
+
+
 def best_step_seconds(programs: dict, rounds: int, steps_per_call: int) -> dict:
     """Runs the programs interleaved, `rounds` times each, so that drift on a shared machine hits all alike; returns
     each one's best time per step. programs: name -> [call, state], call(state) -> the next state (a donated cache
@@ -69,10 +76,10 @@ def main() -> None:
 
     import jax
 
-    from model import LlamaCausalLM, transformer
+    from model import LlamaCausalLM
 
     lm = LlamaCausalLM.from_preset(args.preset, dtype=args.dtype)
-    params = transformer.unstack_layers(lm.backbone.params())
+    params = decode_weights(lm)
 
     def prepare(b: int):
         call, cache = full_slots_decode(lm, params, b, args.context, args.steps)

@@ -69,10 +69,13 @@ def _weight_products(params: dict, config: Any, steps: int, kind: str) -> Callab
     import jax.numpy as jnp
 
     from model import transformer
+    from model.kernels import panels
 
     m, f = config.hidden_dim, config.intermediate_dim
     names = ("query", "key", "value", "attention_output", "gate", "up", "down")
     weights = params if kind.startswith("float32") else _quantized(params, names, config)
+    if kind.endswith("CPU kernel"):  # as the engine keeps them for the kernel
+        weights = panels.for_kernel(weights, config.hidden_dim)
 
     def product(x, layer, name, inputs):
         if kind != "int8 x int8 (activations per row)":  # XLA's product, or the kernel
@@ -112,13 +115,14 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from batchgen.bench.slots import best_step_seconds, full_slots_decode
+    from batchgen.bench.slots import best_step_seconds, decode_weights, full_slots_decode
     from model import LlamaCausalLM, transformer
     from model.generation import steps
 
     lm = LlamaCausalLM.from_preset(args.preset, dtype="float32")
     config = lm.backbone.config
-    params = transformer.unstack_layers(lm.backbone.params())
+    params = transformer.unstack_layers(lm.backbone.params())  # XLA's products alone take the weights as stored
+    decode_params = decode_weights(lm)  # the engine's: products in the CPU kernel's panels
     b = args.slots
 
     def decode_call(attention: Callable | None = None, cache_dtype: Any = None):
@@ -130,7 +134,9 @@ def main() -> None:
 
             decode = jax.jit(decode_replaced, donate_argnames=("cache",),
                              static_argnames=("config", "variant", "steps", "chunks", "max_length", "logprobs_k"))
-        call, cache = full_slots_decode(lm, params, b, args.context, args.steps, decode=decode, cache_dtype=cache_dtype)
+        call, cache = full_slots_decode(
+            lm, decode_params, b, args.context, args.steps, decode=decode, cache_dtype=cache_dtype
+        )
         return [call, jax.block_until_ready(call(cache))]  # compiled
 
     x = jnp.ones((b, config.hidden_dim), jnp.float32)
@@ -146,10 +152,10 @@ def main() -> None:
         programs[f"weight products alone, {kind}"] = [call, jax.block_until_ready(call(x))]
     lm8 = LlamaCausalLM.from_preset(args.preset, dtype="float32")
     lm8.quantize("int8")
-    call, cache = full_slots_decode(lm8, transformer.unstack_layers(lm8.backbone.params()), b, args.context, args.steps)
+    call, cache = full_slots_decode(lm8, decode_weights(lm8), b, args.context, args.steps)
     programs["decode step, int8 model"] = [call, jax.block_until_ready(call(cache))]
     lm16 = LlamaCausalLM.from_preset(args.preset, dtype="bfloat16")
-    call, cache = full_slots_decode(lm16, transformer.unstack_layers(lm16.backbone.params()), b, args.context, args.steps)
+    call, cache = full_slots_decode(lm16, decode_weights(lm16), b, args.context, args.steps)
     programs["decode step, bfloat16 model"] = [call, jax.block_until_ready(call(cache))]
     best = best_step_seconds(programs, args.rounds, args.steps)
     floor = best["weight products alone, float32"]

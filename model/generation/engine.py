@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import parallel, transformer
+from model.kernels import cpu_matmul
 from model.backbone import LlamaBackbone
 from model.generation import (
     admission, compile_counter, completions, grammar, paged_cache, penalties, sampling, scoring, steps,
@@ -86,6 +87,15 @@ class DeviceCall:
     seconds: float
     rows: int
     tokens: int
+
+
+def kernel_products(backbone: LlamaBackbone) -> bool:
+    """Whether decode's products run as the CPU kernel, so that its weights are kept in the kernel's panels: a
+    float32 model (int8 weights included) on one CPU device; a model split across devices keeps XLA's products."""
+    return (
+        jax.default_backend() == "cpu" and backbone.compute_dtype == "float32"
+        and parallel.cache_sharding(backbone) is None and cpu_matmul.available()
+    )
 
 
 class GenerationEngine:
@@ -185,7 +195,8 @@ class GenerationEngine:
             self._weights_cache = None  # let the old copies go before making new ones
             if self.backbone.compute_dtype != str(params["token_embedding"].dtype) and "token_embedding_scale" not in params:
                 params = jax.tree.map(lambda w: w.astype(self.backbone.compute_dtype), params)
-            self._weights_cache = steps.Weights(params, transformer.unstack_layers(params))
+            per_layer = steps.decode_weights(params, self.config, kernel=kernel_products(self.backbone))
+            self._weights_cache = steps.Weights(params, per_layer)
             self._weights_source = source
         return self._weights_cache
 

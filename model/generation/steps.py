@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from model import paged_attention, transformer
+from model.kernels import panels
 from model.config import LlamaConfig
 from model.generation import grammar, logprobs, paged_cache, sampling
 from model.generation import penalties as penalty_kernel
@@ -28,11 +29,19 @@ class Weights:
     once for any depth) and per-layer copies for decode (unrolled: no per-step copies of layer slices).
 
     The per-layer copies double the weights' memory; a decode step reads each weight once, without them XLA would
-    copy each layer's slice of the stacked arrays on every step, ~1/3 of the step's time on CPU.
+    copy each layer's slice of the stacked arrays on every step, ~1/3 of the step's time on CPU. Where the CPU
+    product kernel runs them, the per-layer products are stored in its panels (`model.kernels.panels`).
     """
 
     stacked: transformer.Params
     per_layer: transformer.Params
+
+
+def decode_weights(params: transformer.Params, config: LlamaConfig, kernel: bool) -> transformer.Params:
+    """`Weights.per_layer` from the stacked weights: one copy per layer, its products in the CPU kernel's panels
+    when `kernel` (the kernel then reads float32 weights in place, `model.kernels.panels`)."""
+    per_layer = transformer.unstack_layers(params)
+    return panels.for_kernel(per_layer, config.hidden_dim) if kernel else per_layer
 
 
 def row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:

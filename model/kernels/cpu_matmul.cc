@@ -7,8 +7,12 @@
 // its product, a pass over the whole weight for every 16 columns it computes, which at 64 rows cost more than the
 // halved reads save; here the conversion is paid once per call and a quarter of float32's bytes come from memory.
 //
-// Layout: w is [K, N] (a Dense kernel), or [N, K] with `transposed` (the tied embedding as the LM head). N must
-// be whole 16-float vectors. Work items are (128 rows of x) x (48 columns of w), spread over XLA's intra-op
+// Layout (`layout`): w is [K, N] (a Dense kernel), [N, K] (the tied embedding as the LM head), or panels
+// [N / 16, K, 16]: each 16 columns' weights depth after depth, the layout the engine stores its weights in for this
+// kernel (`model/kernels/panels.py`). A float32 weight in panels needs no copy: the tiles read it in place, three
+// contiguous streams, which the hardware prefetcher follows (copying the weight into a panel was ~15% of a
+// decode step: a pass over every weight, serialized before the tiles that use it). N must be whole 16-float
+// vectors. Work items are (128 rows of x) x (48 columns of w), spread over XLA's intra-op
 // threads.
 //
 // The argmax handlers are the LM head of a greedy step: instead of y they return, per row and per 48-column
@@ -40,6 +44,11 @@ constexpr int kPanel = 48;        // columns of w per panel (3 vectors)
 constexpr int64_t kDepth = 192;   // depths per panel
 constexpr int64_t kChunk = 128;   // rows of x per work item
 
+enum Layout : int32_t { kRowsLayout = 0, kTransposedLayout = 1, kPanelsLayout = 2 };  // w [K, N], [N, K], panels
+inline Layout AsLayout(int32_t layout) {
+  return layout == 1 ? kTransposedLayout : layout == 2 ? kPanelsLayout : kRowsLayout;
+}
+
 // 16 weights as floats.
 inline __m512 Widen(const int8_t* w) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
@@ -56,6 +65,16 @@ void PackRows(const T* w, int64_t n, const float* scale, int64_t kc, float* pane
   for (int v = 0; v < V; ++v) s[v] = Scales(scale ? scale + v * 16 : nullptr);
   for (int64_t p = 0; p < kc; ++p)
     for (int v = 0; v < V; ++v) _mm512_store_ps(panel + (p * V + v) * 16, _mm512_mul_ps(s[v], Widen(w + p * n + v * 16)));
+}
+
+// The same panel from panels [N / 16, K, 16] (`w` points at [n0 / 16, k0, 0]): contiguous reads, widened and scaled.
+template <int V, typename T>
+void PackPanels(const T* w, int64_t k, const float* scale, int64_t kc, float* panel) {
+  __m512 s[V];
+  for (int v = 0; v < V; ++v) s[v] = Scales(scale ? scale + v * 16 : nullptr);
+  for (int64_t p = 0; p < kc; ++p)
+    for (int v = 0; v < V; ++v)
+      _mm512_store_ps(panel + (p * V + v) * 16, _mm512_mul_ps(s[v], Widen(w + (v * k + p) * 16)));
 }
 
 // r[c] = column c of the 16 x 16 block whose row j is r[j] (three rounds of shuffles, within lanes then across).
@@ -103,16 +122,18 @@ void PackTransposed(const T* w, int64_t k, const float* scale, int64_t kc, float
   }
 }
 
-// y[R rows, V*16] (+)= x[R rows, kc] . panel[kc, V*16]; `first`: the first depth block overwrites y.
+// y[R rows, V*16] (+)= x[R rows, kc] . panel[kc, V*16]; `first`: the first depth block overwrites y. The 16
+// weights of depth p and vector v are at panel + p * ps + v * vs: a packed panel (ps = V*16, vs = 16) or a
+// float32 weight in panels, read in place (ps = 16, vs = K*16).
 template <int R, int V>
-void Tile(const float* __restrict x, int64_t ldx, const float* __restrict panel, int64_t kc, float* __restrict y,
-          int64_t ldy, bool first) {
+void Tile(const float* __restrict x, int64_t ldx, const float* __restrict panel, int64_t ps, int64_t vs, int64_t kc,
+          float* __restrict y, int64_t ldy, bool first) {
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + r * ldy + v * 16);
   for (int64_t p = 0; p < kc; ++p) {
     __m512 w[V];
-    for (int v = 0; v < V; ++v) w[v] = _mm512_load_ps(panel + (p * V + v) * 16);
+    for (int v = 0; v < V; ++v) w[v] = _mm512_loadu_ps(panel + p * ps + v * vs);  // in place: XLA's alignment
     for (int r = 0; r < R; ++r) {
       const __m512 xr = _mm512_set1_ps(x[r * ldx + p]);
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xr, w[v], acc[r][v]);
@@ -123,19 +144,20 @@ void Tile(const float* __restrict x, int64_t ldx, const float* __restrict panel,
 }
 
 template <int V>
-void Tiles(const float* x, int64_t rows, int64_t k, const float* panel, int64_t kc, float* y, int64_t n, bool first) {
+void Tiles(const float* x, int64_t rows, int64_t k, const float* panel, int64_t ps, int64_t vs, int64_t kc, float* y,
+           int64_t n, bool first) {
   int64_t r = 0;
-  for (; r + kRows <= rows; r += kRows) Tile<kRows, V>(x + r * k, k, panel, kc, y + r * n, n, first);
+  for (; r + kRows <= rows; r += kRows) Tile<kRows, V>(x + r * k, k, panel, ps, vs, kc, y + r * n, n, first);
   x += r * k;
   y += r * n;
   switch (rows - r) {
-    case 7: return Tile<7, V>(x, k, panel, kc, y, n, first);
-    case 6: return Tile<6, V>(x, k, panel, kc, y, n, first);
-    case 5: return Tile<5, V>(x, k, panel, kc, y, n, first);
-    case 4: return Tile<4, V>(x, k, panel, kc, y, n, first);
-    case 3: return Tile<3, V>(x, k, panel, kc, y, n, first);
-    case 2: return Tile<2, V>(x, k, panel, kc, y, n, first);
-    case 1: return Tile<1, V>(x, k, panel, kc, y, n, first);
+    case 7: return Tile<7, V>(x, k, panel, ps, vs, kc, y, n, first);
+    case 6: return Tile<6, V>(x, k, panel, ps, vs, kc, y, n, first);
+    case 5: return Tile<5, V>(x, k, panel, ps, vs, kc, y, n, first);
+    case 4: return Tile<4, V>(x, k, panel, ps, vs, kc, y, n, first);
+    case 3: return Tile<3, V>(x, k, panel, ps, vs, kc, y, n, first);
+    case 2: return Tile<2, V>(x, k, panel, ps, vs, kc, y, n, first);
+    case 1: return Tile<1, V>(x, k, panel, ps, vs, kc, y, n, first);
     default: return;
   }
 }
@@ -147,7 +169,7 @@ struct Problem {
   const float* scale;
   float* y;
   int64_t m, k, n;
-  bool transposed;
+  Layout layout;
 };
 
 // One work item: rows [r0, r0 + rows) of x times columns [n0, n0 + V*16) of w, into y [rows, V*16] (row stride
@@ -158,12 +180,23 @@ void Block(const Problem<T>& a, int64_t r0, int64_t rows, int64_t n0, float* y, 
   const float* scale = a.scale ? a.scale + n0 : nullptr;  // none for a float weight
   for (int64_t k0 = 0; k0 < a.k; k0 += kDepth) {
     const int64_t kc = std::min(kDepth, a.k - k0);
-    if (a.transposed) {
-      PackTransposed<V, T>(a.w + n0 * a.k + k0, a.k, scale, kc, panel);
-    } else {
-      PackRows<V, T>(a.w + k0 * a.n + n0, a.n, scale, kc, panel);
+    const T* source = a.layout == kPanelsLayout ? a.w + (n0 * a.k + k0 * 16)
+                      : a.layout == kTransposedLayout ? a.w + n0 * a.k + k0
+                                                      : a.w + k0 * a.n + n0;
+    if constexpr (std::is_same_v<T, float>) {
+      if (a.layout == kPanelsLayout) {  // read in place
+        Tiles<V>(a.x + r0 * a.k + k0, rows, a.k, source, 16, a.k * 16, kc, y, ldy, k0 == 0);
+        continue;
+      }
     }
-    Tiles<V>(a.x + r0 * a.k + k0, rows, a.k, panel, kc, y, ldy, k0 == 0);
+    if (a.layout == kPanelsLayout) {
+      PackPanels<V, T>(source, a.k, scale, kc, panel);
+    } else if (a.layout == kTransposedLayout) {
+      PackTransposed<V, T>(source, a.k, scale, kc, panel);
+    } else {
+      PackRows<V, T>(source, a.n, scale, kc, panel);
+    }
+    Tiles<V>(a.x + r0 * a.k + k0, rows, a.k, panel, V * 16, 16, kc, y, ldy, k0 == 0);
   }
 }
 
@@ -206,8 +239,8 @@ void ForEachItem(ffi::ThreadPool& threads, const Problem<T>& a, Body body) {
 
 template <typename T>
 ffi::Error Matmul(ffi::ThreadPool& threads, const float* x, const std::array<int64_t, 2>& x_dims, const T* w,
-                  int64_t w_count, const float* scale, int64_t n, float* y, int64_t y_count, bool transposed) {
-  Problem<T> a{x, w, scale, y, x_dims[0], x_dims[1], n, transposed};
+                  int64_t w_count, const float* scale, int64_t n, float* y, int64_t y_count, Layout layout) {
+  Problem<T> a{x, w, scale, y, x_dims[0], x_dims[1], n, layout};
   if (a.n % 16 != 0 || a.k * a.n != w_count || a.m * a.n != y_count)
     return ffi::Error::InvalidArgument("shapes do not give x [M, K] . w [K, N] with N whole 16-float vectors");
   ForEachItem(threads, a, [&](int64_t r0, int64_t rows, int64_t n0, auto vectors) {
@@ -221,8 +254,8 @@ ffi::Error Matmul(ffi::ThreadPool& threads, const float* x, const std::array<int
 template <typename T>
 ffi::Error MatmulArgmax(ffi::ThreadPool& threads, const float* x, const std::array<int64_t, 2>& x_dims, const T* w,
                         int64_t w_count, const float* scale, int64_t n, float* best, int32_t* where,
-                        int64_t best_count, bool transposed) {
-  Problem<T> a{x, w, scale, nullptr, x_dims[0], x_dims[1], n, transposed};
+                        int64_t best_count, Layout layout) {
+  Problem<T> a{x, w, scale, nullptr, x_dims[0], x_dims[1], n, layout};
   const int64_t panels = (a.n + kPanel - 1) / kPanel;
   if (a.n % 16 != 0 || a.k * a.n != w_count || a.m * panels != best_count)
     return ffi::Error::InvalidArgument("shapes do not give x [M, K] . w [K, N] with N whole 16-float vectors");
@@ -236,39 +269,41 @@ ffi::Error MatmulArgmax(ffi::ThreadPool& threads, const float* x, const std::arr
 }
 
 ffi::Error Int8Matmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                      ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, bool transposed) {
+                      ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int32_t layout) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
   return Matmul<int8_t>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(),
-                        scale.typed_data(), scale.element_count(), y->typed_data(), y->element_count(), transposed);
+                        scale.typed_data(), scale.element_count(), y->typed_data(), y->element_count(),
+                        AsLayout(layout));
 }
 
 ffi::Error F32Matmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                     ffi::ResultBuffer<ffi::F32> y, bool transposed) {
+                     ffi::ResultBuffer<ffi::F32> y, int32_t layout) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
   const int64_t n = w.element_count() / std::max<int64_t>(dims[1], 1);
   return Matmul<float>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(), nullptr, n,
-                       y->typed_data(), y->element_count(), transposed);
+                       y->typed_data(), y->element_count(), AsLayout(layout));
 }
 
 ffi::Error Int8MatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                             ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> best,
-                            ffi::ResultBuffer<ffi::S32> where, bool transposed) {
+                            ffi::ResultBuffer<ffi::S32> where, int32_t layout) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
   return MatmulArgmax<int8_t>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(),
                               scale.typed_data(), scale.element_count(), best->typed_data(), where->typed_data(),
-                              best->element_count(), transposed);
+                              best->element_count(), AsLayout(layout));
 }
 
 ffi::Error F32MatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                           ffi::ResultBuffer<ffi::F32> best, ffi::ResultBuffer<ffi::S32> where, bool transposed) {
+                           ffi::ResultBuffer<ffi::F32> best, ffi::ResultBuffer<ffi::S32> where, int32_t layout) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
   const int64_t n = w.element_count() / std::max<int64_t>(dims[1], 1);
   return MatmulArgmax<float>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(), nullptr,
-                             n, best->typed_data(), where->typed_data(), best->element_count(), transposed);
+                             n, best->typed_data(), where->typed_data(), best->element_count(),
+                             AsLayout(layout));
 }
 
 }  // namespace
@@ -281,7 +316,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenInt8MatmulArgmax, Int8MatmulArgmax,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<bool>("transposed"));
+                                  .Attr<int32_t>("layout"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenF32MatmulArgmax, F32MatmulArgmax,
                               ffi::Ffi::Bind()
@@ -290,7 +325,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenF32MatmulArgmax, F32MatmulArgmax,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<bool>("transposed"));
+                                  .Attr<int32_t>("layout"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenInt8Matmul, Int8Matmul,
                               ffi::Ffi::Bind()
@@ -299,7 +334,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenInt8Matmul, Int8Matmul,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transposed"));
+                                  .Attr<int32_t>("layout"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenF32Matmul, F32Matmul,
                               ffi::Ffi::Bind()
@@ -307,4 +342,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenF32Matmul, F32Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transposed"));
+                                  .Attr<int32_t>("layout"));

@@ -10,7 +10,9 @@ at 64 rows. The kernel converts each weight block once, into the same panel. `mo
 product stays the reference and runs wherever this cannot: other platforms (`jax.lax.platform_dependent`),
 weights split across devices, activations that are not float32, or a machine without a C++ compiler.
 `matmul_argmax` is the same product as a greedy step's LM head: it returns each row's first largest column, not
-the [rows, vocabulary] logits (`model.transformer.greedy_tokens`).
+the [rows, vocabulary] logits (`model.transformer.greedy_tokens`). Both take a weight as [K, N], as [N, K]
+(`transposed`: the tied embedding) or in panels (`model.kernels.panels`, the engine's decode weights on CPU), which
+the kernel reads in place when they are float32.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model.kernels import build
+from model.kernels.panels import Panels
 
 NAME = "cpu_matmul"
 TARGETS = {  # weight dtype -> (the handler's symbol in the library, its XLA target name)
@@ -33,8 +37,8 @@ ARGMAX_TARGETS = {  # the same products, returning each row's best column instea
 }
 
 
-# Below this many rows XLA's product wins: the kernel's panel costs a write and a read of every weight block,
-# which a few rows do not repay (1 row: 109 vs 70 ms for the demo model's products, 2 rows: even; 4 rows: the
+# Below this many rows XLA's product wins: the kernel's panel costs a write and a read of every weight block
+# (weights not in panels, or int8), which a few rows do not repay (1 row: 109 vs 70 ms for the demo model's products, 2 rows: even; 4 rows: the
 # kernel 11% faster; interleaved in one process).
 MIN_ROWS = 4
 
@@ -44,10 +48,14 @@ def library_path() -> Path:
     return build.library_path(NAME)
 
 
-def supports(x: jax.Array, w: jax.Array, scale: jax.Array | None) -> bool:
+def supports(x: jax.Array, w: jax.Array | Panels, scale: jax.Array | None) -> bool:
     """Whether the kernel takes these operands, and is worth calling: float32 x [M, K] with M >= MIN_ROWS and a
-    weight of K x N entries, float32 without a scale or int8 with a float32 scale of N entries, N whole 16-float
-    vectors. (`matmul` itself computes any M.)"""
+    weight of K x N entries (or Panels of K inputs), float32 without a scale or int8 with a float32 scale of N
+    entries, N whole 16-float vectors. (`matmul` itself computes any M.)"""
+    if isinstance(w, Panels):
+        if w.inputs != x.shape[-1]:
+            return False
+        w = w.data
     if x.ndim != 2 or x.dtype != jnp.float32 or x.shape[0] < MIN_ROWS or x.shape[1] == 0 or w.size % x.shape[1]:
         return False
     n = w.size // x.shape[1]
@@ -65,26 +73,35 @@ def available() -> bool:
     return all(build.register(NAME, symbol, target) for symbol, target in targets)
 
 
-def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, transposed: bool) -> jax.Array:
-    """x [M, K] float32 times w viewed as [K, N] ([N, K] when `transposed`): [M, N] float32. An int8 w comes with
-    one scale per output channel, applied to the weight before the sum."""
+def _layout(w: jax.Array | Panels, transposed: bool) -> tuple[jax.Array, np.int32]:
+    """The weight's array and its layout as the kernel's `layout` attribute: 0 [K, N], 1 [N, K], 2 panels."""
+    if isinstance(w, Panels):
+        return w.data, np.int32(2)
+    return w, np.int32(1 if transposed else 0)
+
+
+def matmul(x: jax.Array, w: jax.Array | Panels, scale: jax.Array | None, transposed: bool = False) -> jax.Array:
+    """x [M, K] float32 times w viewed as [K, N] ([N, K] when `transposed`; Panels hold their own layout):
+    [M, N] float32. An int8 w comes with one scale per output channel, applied to the weight before the sum."""
+    w, layout = _layout(w, transposed)
     n = w.size // x.shape[1]
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     if scale is None:
-        return jax.ffi.ffi_call(TARGETS["float32"][1], out)(x, w, transposed=transposed)
-    return jax.ffi.ffi_call(TARGETS["int8"][1], out)(x, w, scale.reshape(n), transposed=transposed)
+        return jax.ffi.ffi_call(TARGETS["float32"][1], out)(x, w, layout=layout)
+    return jax.ffi.ffi_call(TARGETS["int8"][1], out)(x, w, scale.reshape(n), layout=layout)
 
 
-def matmul_argmax(x: jax.Array, w: jax.Array, scale: jax.Array | None, transposed: bool) -> jax.Array:
+def matmul_argmax(x: jax.Array, w: jax.Array | Panels, scale: jax.Array | None, transposed: bool = False) -> jax.Array:
     """The first column of each row's largest value of `matmul(x, w, scale, transposed)`: [M] int32, without the
     [M, N] product ever being written (the kernel keeps each 48-column panel's best; the first panel holding the
     row's largest value wins here, so ties go to the lowest column, as `jnp.argmax`)."""
+    w, layout = _layout(w, transposed)
     n = w.size // x.shape[1]
-    panels = -(-n // 48)  # the kernel's panels of 48 columns (cpu_matmul.cc's kPanel)
+    panels = -(-n // 48)  # the kernel's work items of 48 columns (cpu_matmul.cc's kPanel)
     out = (jax.ShapeDtypeStruct((x.shape[0], panels), jnp.float32), jax.ShapeDtypeStruct((x.shape[0], panels), jnp.int32))
     if scale is None:
-        best, where = jax.ffi.ffi_call(ARGMAX_TARGETS["float32"][1], out)(x, w, transposed=transposed)
+        best, where = jax.ffi.ffi_call(ARGMAX_TARGETS["float32"][1], out)(x, w, layout=layout)
     else:
-        best, where = jax.ffi.ffi_call(ARGMAX_TARGETS["int8"][1], out)(x, w, scale.reshape(n), transposed=transposed)
+        best, where = jax.ffi.ffi_call(ARGMAX_TARGETS["int8"][1], out)(x, w, scale.reshape(n), layout=layout)
     panel = jnp.argmax(best, axis=-1)
     return jnp.take_along_axis(where, panel[:, None], axis=-1)[:, 0]
