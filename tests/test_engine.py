@@ -257,9 +257,11 @@ def test_compaction_packs_occupied_slots_low_and_decode_computes_only_their_rows
     table.compact()
     assert [e.request.request_id if e else None for e in table.entries[:4]] == [30, 17, 3, None]
     assert list(table.tokens[:3]) == [30, 17, 3] and table.active[:3].all() and not table.active[3:].any()
-    assert rows_bucket(table.occupied(), 32) == 8 and rows_bucket(20, 32) == 32 and rows_bucket(0, 32) == 8
+    assert rows_bucket(table.occupied(), 32) == 8 and rows_bucket(0, 32) == 8
+    assert [rows_bucket(n, 256) for n in (9, 17, 25, 33, 49, 65, 97, 129, 193)] == [16, 24, 32, 48, 64, 96, 128, 192, 256]
+    assert rows_bucket(20, 20) == 20 and rows_bucket(40, 32) == 32  # never past max_slots
 
-    # Sequences of very different lengths: the engine runs its calls at 8, 16 and 32 rows as slots free up,
+    # Sequences of very different lengths: the engine runs its calls at 32 rows down to 8 as slots free up,
     # and every request's tokens equal those it gets alone.
     rng = np.random.default_rng(3)
     requests = [Request(i, list(rng.integers(1, 90, 5)), int(n)) for i, n in enumerate(rng.integers(1, 40, 30))]

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import parallel, transformer
-from model.kernels import cpu_matmul
 from model.backbone import LlamaBackbone
 from model.generation import (
     admission, compile_counter, completions, grammar, paged_cache, penalties, sampling, scoring, steps,
@@ -43,6 +42,7 @@ from model.generation.requests import Completion, Request
 from model.generation.scheduler import (
     MIN_PACK_BUCKET, Slot, SlotTable, auto_slots, bucket, plan_packs, rows_bucket, segment_bound, segments_for,
 )
+from model.kernels import cpu_matmul
 
 
 @dataclasses.dataclass
