@@ -40,8 +40,16 @@ class Weights:
 def decode_weights(params: transformer.Params, config: LlamaConfig, kernel: bool) -> transformer.Params:
     """`Weights.per_layer` from the stacked weights: one copy per layer, its products in the CPU kernel's panels
     when `kernel` (the kernel then reads float32 weights in place, `model.kernels.panels`)."""
-    per_layer = transformer.unstack_layers(params)
-    return panels.for_kernel(per_layer, config.hidden_dim) if kernel else per_layer
+    if not kernel:
+        return transformer.unstack_layers(params)
+    # A layer at a time: its slices are let go once its panels exist, so that the weights are never held three
+    # times over (stacked, sliced and in panels) while the engine starts.
+    stacked, m = params["layers"], config.hidden_dim
+    layers = [
+        jax.block_until_ready(panels.layer_for_kernel({name: w[i] for name, w in stacked.items()}, m))
+        for i in range(config.num_layers)
+    ]
+    return panels.for_kernel({**params, "layers": layers}, m)
 
 
 def row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:

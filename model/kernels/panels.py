@@ -69,27 +69,31 @@ def rows(panels: Panels, ids: jax.Array) -> jax.Array:
 def for_kernel(params: dict, hidden_dim: int) -> dict:
     """Per-layer weights (`transformer.unstack_layers`) with every product weight the kernel takes (float32, or
     int8 with a scale, whole panels of columns) in panels. A tied embedding goes into panels too: the LM head reads
-    it as panels and decode's token lookup reads rows of them (`rows`), one copy for both."""
-
-    def convert(weights: dict, name: str, inputs: int, transposed: bool = False) -> None:
-        w = weights.get(name)
-        scaled = name + "_scale" in weights
-        if w is None or not (w.dtype == jnp.float32 and not scaled or w.dtype == jnp.int8 and scaled):
-            return
-        if (w.size // inputs) % WIDTH == 0:
-            weights[name] = to_panels(w, inputs, transposed)
-
-    m = hidden_dim
-    layers = []
-    for layer in params["layers"]:
-        layer = dict(layer)
-        for name in LAYER_PRODUCTS:  # the two that write the residual stream have M outputs, the rest M inputs
-            convert(layer, name, layer[name].size // m if name in ("attention_output", "down") else m)
-        layers.append(layer)
-    out = {**params, "layers": layers}
+    it as panels and decode's token lookup reads rows of them (`rows`), one copy for both. Weights already in
+    panels stay as they are."""
+    out = {**params, "layers": [layer_for_kernel(layer, hidden_dim) for layer in params["layers"]]}
     if "lm_head" in out:
-        convert(out, "lm_head", m)
+        _convert(out, "lm_head", hidden_dim)
     else:
-        convert(out, "token_embedding", m, transposed=True)
+        _convert(out, "token_embedding", hidden_dim, transposed=True)
     return jax.block_until_ready(out)
 
+
+def layer_for_kernel(layer: dict, hidden_dim: int) -> dict:
+    """One layer's weights with its products in panels (see `for_kernel`)."""
+    layer = dict(layer)
+    for name in LAYER_PRODUCTS:  # the two that write the residual stream have M outputs, the rest M inputs
+        if not isinstance(layer[name], Panels):
+            inputs = layer[name].size // hidden_dim if name in ("attention_output", "down") else hidden_dim
+            _convert(layer, name, inputs)
+    return layer
+
+
+def _convert(weights: dict, name: str, inputs: int, transposed: bool = False) -> None:
+    """weights[name] into panels, in the dict, where the kernel takes it."""
+    w = weights.get(name)
+    if w is None or isinstance(w, Panels):
+        return
+    scaled = name + "_scale" in weights
+    if (w.dtype == jnp.float32 and not scaled or w.dtype == jnp.int8 and scaled) and (w.size // inputs) % WIDTH == 0:
+        weights[name] = to_panels(w, inputs, transposed)
