@@ -62,10 +62,7 @@ def project(
     scale = weights.get(name + "_scale")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, inputs)
-    if isinstance(w, Panels):  # the engine's CPU decode weights (`model.kernels.panels`)
-        w2 = w
-    else:
-        w2 = w.reshape(-1, inputs) if transposed else w.reshape(inputs, -1)
+    w2 = _matrix(w, inputs, transposed)
 
     def xla_product():
         if isinstance(w2, Panels):
@@ -82,6 +79,14 @@ def project(
     else:
         out = xla_product()
     return out.astype(out_dtype or x.dtype).reshape(*lead, -1)
+
+
+def _matrix(w: jnp.ndarray | Panels, inputs: int, transposed: bool) -> jnp.ndarray | Panels:
+    """A product's weight as the products take it: [In, Out] ([Out, In] when `transposed`), or Panels as they are
+    (the engine's CPU decode weights, `model.kernels.panels`)."""
+    if isinstance(w, Panels):
+        return w
+    return w.reshape(-1, inputs) if transposed else w.reshape(inputs, -1)
 
 
 def _attention(
@@ -313,15 +318,17 @@ def forward(
     return _run_layers(params, config, token_ids, positions, dtype, attend, cache, kernel)
 
 
-def unstack_layers(params: Params) -> Params:
-    """The parameters with `layers` as a list of L per-layer trees instead of stacked [L, ...] arrays.
+def unstack_layers(params: Params, each: Callable[[Params], Params] | None = None) -> Params:
+    """The parameters with `layers` as a list of L per-layer trees instead of stacked [L, ...] arrays, each passed
+    through `each` as it is sliced (so a transformed copy never needs all the slices at once).
 
     `decode_paged` runs its layers unrolled over these: a layer body inside `lax.scan` slices each stacked weight,
     and XLA copies every such slice before the matmul reads it (~0.4 GB per decode step for the demo model).
     """
     stacked = params["layers"]
     layers = len(next(iter(stacked.values())))
-    return {**params, "layers": [{name: w[i] for name, w in stacked.items()} for i in range(layers)]}
+    each = each or (lambda layer: layer)
+    return {**params, "layers": [each({name: w[i] for name, w in stacked.items()}) for i in range(layers)]}
 
 
 def decode_paged(
@@ -396,7 +403,7 @@ def greedy_tokens(params: Params, hidden: jnp.ndarray, kernel: bool = False) -> 
     name, transposed = ("lm_head", False) if "lm_head" in params else ("token_embedding", True)
     w, scale = params[name], params.get(name + "_scale")
     x = hidden.reshape(-1, m)
-    w2 = w if isinstance(w, Panels) else w.reshape(-1, m) if transposed else w.reshape(m, -1)
+    w2 = _matrix(w, m, transposed)
     reference = lambda: first_argmax(logits(params, hidden, kernel))  # noqa: E731
     if kernel and cpu_matmul.supports(x, w2, scale) and cpu_matmul.available():
         fused = lambda: cpu_matmul.matmul_argmax(x, w2, scale, transposed).reshape(hidden.shape[:-1])  # noqa: E731

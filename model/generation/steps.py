@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from model import paged_attention, transformer
-from model.kernels import panels
 from model.config import LlamaConfig
 from model.generation import grammar, logprobs, paged_cache, sampling
 from model.generation import penalties as penalty_kernel
 from model.generation.paged_cache import PagedKVCache
 from model.generation.penalties import Penalties
+from model.kernels import panels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +44,10 @@ def decode_weights(params: transformer.Params, config: LlamaConfig, kernel: bool
         return transformer.unstack_layers(params)
     # A layer at a time: its slices are let go once its panels exist, so that the weights are never held three
     # times over (stacked, sliced and in panels) while the engine starts.
-    stacked, m = params["layers"], config.hidden_dim
-    layers = [
-        jax.block_until_ready(panels.layer_for_kernel({name: w[i] for name, w in stacked.items()}, m))
-        for i in range(config.num_layers)
-    ]
-    return panels.for_kernel({**params, "layers": layers}, m)
+    def packed(layer: transformer.Params) -> transformer.Params:
+        return jax.block_until_ready(panels.layer_for_kernel(layer, config.hidden_dim))
+
+    return panels.head_for_kernel(transformer.unstack_layers(params, each=packed), config.hidden_dim)
 
 
 def row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:

@@ -39,10 +39,6 @@ class Panels:
     def inputs(self) -> int:
         return self.data.shape[1]
 
-    @property
-    def outputs(self) -> int:
-        return self.data.shape[0] * WIDTH
-
 
 def to_panels(w: jax.Array, inputs: int, transposed: bool = False) -> Panels:
     """w viewed as [inputs, N] ([N, inputs] when `transposed`) -> Panels; N must be whole panels."""
@@ -68,10 +64,24 @@ def rows(panels: Panels, ids: jax.Array) -> jax.Array:
 
 def for_kernel(params: dict, hidden_dim: int) -> dict:
     """Per-layer weights (`transformer.unstack_layers`) with every product weight the kernel takes (float32, or
-    int8 with a scale, whole panels of columns) in panels. A tied embedding goes into panels too: the LM head reads
-    it as panels and decode's token lookup reads rows of them (`rows`), one copy for both. Weights already in
-    panels stay as they are."""
-    out = {**params, "layers": [layer_for_kernel(layer, hidden_dim) for layer in params["layers"]]}
+    int8 with a scale, whole panels of columns) in panels: each layer's (`layer_for_kernel`) and the LM head
+    (`head_for_kernel`)."""
+    layers = [layer_for_kernel(layer, hidden_dim) for layer in params["layers"]]
+    return head_for_kernel({**params, "layers": layers}, hidden_dim)
+
+
+def layer_for_kernel(layer: dict, hidden_dim: int) -> dict:
+    """One layer's weights with its products in panels (see `for_kernel`)."""
+    layer = dict(layer)
+    for name in LAYER_PRODUCTS:  # the two that write the residual stream have M outputs, the rest M inputs
+        _convert(layer, name, layer[name].size // hidden_dim if name in ("attention_output", "down") else hidden_dim)
+    return layer
+
+
+def head_for_kernel(params: dict, hidden_dim: int) -> dict:
+    """The weights with the LM head in panels (see `for_kernel`). A tied embedding goes into panels too: the head
+    reads it as panels and decode's token lookup reads rows of them (`rows`), one copy for both."""
+    out = dict(params)
     if "lm_head" in out:
         _convert(out, "lm_head", hidden_dim)
     else:
@@ -79,20 +89,10 @@ def for_kernel(params: dict, hidden_dim: int) -> dict:
     return jax.block_until_ready(out)
 
 
-def layer_for_kernel(layer: dict, hidden_dim: int) -> dict:
-    """One layer's weights with its products in panels (see `for_kernel`)."""
-    layer = dict(layer)
-    for name in LAYER_PRODUCTS:  # the two that write the residual stream have M outputs, the rest M inputs
-        if not isinstance(layer[name], Panels):
-            inputs = layer[name].size // hidden_dim if name in ("attention_output", "down") else hidden_dim
-            _convert(layer, name, inputs)
-    return layer
-
-
 def _convert(weights: dict, name: str, inputs: int, transposed: bool = False) -> None:
     """weights[name] into panels, in the dict, where the kernel takes it."""
     w = weights.get(name)
-    if w is None or isinstance(w, Panels):
+    if w is None:
         return
     scaled = name + "_scale" in weights
     if (w.dtype == jnp.float32 and not scaled or w.dtype == jnp.int8 and scaled) and (w.size // inputs) % WIDTH == 0:
