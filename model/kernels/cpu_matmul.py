@@ -38,8 +38,8 @@ ARGMAX_TARGETS = {  # the same products, returning each row's best column instea
 
 
 # Below this many rows XLA's product wins: the kernel's panel costs a write and a read of every weight block
-# (weights not in panels, or int8), which a few rows do not repay (1 row: 109 vs 70 ms for the demo model's products, 2 rows: even; 4 rows: the
-# kernel 11% faster; interleaved in one process).
+# (weights not in panels, or int8), which a few rows do not repay (1 row: 109 vs 70 ms for the demo model's
+# products, 2 rows: even; 4 rows: the kernel 11% faster; interleaved in one process).
 MIN_ROWS = 4
 
 

@@ -53,10 +53,6 @@ inline __m512 Load16(const BFloat16* p) {
 }
 #endif
 
-// Attention of one slot's G queries of KV head `head` over its pages, into out [G, D]: per page, scores
-// [G, D] x [D, P], then the page's weights folded into each query's running (maximum, sum, weighted values).
-// G, P and D are compile-time sizes; with AVX-512 the scores (G x P/16 vectors) and the accumulators (G x D/16)
-// live in the 32 vector registers, which a plain loop nest does not get from the compiler.
 #ifdef __AVX512F__
 // Cache-line prefetches, `count` lines from line `first` of the block at `base` that has `lines` lines.
 template <typename E>
@@ -66,6 +62,10 @@ inline void PrefetchLines(const E* base, int64_t first, int64_t count, int64_t l
 }
 #endif
 
+// Attention of one slot's G queries of KV head `head` over its pages, into out [G, D]: per page, scores
+// [G, D] x [D, P], then the page's weights folded into each query's running (maximum, sum, weighted values).
+// G, P and D are compile-time sizes; with AVX-512 the scores (G x P/16 vectors) and the accumulators (G x D/16)
+// live in the 32 vector registers, which a plain loop nest does not get from the compiler.
 template <int G, int P, int D, typename E>
 void AttendOne(const Pool<E>& pool, int64_t head, const float* __restrict q, int64_t length, const int32_t* pages,
                int64_t width, float* __restrict out) {
@@ -81,33 +81,30 @@ void AttendOne(const Pool<E>& pool, int64_t head, const float* __restrict q, int
 #else
   float acc[G][D] = {};
 #endif
-  // Which page of the row is usable: its pointers, or false past the row's last visible page.
+  // Page j of the row: its keys [D, P] and values [P, D], or null past the row's last visible page.
   auto page_at = [&](int64_t j, E** keys, E** values) {
-    if (j >= width) return false;
-    const int64_t id = pages[j];
-    if (id < 0 || id >= pool.first.back() || length + 1 - j * P <= 0) return false;
-    batchgen::PagePointers(pool, id, head, keys, values);
-    return true;
+    *keys = *values = nullptr;
+    if (j >= width || pages[j] < 0 || pages[j] >= pool.first.back() || length + 1 - j * P <= 0) return;
+    batchgen::PagePointers(pool, pages[j], head, keys, values);
   };
+  E *keys, *values, *next_keys, *next_values;
+  page_at(0, &keys, &values);
 #ifdef __AVX512F__
   // The pass is bound by reading pages scattered over the pool, and the hardware prefetcher stops at every
   // 4 KiB boundary. So page j + 1 is requested while page j is read, a few cache lines per loop iteration: its
   // keys while page j's keys are scored, its values while page j's values are summed; the first page whole.
   constexpr int64_t kLines = int64_t{D} * P * sizeof(E) / 64;  // a page's keys, or its values
   constexpr int64_t kLinesPerD = (kLines + D - 1) / D, kLinesPerP = (kLines + P - 1) / P;
-  E *next_keys = nullptr, *next_values = nullptr;
-  if (page_at(0, &next_keys, &next_values)) {
-    PrefetchLines(next_keys, 0, kLines, kLines);
-    PrefetchLines(next_values, 0, kLines, kLines);
+  if (keys != nullptr) {
+    PrefetchLines(keys, 0, kLines, kLines);
+    PrefetchLines(values, 0, kLines, kLines);
   }
 #endif
-  for (int64_t j = 0; j < width; ++j) {
+  for (int64_t j = 0; keys != nullptr; ++j, keys = next_keys, values = next_values) {
     const int64_t visible = std::min<int64_t>(P, length + 1 - j * P);
-    E* keys;    // [D, P]
-    E* values;  // [P, D]
-    if (!page_at(j, &keys, &values)) break;
+    page_at(j + 1, &next_keys, &next_values);
 #ifdef __AVX512F__
-    const bool has_next = page_at(j + 1, &next_keys, &next_values);
+    const bool has_next = next_keys != nullptr;
     __m512 scores[G][PV];
     for (int g = 0; g < G; ++g)
       for (int i = 0; i < PV; ++i) scores[g][i] = _mm512_setzero_ps();
