@@ -24,9 +24,10 @@ def test_the_kernel_builds_wherever_there_is_a_compiler():
     assert cpu_matmul.library_path().exists()
 
 
-# Rows: one, a partial 8-row tile, whole tiles, past one 128-row work item. Depths: under one 16-wide block,
-# not whole blocks, past one 192-deep panel. Columns: 1, 2 and 3 vectors per panel, and several panels.
-SHAPES = [(1, 16, 16), (7, 40, 32), (64, 576, 192), (13, 600, 80), (130, 577, 1536), (9, 33, 256)]
+# Rows: one, partial tiles (8 rows with AVX-512, 6 with AVX2), whole tiles, past one 128-row work item. Depths:
+# under one 16-wide block, not whole blocks, past one panel's depth (192 with AVX-512, 1536 with AVX2). Columns:
+# 1, 2 and 3 vectors per panel, and several panels.
+SHAPES = [(1, 16, 16), (7, 40, 32), (64, 576, 192), (13, 600, 80), (130, 577, 1536), (9, 33, 256), (11, 1600, 48)]
 
 
 @pytest.mark.parametrize("m, k, n", SHAPES)

@@ -4,7 +4,8 @@
 A kernel is compiled with the host's `c++` for this machine (-march=native) against jaxlib's FFI headers, into
 ~/.cache/batchgen/kernels (under $BATCHGEN_CACHE when set), named by a hash of its source, the shared header, the
 flags and the jaxlib version, so a machine compiles each kernel once (~10 s). Where that fails (no compiler, a
-CPU without AVX-512), `register` logs why once and says no: the callers then keep their pure-JAX path.
+CPU a kernel has no path for: the product kernel needs AVX-512, or AVX2 with FMA), `register` logs why once and
+says no: the callers then keep their pure-JAX path.
 BATCHGEN_CPU_KERNELS=0 turns every kernel off the same way (to compare, or to rule a kernel out).
 """
 
@@ -57,7 +58,7 @@ def build(name: str, path: Path) -> None:
                    "-o", str(built)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[:2000]}")
         os.replace(built, path)
 
 
