@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 
 FOLDER = Path(__file__).parent
-HEADERS = (FOLDER / "cpu_parallel.h", FOLDER / "cpu_paged_pool.h")
+HEADERS = (FOLDER / "cpu_parallel.h", FOLDER / "cpu_paged_pool.h", FOLDER / "cpu_vector.h")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-shared", "-fPIC", "-std=c++17", "-w")
 
 log = logging.getLogger(__name__)

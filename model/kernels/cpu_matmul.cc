@@ -36,9 +36,10 @@
 #include <type_traits>
 
 #include "cpu_parallel.h"
+#include "cpu_vector.h"
 #include "xla/ffi/api/ffi.h"
 
-#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
+#if !BATCHGEN_VECTOR
 #error "cpu_matmul needs AVX-512, or AVX2 with FMA"
 #endif
 
@@ -46,37 +47,22 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// The instruction set's vector of floats. Panels and layouts are in 16-float groups whatever the width: an AVX2
-// build holds each group in two 8-float registers.
+using batchgen::Broadcast;
+using batchgen::Fma;
+using batchgen::kLanes;
+using batchgen::Load;
+using batchgen::Mul;
+using batchgen::Store;
+using batchgen::Vec;
+using batchgen::Zero;
+
 #ifdef __AVX512F__
-using Vec = __m512;
-constexpr int kLanes = 16;
-inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
-inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-inline Vec Broadcast(float x) { return _mm512_set1_ps(x); }
-inline Vec Zero() { return _mm512_setzero_ps(); }
-inline Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
-inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec Widen(const int8_t* w) {  // kLanes weights as floats
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
-}
 // Tile shape: 8 rows x (up to 3 groups of 16 columns) is 24 of the 32 registers accumulating. Panels of 192
 // depths (36 KiB) fit L1.
 constexpr int kRows = 8;
 constexpr int kTileGroups = 3;
 constexpr int64_t kDepth = 192;
 #else
-using Vec = __m256;
-constexpr int kLanes = 8;
-inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
-inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline Vec Broadcast(float x) { return _mm256_set1_ps(x); }
-inline Vec Zero() { return _mm256_setzero_ps(); }
-inline Vec Mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
-inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec Widen(const int8_t* w) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
-}
 // Tile shape: 6 rows x one group of 16 columns (two registers) is 12 of the 16 registers accumulating, two hold
 // the weights and one the broadcast x value (the shape of BLIS's and OpenBLAS's AVX2 kernels).
 constexpr int kRows = 6;
@@ -85,7 +71,6 @@ constexpr int kTileGroups = 1;
 // (Zen 2, 512 KiB L2) 6% faster than 192 depths at 64 rows, products 106 vs 113 ms).
 constexpr int64_t kDepth = 1536;
 #endif
-inline Vec Widen(const float* w) { return Load(w); }
 constexpr int kPerGroup = 16 / kLanes;  // registers per group of 16 columns
 
 constexpr int kPanel = 48;        // columns of w per panel (3 groups of 16)
@@ -106,7 +91,7 @@ void PackRows(const T* w, int64_t n, const float* scale, int64_t kc, float* pane
   Vec s[U];
   for (int u = 0; u < U; ++u) s[u] = Scales(scale ? scale + u * kLanes : nullptr);
   for (int64_t p = 0; p < kc; ++p)
-    for (int u = 0; u < U; ++u) Store(panel + p * V * 16 + u * kLanes, Mul(s[u], Widen(w + p * n + u * kLanes)));
+    for (int u = 0; u < U; ++u) Store(panel + p * V * 16 + u * kLanes, Mul(s[u], Load(w + p * n + u * kLanes)));
 }
 
 // The same panel from panels [N / 16, K, 16] (`w` points at [n0 / 16, k0, 0]): contiguous reads, widened and scaled.
@@ -118,7 +103,7 @@ void PackPanels(const T* w, int64_t k, const float* scale, int64_t kc, float* pa
   for (int64_t p = 0; p < kc; ++p)
     for (int u = 0; u < U; ++u) {
       const int v = u / kPerGroup, lane = (u % kPerGroup) * kLanes;
-      Store(panel + p * V * 16 + u * kLanes, Mul(s[u], Widen(w + (v * k + p) * 16 + lane)));
+      Store(panel + p * V * 16 + u * kLanes, Mul(s[u], Load(w + (v * k + p) * 16 + lane)));
     }
 }
 
@@ -164,7 +149,7 @@ void PackTransposed(const T* w, int64_t k, const float* scale, int64_t kc, float
     const __m512 s = Scales(scale ? scale + v * 16 : nullptr);
     for (; p + 16 <= kc; p += 16) {
       __m512 r[16];
-      for (int j = 0; j < 16; ++j) r[j] = Widen(rows + j * k + p);
+      for (int j = 0; j < 16; ++j) r[j] = Load(rows + j * k + p);
       Transpose16(r);
       for (int i = 0; i < 16; ++i) _mm512_store_ps(panel + ((p + i) * V + v) * 16, _mm512_mul_ps(s, r[i]));
     }
