@@ -45,7 +45,9 @@ def test_the_kernel_equals_the_product(m, k, n, transposed, dtype):
     else:
         w, scale = rng.standard_normal(shape, np.float32), None
     supported = cpu_matmul.supports(jnp.asarray(x), jnp.asarray(w), None if scale is None else jnp.asarray(scale))
-    assert supported == (m >= cpu_matmul.MIN_ROWS)  # fewer rows: XLA's product is faster; the kernel still computes
+    # Fewer rows, or (AVX2 builds) a float32 weight of many rows: XLA's product is faster; the kernel still computes.
+    avx2_float_rows = dtype == "float32" and m > cpu_matmul.AVX2_MAX_ROWS and cpu_matmul.vector_lanes() == 8
+    assert supported == (m >= cpu_matmul.MIN_ROWS and not avx2_float_rows)
     got = np.asarray(jax.jit(cpu_matmul.matmul, static_argnames="transposed")(x, w, scale, transposed))
     dequantized = (w.T if transposed else w).astype(np.float64) * (1.0 if scale is None else scale)
     expected = x.astype(np.float64) @ dequantized
@@ -145,6 +147,25 @@ def test_operands_the_kernel_is_not_built_for_keep_xlas_product():
     assert not cpu_matmul.supports(x[:3], jnp.zeros((32, 32), jnp.float32), None)  # too few rows to pay
 
 
+@pytest.mark.parametrize("lanes", [16, 8])
+def test_an_avx2_build_leaves_float32_products_of_many_rows_to_xla(monkeypatch, lanes):
+    """Prefill's 512-row products of [K, N] float32 weights run faster in XLA than in the AVX2 tiles; decode's
+    weights in panels (XLA's product of those is slow) and int8 weights stay with the kernel at any rows."""
+    monkeypatch.setattr(cpu_matmul, "vector_lanes", lambda: lanes)
+    many, few = jnp.zeros((cpu_matmul.AVX2_MAX_ROWS + 1, 32), jnp.float32), jnp.zeros((cpu_matmul.AVX2_MAX_ROWS, 32))
+    w = jnp.zeros((32, 32), jnp.float32)
+    assert cpu_matmul.supports(many, w, None) == (lanes == 16)
+    assert cpu_matmul.supports(few, w, None)
+    assert cpu_matmul.supports(many, panels.to_panels(w, 32), None)
+    assert cpu_matmul.supports(many, jnp.zeros((32, 32), jnp.int8), jnp.ones(32, jnp.float32))
+
+
+def test_the_build_reports_its_vector_width():
+    if not cpu_matmul.available():
+        pytest.skip("no kernel on this machine")
+    assert cpu_matmul.vector_lanes() in (8, 16)
+
+
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_decode_weights_in_panels_give_the_same_step(quantization):
     """`panels.for_kernel` puts every product the kernel takes into panels (the tied embedding too, whose token
@@ -240,6 +261,9 @@ def test_generation_with_the_kernel_matches_xlas_products(monkeypatch, quantizat
 def test_scoring_with_the_kernel_matches_xlas_products(monkeypatch):
     """Scoring's packed rows run the kernel too, and give XLA's log-probabilities to float32 rounding."""
     from model.generation import scoring
+
+    # Its packed rows are more than an AVX2 build gives the kernel (`AVX2_MAX_ROWS`): take them to it anyway.
+    monkeypatch.setattr(cpu_matmul, "vector_lanes", lambda: 16)
 
     config, backbone = tiny_tied_model(6)
     rng = np.random.default_rng(7)

@@ -365,6 +365,10 @@ ffi::Error F32MatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi
 
 }  // namespace
 
+// Floats per vector register of this build (16 with AVX-512, 8 with AVX2): the Python side picks XLA's product
+// over the kernel's where it measured XLA faster for this width (`cpu_matmul.AVX2_MAX_ROWS`).
+extern "C" int32_t BatchgenMatmulLanes() { return kLanes; }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenInt8MatmulArgmax, Int8MatmulArgmax,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

@@ -1,9 +1,10 @@
 """The CPU weight product (`cpu_matmul.cc`), float32 or int8 weights: built on first use (see
 `model.kernels.build`), called through `jax.ffi`.
 
-Why a kernel: XLA's CPU products (YNNPACK) reach ~110 GFLOP/s at the decode step's 64 rows on this kind of machine,
-~40% of two AVX-512 cores' peak; the kernel's 8 x 48 register tiles over L1-sized weight panels do 5-28% better
-from 32 to 512 rows (float32, measured interleaved in one process). And the engine's int8 is weight-only
+Why a kernel: XLA's CPU products (YNNPACK) reach ~110 GFLOP/s at the decode step's 64 rows on a 2-core AVX-512
+Xeon, ~40% of its peak; the kernel's 8 x 48 register tiles over L1-sized weight panels do 5-28% better from 32
+to 512 rows (float32, measured interleaved in one process). On a 2-core AVX2 EPYC (Zen 2) its 6 x 16 tiles are
+1.2x XLA at 64 rows and behind it above 128 (`AVX2_MAX_ROWS`). And the engine's int8 is weight-only
 (activations stay float32, so its quality is that of the quantized weights alone): XLA converts such a weight
 to float inside each product, over the whole weight for every few columns, which made int8 slower than float32
 at 64 rows. The kernel converts each weight block once, into the same panel. `model.transformer.project`'s XLA
@@ -17,6 +18,8 @@ the kernel reads in place when they are float32.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from pathlib import Path
 
 import jax
@@ -42,6 +45,12 @@ ARGMAX_TARGETS = {  # the same products, returning each row's best column instea
 # products, 2 rows: even; 4 rows: the kernel 11% faster; interleaved in one process).
 MIN_ROWS = 4
 
+# Above this many rows a float32 weight not in panels (prefill's and scoring's [K, N], the tied head's [N, K]) is
+# faster in XLA's product on an AVX2 build: its 6 x 16 tiles reach ~155-160 GFLOP/s at any M on a 2-core EPYC
+# (Zen 2), where XLA's reach 170-175 at 256 and 512 rows and are even at 128 (the demo model's layer products,
+# interleaved in one process). At 64 rows the kernel is 1.2x XLA there, and an AVX-512 build wins at every M.
+AVX2_MAX_ROWS = 128
+
 
 def library_path() -> Path:
     """Where this machine's build of the kernel lives (whether built yet or not)."""
@@ -52,7 +61,8 @@ def supports(x: jax.Array, w: jax.Array | Panels, scale: jax.Array | None) -> bo
     """Whether the kernel takes these operands, and is worth calling: float32 x [M, K] with M >= MIN_ROWS and a
     weight of K x N entries (or Panels of K inputs), float32 without a scale or int8 with a float32 scale of N
     entries, N whole 16-float vectors. (`matmul` itself computes any M.)"""
-    if isinstance(w, Panels):
+    in_panels = isinstance(w, Panels)
+    if in_panels:
         if w.inputs != x.shape[-1]:
             return False
         w = w.data
@@ -61,9 +71,19 @@ def supports(x: jax.Array, w: jax.Array | Panels, scale: jax.Array | None) -> bo
     n = w.size // x.shape[1]
     if scale is None:
         kind_ok = w.dtype == jnp.float32
+        if not in_panels and x.shape[0] > AVX2_MAX_ROWS and vector_lanes() == 8:
+            return False
     else:
         kind_ok = w.dtype == jnp.int8 and scale.dtype == jnp.float32 and scale.size == n
     return kind_ok and n % 16 == 0
+
+
+@functools.cache
+def vector_lanes() -> int:
+    """Floats per vector register of this machine's build: 16 (AVX-512) or 8 (AVX2); 0 when it is not built."""
+    if not available():
+        return 0
+    return ctypes.cdll.LoadLibrary(str(library_path())).BatchgenMatmulLanes()
 
 
 def available() -> bool:
