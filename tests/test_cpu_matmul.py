@@ -166,27 +166,38 @@ def test_the_build_reports_its_vector_width():
     assert cpu_matmul.vector_lanes() in (8, 16)
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
-def test_decode_weights_in_panels_give_the_same_step(quantization):
+@pytest.mark.parametrize("quantization, quads", [(None, False), ("int8", False), ("int8", True)])
+def test_decode_weights_in_panels_give_the_same_step(quantization, quads):
     """`panels.for_kernel` puts every product the kernel takes into panels (the tied embedding too, whose token
-    lookup then reads rows of them), leaves the rest, and a decode step over them equals one over the weights as
-    they were, through XLA's products (the reference on every platform) and through the kernel."""
+    lookup then reads rows of them; int8 weights in quads when asked), leaves the rest, and a decode step over
+    them equals one over the weights as they were, through XLA's products (the reference on every platform) and
+    through the kernel; the kernel's quads to within the bound of their activations' 16-bit rounding."""
     from model.kernels.panels import Panels
 
     config, backbone = tiny_tied_model(12, quantization)
     per_layer = transformer.unstack_layers(backbone.params())
-    packed = panels.for_kernel(per_layer, config.hidden_dim)
-    assert all(isinstance(layer[name], Panels) for layer in packed["layers"] for name in panels.LAYER_PRODUCTS)
+    packed = panels.for_kernel(per_layer, config.hidden_dim, quads=quads)
+    assert all(isinstance(layer[name], Panels) and layer[name].quads == quads
+               for layer in packed["layers"] for name in panels.LAYER_PRODUCTS)
     assert isinstance(packed["token_embedding"], Panels) and not isinstance(packed["final_norm"], Panels)
     assert not isinstance(packed["layers"][0]["attention_norm"], Panels)
     ids = jnp.asarray([[0, 5, 17, 127]])
     np.testing.assert_array_equal(transformer.embed(packed, ids, jnp.float32), transformer.embed(per_layer, ids, jnp.float32))
     hidden = jnp.asarray(np.random.default_rng(3).standard_normal((8, config.hidden_dim)), jnp.float32)
-    for kernel in (False, True) if cpu_matmul.available() else (False,):
-        logits = jax.jit(transformer.logits, static_argnames="kernel")
-        np.testing.assert_allclose(logits(packed, hidden, kernel), logits(per_layer, hidden, kernel), atol=1e-5)
-        tokens = jax.jit(transformer.greedy_tokens, static_argnames="kernel")
-        np.testing.assert_array_equal(tokens(packed, hidden, kernel), tokens(per_layer, hidden, kernel))
+    logits = jax.jit(transformer.logits, static_argnames="kernel")
+    tokens = jax.jit(transformer.greedy_tokens, static_argnames="kernel")
+    kernels = (False, True) if cpu_matmul.available() and (cpu_matmul.quads() or not quads) else (False,)
+    for kernel in kernels:
+        atol = 1e-5
+        if kernel and quads:  # |error| <= half a step of each row's rounding times the column's sum of |weights|
+            table = np.asarray(backbone.params()["token_embedding"], np.float64)
+            scale = np.asarray(backbone.params()["token_embedding_scale"], np.float64).reshape(-1, 1)
+            step = np.abs(np.asarray(hidden)).max(axis=1, keepdims=True) / 32639
+            atol = (0.5 * step * np.abs(table * scale).sum(axis=1)).max() + 1e-5
+        np.testing.assert_allclose(logits(packed, hidden, kernel), logits(per_layer, hidden, kernel), atol=atol)
+        np.testing.assert_array_equal(tokens(packed, hidden, kernel), transformer.first_argmax(logits(packed, hidden, kernel)))
+        if not (kernel and quads):
+            np.testing.assert_array_equal(tokens(packed, hidden, kernel), tokens(per_layer, hidden, kernel))
 
 
 def test_a_weight_not_in_whole_panels_stays_as_it_is():
@@ -195,6 +206,74 @@ def test_a_weight_not_in_whole_panels_stays_as_it_is():
         panels.to_panels(w, 32)
     params = {"token_embedding": jnp.ones((24, 32), jnp.float32), "layers": []}  # 24 tokens: not whole panels
     assert panels.for_kernel(params, 32)["token_embedding"] is params["token_embedding"]
+
+
+def quads_reference(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The product the quads kernel computes, in numpy: each row of x rounded to integers of at most 32639 in
+    magnitude (its largest |x| -> 32639, float32 arithmetic, round to nearest even), exact integer sums against
+    the int8 weight [K, N], then the row's step times the column's scale, in float64."""
+    top = np.abs(x).max(axis=1, keepdims=True)
+    inv = np.divide(np.float32(32639), top, out=np.zeros_like(top), where=top > 0)
+    q = np.rint(x * inv).astype(np.int64)
+    step = (top / np.float32(32639)).astype(np.float64)
+    return (q @ w.astype(np.int64)).astype(np.float64) * step * scale.astype(np.float64)
+
+
+# Rows: partial and whole 4-row tiles, past a 128-row work item; depths: one quad, not whole 16-byte vectors,
+# the demo model's; columns: 1, 2 and 3 vectors per panel, and several panels.
+QUAD_SHAPES = [(4, 4, 16), (7, 40, 32), (5, 12, 80), (64, 576, 192), (130, 1536, 48), (9, 20, 1536)]
+
+
+@pytest.mark.parametrize("m, k, n", QUAD_SHAPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_quads_equal_the_product_of_16_bit_activations(m, k, n, transposed):
+    """int8 weights in quads (AVX512-VNNI builds): the kernel's product is the exact integer product of the
+    activations rounded per row to 16 bits (`quads_reference`) to float32 rounding, within the rounding's bound
+    of the weight-only int8 product, and its argmax head picks the first largest column of that product."""
+    if not cpu_matmul.quads():
+        pytest.skip("this machine's kernel has no quads (no AVX512-VNNI)")
+    rng = np.random.default_rng(m * k + n)
+    x = rng.standard_normal((m, k), np.float32)
+    x[0, 0] = 40.0  # an outlier: its row's step is 10x the others'
+    x[m // 2] = 0.0  # a row of zeros: step 0
+    w = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    scale = (rng.random(n) * 0.01 + 1e-3).astype(np.float32)
+    w[:, n - 1] = w[:, 0]  # a tie: the first column must win
+    quads = panels.to_quads(jnp.asarray(np.ascontiguousarray(w.T) if transposed else w), k, transposed)
+    assert quads.quads and quads.data.shape == (n // 16, k // 4, 16, 4) and quads.inputs == k
+    assert cpu_matmul.supports(jnp.asarray(x), quads, jnp.asarray(scale))
+    got = np.asarray(jax.jit(cpu_matmul.matmul)(x, quads, scale))
+    expected = quads_reference(x, w, scale)
+    np.testing.assert_allclose(got, expected, atol=1e-6 * np.abs(expected).max(), rtol=0)
+    weight_only = x.astype(np.float64) @ (w.astype(np.float64) * scale)
+    step = np.abs(x).max(axis=1, keepdims=True) / 32639
+    bound = 0.5 * step * np.abs(w.astype(np.float64) * scale).sum(axis=0) + 1e-6 * np.abs(weight_only).max()
+    assert (np.abs(got - weight_only) <= bound).all()
+    assert not got[m // 2].any()
+    tokens = np.asarray(jax.jit(cpu_matmul.matmul_argmax)(x, quads, scale))
+    np.testing.assert_array_equal(tokens, np.argmax(got, axis=-1))
+    # `project` takes quads like other panels; its XLA product (other platforms) is the weight-only int8 one.
+    weights = {"w": quads, "w_scale": jnp.asarray(scale)}
+    project = jax.jit(lambda x, kernel: transformer.project(x, weights, "w", k, kernel=kernel), static_argnames="kernel")
+    np.testing.assert_array_equal(np.asarray(project(x, True)), got)
+    np.testing.assert_allclose(np.asarray(project(x, False)), weight_only, atol=2e-6 * np.abs(weight_only).max())
+
+
+def test_quads_hold_the_int8_weight():
+    """Quads (uint8, weight + 128, four depths side by side) give back the weight exactly: as panels
+    (`matrix`), as rows of the tied embedding (`rows`), and to XLA's product; depths not whole quads refuse."""
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.integers(-128, 128, (32, 48)).astype(np.int8))  # -128 too: the offset maps it to 0
+    quads = panels.to_quads(w, 32)
+    assert quads.dtype == jnp.int8 and quads.data.dtype == jnp.uint8 and quads.inputs == 32
+    np.testing.assert_array_equal(quads.matrix(), panels.to_panels(w, 32).data)
+    table = panels.to_quads(w.T, 32, transposed=True)  # [V, M] as the tied LM head
+    ids = jnp.asarray([[0, 17, 47]])
+    np.testing.assert_array_equal(panels.rows(table, ids), w.T[ids])
+    x = jnp.asarray(rng.standard_normal((3, 32)), jnp.float32)
+    np.testing.assert_allclose(panels.product(x, quads), x @ w.astype(jnp.float32), rtol=1e-6)
+    with pytest.raises(ValueError, match="whole quads"):
+        panels.to_quads(w[:30], 30)
 
 
 def tiny_tied_model(seed: int, quantization: str | None = None):
@@ -215,8 +294,8 @@ def tiny_tied_model(seed: int, quantization: str | None = None):
 
 def with_and_without_kernel(monkeypatch, run, layouts=(0, 1, 2)):
     """run() with the kernel, asserting that it was traced for these weight layouts (0, 1: prefill's layer products
-    and tied LM head, [K, N] and [N, K]; 2: decode's panels), then with XLA's products only (programs traced
-    again); both results."""
+    and tied LM head, [K, N] and [N, K]; 2: decode's panels, 3: decode's int8 quads), then with XLA's products
+    only (programs traced again); both results."""
     if not cpu_matmul.available():
         pytest.skip("no kernel on this machine")
     traced = []
@@ -234,10 +313,14 @@ def with_and_without_kernel(monkeypatch, run, layouts=(0, 1, 2)):
     return with_kernel, without
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
-def test_generation_with_the_kernel_matches_xlas_products(monkeypatch, quantization):
+@pytest.mark.parametrize("quantization, quads", [(None, False), ("int8", False), ("int8", True)])
+def test_generation_with_the_kernel_matches_xlas_products(monkeypatch, quantization, quads):
     """The engine's decode and prefill run the kernel, and give the logits of XLA's products (float32 rounding
-    apart: another order of sums, and an int8 scale applied before the sum) and the same greedy text."""
+    apart: another order of sums, and an int8 scale applied before the sum; with int8 quads, the activations'
+    16-bit rounding too) and the same greedy text."""
+    if quads and not cpu_matmul.quads():
+        pytest.skip("this machine's kernel has no quads (no AVX512-VNNI)")
+    monkeypatch.setattr(cpu_matmul, "quads", lambda: quads)
     config, backbone = tiny_tied_model(5, quantization)
     rng = np.random.default_rng(4)
     requests = [Request(i, list(rng.integers(1, 90, rng.integers(1, 60))), 16, logprobs=1) for i in range(8)]
@@ -252,10 +335,10 @@ def test_generation_with_the_kernel_matches_xlas_products(monkeypatch, quantizat
         assert any(shape[0] == "prefill_with_context" for shape in engine.stats.shapes)
         return completions
 
-    with_kernel, without = with_and_without_kernel(monkeypatch, generate)
+    with_kernel, without = with_and_without_kernel(monkeypatch, generate, layouts=(0, 1, 3 if quads else 2))
     assert [c.token_ids for c in with_kernel] == [c.token_ids for c in without]
     for a, b in zip(with_kernel, without):
-        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4)
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-3 if quads else 1e-4)
 
 
 def test_scoring_with_the_kernel_matches_xlas_products(monkeypatch):

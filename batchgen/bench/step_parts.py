@@ -7,10 +7,11 @@ its shares are hard to trust. Here these programs at full slots run interleaved 
   the CPU kernel writes its own entries), never read;
 - the same step over a bfloat16 KV cache (`cache_dtype = "bfloat16"`): half the bytes for attention to read;
 - the step's weight products alone: every layer's projections and the LM head on [slots, M] rows.
-Then the weight products five ways at `--slots` rows: float32 in XLA and through the CPU kernel
+Then the weight products at `--slots` rows: float32 in XLA and through the CPU kernel
 (`model.kernels.cpu_matmul`, what the engine runs on CPU); int8 weights converted inside each XLA product, and
-through the kernel; and int8 x int8 -> int32 with each row's activations quantized on the fly (not used by the
-engine: see the README's notes on int8). Last, the engine's decode step of the int8 model and of the bfloat16
+through the kernel, widened to float32 in its panels and (AVX512-VNNI builds, the engine's int8 there) in quads
+against activations rounded per row to 16 bits; and int8 x int8 -> int32 with each row's activations quantized
+to 8 bits on the fly (not used by the engine: see the README's notes on int8). Last, the engine's decode step of the int8 model and of the bfloat16
 model (bfloat16 activations and weights, XLA's products with float32 accumulation: the CPU kernels take float32).
 """
 
@@ -75,7 +76,7 @@ def _weight_products(params: dict, config: Any, steps: int, kind: str) -> Callab
     names = ("query", "key", "value", "attention_output", "gate", "up", "down")
     weights = params if kind.startswith("float32") else _quantized(params, names, config)
     if kind.endswith("CPU kernel"):  # as the engine keeps them for the kernel
-        weights = panels.for_kernel(weights, config.hidden_dim)
+        weights = panels.for_kernel(weights, config.hidden_dim, quads="quads" in kind)
 
     def product(x, layer, name, inputs):
         if kind != "int8 x int8 (activations per row)":  # XLA's product, or the kernel
@@ -145,7 +146,10 @@ def main() -> None:
         "decode step, attention replaced by its queries": decode_call(lambda q, chunks_k, chunks_v, view: q),
         "decode step, bfloat16 KV cache": decode_call(cache_dtype=jnp.bfloat16),
     }
-    kinds = ("float32", "float32, CPU kernel", "int8 weights", "int8 weights, CPU kernel",
+    from model.kernels import cpu_matmul
+
+    quads = ("int8 weights in quads, CPU kernel",) if cpu_matmul.quads() else ()
+    kinds = ("float32", "float32, CPU kernel", "int8 weights", "int8 weights, CPU kernel", *quads,
              "int8 x int8 (activations per row)")
     for kind in kinds:
         call = _weight_products(params, config, args.steps, kind)

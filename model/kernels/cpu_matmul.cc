@@ -27,13 +27,24 @@
 // in place: rows of a [K, N] weight lie N floats apart, so a block of them maps onto a few L1 sets and evicts
 // itself. The build picks the path by the compiler's target (-march=native); a CPU with neither fails to build,
 // and its products stay XLA's.
+//
+// int8 weights in quads (layout 3, AVX512-VNNI builds only): uint8 [N / 16, K / 4, 16, 4], each weight + 128, the
+// four depths of a column that one `vpdpbusd` lane sums side by side. The activations are rounded per row to
+// 16-bit integers (q = round(x / s), |q| <= 32639, s = the row's largest |x| / 32639) and split into two int8
+// halves, q = 256 * hi + lo; each half meets the weights in `vpdpbusd` (64 multiply-adds an instruction, int32
+// sums), and the +128 of the weights comes off as 128 x the row's sum of that half. Two instructions do what 8
+// float32 FMAs do, and the result is the weight-only int8 product's up to the activations' 16-bit rounding
+// (2^-16 of the row's largest value, well below the weights' own rounding). See the README's int8 notes.
 
 #include <immintrin.h>
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_parallel.h"
 #include "cpu_vector.h"
@@ -76,9 +87,10 @@ constexpr int kPerGroup = 16 / kLanes;  // registers per group of 16 columns
 constexpr int kPanel = 48;        // columns of w per panel (3 groups of 16)
 constexpr int64_t kChunk = 128;   // rows of x per work item
 
-enum Layout : int32_t { kRowsLayout = 0, kTransposedLayout = 1, kPanelsLayout = 2 };  // w [K, N], [N, K], panels
+// w [K, N], [N, K], panels [N / 16, K, 16], quads [N / 16, K / 4, 16, 4] (uint8 weights only)
+enum Layout : int32_t { kRowsLayout = 0, kTransposedLayout = 1, kPanelsLayout = 2, kQuadsLayout = 3 };
 inline Layout AsLayout(int32_t layout) {
-  return layout == 1 ? kTransposedLayout : layout == 2 ? kPanelsLayout : kRowsLayout;
+  return layout == 1 ? kTransposedLayout : layout == 2 ? kPanelsLayout : layout == 3 ? kQuadsLayout : kRowsLayout;
 }
 
 // kLanes scales from `scale`, or ones for a float weight (no scale).
@@ -212,6 +224,13 @@ void Tiles(const float* x, int64_t rows, int64_t k, const float* panel, int64_t 
   for (int v = 0; v < V; v += G) TileRows<G>(x, rows, k, panel + v * vs, ps, vs, kc, y + v * 16, n, first);
 }
 
+// x [M, K] as 16-bit integers per row, for the quads' products: q = round(x * levels / max |x|) = 256 * hi + lo.
+struct Quantized {
+  std::vector<int8_t> hi, lo;  // [M, K]
+  std::vector<float> step;     // [M]: what one unit of q is worth (max |x| / kLevels)
+  std::vector<int32_t> sums;   // [M, 2]: the row's sum of hi and of lo (times 128: what the weights' offset adds)
+};
+
 template <typename T>
 struct Problem {
   const float* x;
@@ -220,14 +239,115 @@ struct Problem {
   float* y;
   int64_t m, k, n;
   Layout layout;
+  const Quantized* quantized = nullptr;  // quads only
 };
 
-// One work item: rows [r0, r0 + rows) of x times columns [n0, n0 + V*16) of w, into y [rows, V*16] (row stride
-// ldy).
+#ifdef __AVX512VNNI__
+constexpr bool kQuads = true;
+constexpr float kLevels = 32639.0f;  // |q| <= 32639 keeps hi = (q + 128) >> 8 within int8
+// A quads tile: 2 rows x 3 groups x 2 halves = 12 accumulators. gcc keeps a copy of each `vpdpbusd` accumulator
+// (its destination is also its source) and spilled 3- and 4-row tiles to the stack inside the loop: the demo
+// model's products at 64 rows (Zen 4) took 95 ms with 4 rows, 58.5 with 3, 49.6 with 2 (float32 tiles: 95.9).
+constexpr int kQuadRows = 2;
+
+// Rounds each row of x [m, k] to 16-bit integers and splits them (`Quantized`). Rounding is to nearest even, as
+// numpy's rint after the same float32 multiply (the tests' reference).
+void Quantize(const float* x, int64_t m, int64_t k, Quantized& out) {
+  out.hi.resize(m * k);
+  out.lo.resize(m * k);
+  out.step.resize(m);
+  out.sums.resize(2 * m);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = x + r * k;
+    __m512 top = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= k; c += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(row + c)));
+    float max = _mm512_reduce_max_ps(top);
+    for (int64_t t = c; t < k; ++t) max = std::max(max, std::abs(row[t]));
+    const float inv = max > 0.0f ? kLevels / max : 0.0f;
+    out.step[r] = max / kLevels;
+    int8_t* hi = out.hi.data() + r * k;
+    int8_t* lo = out.lo.data() + r * k;
+    __m512i hi_sum = _mm512_setzero_si512(), lo_sum = _mm512_setzero_si512();
+    for (c = 0; c + 16 <= k; c += 16) {
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + c), _mm512_set1_ps(inv)));
+      const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
+      const __m512i l = _mm512_sub_epi32(q, _mm512_slli_epi32(h, 8));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + c), _mm512_cvtepi32_epi8(h));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + c), _mm512_cvtepi32_epi8(l));
+      hi_sum = _mm512_add_epi32(hi_sum, h);
+      lo_sum = _mm512_add_epi32(lo_sum, l);
+    }
+    int32_t hs = _mm512_reduce_add_epi32(hi_sum), ls = _mm512_reduce_add_epi32(lo_sum);
+    for (; c < k; ++c) {
+      const int32_t q = static_cast<int32_t>(std::nearbyint(row[c] * inv));
+      const int32_t h = (q + 128) >> 8, l = q - h * 256;
+      hi[c] = static_cast<int8_t>(h), lo[c] = static_cast<int8_t>(l);
+      hs += h, ls += l;
+    }
+    out.sums[2 * r] = hs, out.sums[2 * r + 1] = ls;
+  }
+}
+
+inline __m512i BroadcastQuad(const int8_t* p) {  // four int8 activations, to every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// y[R rows, V*16] = rows of x (quantized) . V groups of a weight in quads (`w` at the first group, groups vs bytes
+// apart), scaled per row (the activations' step) and per column (the weight's scale).
+template <int R, int V>
+void QuadTile(const Quantized& q, int64_t r0, int64_t k, const uint8_t* __restrict w, int64_t vs,
+              const float* scale, float* __restrict y, int64_t ldy) {
+  __m512i acc[R][2 * V];  // per row: V groups against hi, then V against lo
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < 2 * V; ++u) acc[r][u] = _mm512_setzero_si512();
+  const int8_t* xh = q.hi.data() + r0 * k;
+  const int8_t* xl = q.lo.data() + r0 * k;
+  for (int64_t p = 0; p < k; p += 4) {
+    __m512i wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = _mm512_loadu_si512(w + v * vs + p * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512i h = BroadcastQuad(xh + r * k + p);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], wv[v], h);
+      const __m512i l = BroadcastQuad(xl + r * k + p);
+      for (int v = 0; v < V; ++v) acc[r][V + v] = _mm512_dpbusd_epi32(acc[r][V + v], wv[v], l);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    // sum w * q = 256 * (hi - 128 * sum hi) + (lo - 128 * sum lo): exact in int32 per half, float after
+    const int32_t* sums = q.sums.data() + 2 * (r0 + r);
+    const __m512i hs = _mm512_set1_epi32(128 * sums[0]), ls = _mm512_set1_epi32(128 * sums[1]);
+    const __m512 step = _mm512_set1_ps(q.step[r0 + r]);
+    for (int v = 0; v < V; ++v) {
+      const __m512 high = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][v], hs));
+      const __m512 low = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][V + v], ls));
+      const __m512 sum = _mm512_fmadd_ps(high, _mm512_set1_ps(256.0f), low);
+      _mm512_storeu_ps(y + r * ldy + v * 16, _mm512_mul_ps(_mm512_mul_ps(sum, step), _mm512_loadu_ps(scale + v * 16)));
+    }
+  }
+}
+
+// Rows [r0, r0 + rows) against V groups of quads, in tiles of kQuadRows rows (and one row left over).
+template <int V>
+void QuadTiles(const Quantized& q, int64_t r0, int64_t rows, int64_t k, const uint8_t* w, const float* scale,
+               float* y, int64_t ldy) {
+  const int64_t vs = k * 16;  // bytes per group of 16 columns
+  int64_t r = 0;
+  for (; r + kQuadRows <= rows; r += kQuadRows) QuadTile<kQuadRows, V>(q, r0 + r, k, w, vs, scale, y + r * ldy, ldy);
+  if (r < rows) QuadTile<1, V>(q, r0 + r, k, w, vs, scale, y + r * ldy, ldy);
+}
+#else
+constexpr bool kQuads = false;
+#endif
+
+// Block of a float32 or int8 weight: each depth block of the weight into a float panel (or read in place), then
+// every row against it.
 template <int V, typename T>
-void Block(const Problem<T>& a, int64_t r0, int64_t rows, int64_t n0, float* y, int64_t ldy) {
+void PanelBlock(const Problem<T>& a, int64_t r0, int64_t rows, int64_t n0, const float* scale, float* y,
+                int64_t ldy) {
   alignas(64) static thread_local float panel[kDepth * kPanel];
-  const float* scale = a.scale ? a.scale + n0 : nullptr;  // none for a float weight
   for (int64_t k0 = 0; k0 < a.k; k0 += kDepth) {
     const int64_t kc = std::min(kDepth, a.k - k0);
     const T* source = a.layout == kPanelsLayout ? a.w + (n0 * a.k + k0 * 16)
@@ -247,6 +367,20 @@ void Block(const Problem<T>& a, int64_t r0, int64_t rows, int64_t n0, float* y, 
       PackRows<V, T>(source, a.n, scale, kc, panel);
     }
     Tiles<V>(a.x + r0 * a.k + k0, rows, a.k, panel, V * 16, 16, kc, y, ldy, k0 == 0);
+  }
+}
+
+// One work item: rows [r0, r0 + rows) of x times columns [n0, n0 + V*16) of w, into y [rows, V*16] (row stride
+// ldy).
+template <int V, typename T>
+void Block(const Problem<T>& a, int64_t r0, int64_t rows, int64_t n0, float* y, int64_t ldy) {
+  const float* scale = a.scale ? a.scale + n0 : nullptr;  // none for a float weight
+  if constexpr (std::is_same_v<T, uint8_t>) {  // quads: the whole depth in registers, no panel
+#ifdef __AVX512VNNI__
+    QuadTiles<V>(*a.quantized, r0, rows, a.k, a.w + n0 * a.k, scale, y, ldy);
+#endif
+  } else {
+    PanelBlock<V, T>(a, r0, rows, n0, scale, y, ldy);
   }
 }
 
@@ -294,12 +428,30 @@ void ForEachItem(ffi::ThreadPool& threads, const Problem<T>& a, Body body) {
   });
 }
 
+// For a weight in quads: x rounded per row (`Quantize`), once per call, before the work items read it.
+template <typename T>
+ffi::Error PrepareQuads(Problem<T>& a) {
+  if constexpr (std::is_same_v<T, uint8_t>) {
+#ifdef __AVX512VNNI__
+    if (a.layout != kQuadsLayout || a.k % 4 != 0)
+      return ffi::Error::InvalidArgument("a uint8 weight must be in quads, [N / 16, K / 4, 16, 4] with K % 4 == 0");
+    static thread_local Quantized quantized;  // kept between calls: no allocation once it has grown
+    Quantize(a.x, a.m, a.k, quantized);
+    a.quantized = &quantized;
+#else
+    return ffi::Error::InvalidArgument("int8 weights in quads need a build with AVX512-VNNI");
+#endif
+  }
+  return ffi::Error::Success();
+}
+
 template <typename T>
 ffi::Error Matmul(ffi::ThreadPool& threads, const float* x, const std::array<int64_t, 2>& x_dims, const T* w,
                   int64_t w_count, const float* scale, int64_t n, float* y, int64_t y_count, Layout layout) {
   Problem<T> a{x, w, scale, y, x_dims[0], x_dims[1], n, layout};
   if (a.n % 16 != 0 || a.k * a.n != w_count || a.m * a.n != y_count)
     return ffi::Error::InvalidArgument("shapes do not give x [M, K] . w [K, N] with N whole 16-float vectors");
+  if (ffi::Error error = PrepareQuads(a); error.failure()) return error;
   ForEachItem(threads, a, [&](int64_t r0, int64_t rows, int64_t n0, auto vectors) {
     Block<vectors, T>(a, r0, rows, n0, a.y + r0 * a.n + n0, a.n);
   });
@@ -316,6 +468,7 @@ ffi::Error MatmulArgmax(ffi::ThreadPool& threads, const float* x, const std::arr
   const int64_t panels = (a.n + kPanel - 1) / kPanel;
   if (a.n % 16 != 0 || a.k * a.n != w_count || a.m * panels != best_count)
     return ffi::Error::InvalidArgument("shapes do not give x [M, K] . w [K, N] with N whole 16-float vectors");
+  if (ffi::Error error = PrepareQuads(a); error.failure()) return error;
   ForEachItem(threads, a, [&](int64_t r0, int64_t rows, int64_t n0, auto vectors) {
     alignas(64) static thread_local float tile[kChunk * kPanel];  // this item's [rows, V*16] of the product
     const int64_t at = r0 * panels + n0 / kPanel;
@@ -332,6 +485,15 @@ ffi::Error Int8Matmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buf
   return Matmul<int8_t>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(),
                         scale.typed_data(), scale.element_count(), y->typed_data(), y->element_count(),
                         AsLayout(layout));
+}
+
+ffi::Error QuadsMatmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                       ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int32_t layout) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
+  return Matmul<uint8_t>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(),
+                         scale.typed_data(), scale.element_count(), y->typed_data(), y->element_count(),
+                         AsLayout(layout));
 }
 
 ffi::Error F32Matmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -353,6 +515,16 @@ ffi::Error Int8MatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ff
                               best->element_count(), AsLayout(layout));
 }
 
+ffi::Error QuadsMatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                             ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> best,
+                             ffi::ResultBuffer<ffi::S32> where, int32_t layout) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
+  return MatmulArgmax<uint8_t>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(),
+                               scale.typed_data(), scale.element_count(), best->typed_data(), where->typed_data(),
+                               best->element_count(), AsLayout(layout));
+}
+
 ffi::Error F32MatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                            ffi::ResultBuffer<ffi::F32> best, ffi::ResultBuffer<ffi::S32> where, int32_t layout) {
   const auto dims = x.dimensions();
@@ -368,6 +540,29 @@ ffi::Error F32MatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi
 // Floats per vector register of this build (16 with AVX-512, 8 with AVX2): the Python side picks XLA's product
 // over the kernel's where it measured XLA faster for this width (`cpu_matmul.AVX2_MAX_ROWS`).
 extern "C" int32_t BatchgenMatmulLanes() { return kLanes; }
+
+// 1 when this build multiplies int8 weights in quads (AVX512-VNNI): the engine then stores its int8 decode weights
+// that way (`model.kernels.panels`).
+extern "C" int32_t BatchgenMatmulQuads() { return kQuads ? 1 : 0; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenQuadsMatmul, QuadsMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("layout"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenQuadsMatmulArgmax, QuadsMatmulArgmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("layout"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenInt8MatmulArgmax, Int8MatmulArgmax,
                               ffi::Ffi::Bind()

@@ -33,10 +33,12 @@ NAME = "cpu_matmul"
 TARGETS = {  # weight dtype -> (the handler's symbol in the library, its XLA target name)
     "float32": ("BatchgenF32Matmul", "batchgen_f32_matmul"),
     "int8": ("BatchgenInt8Matmul", "batchgen_int8_matmul"),
+    "uint8": ("BatchgenQuadsMatmul", "batchgen_quads_matmul"),  # int8 weights in quads (AVX512-VNNI builds)
 }
 ARGMAX_TARGETS = {  # the same products, returning each row's best column instead (a greedy step's LM head)
     "float32": ("BatchgenF32MatmulArgmax", "batchgen_f32_matmul_argmax"),
     "int8": ("BatchgenInt8MatmulArgmax", "batchgen_int8_matmul_argmax"),
+    "uint8": ("BatchgenQuadsMatmulArgmax", "batchgen_quads_matmul_argmax"),
 }
 
 
@@ -74,7 +76,8 @@ def supports(x: jax.Array, w: jax.Array | Panels, scale: jax.Array | None) -> bo
         if not in_panels and x.shape[0] > AVX2_MAX_ROWS and vector_lanes() == 8:
             return False
     else:
-        kind_ok = w.dtype == jnp.int8 and scale.dtype == jnp.float32 and scale.size == n
+        int8 = w.dtype == jnp.int8 or in_panels and w.dtype == jnp.uint8  # uint8: in quads
+        kind_ok = int8 and scale.dtype == jnp.float32 and scale.size == n
     return kind_ok and n % 16 == 0
 
 
@@ -86,6 +89,15 @@ def vector_lanes() -> int:
     return ctypes.cdll.LoadLibrary(str(library_path())).BatchgenMatmulLanes()
 
 
+@functools.cache
+def quads() -> bool:
+    """Whether this machine's build multiplies int8 weights in quads (AVX512-VNNI: `panels.to_quads`), rounding
+    the activations per row to 16 bits (see `cpu_matmul.cc`)."""
+    if not available():
+        return False
+    return ctypes.cdll.LoadLibrary(str(library_path())).BatchgenMatmulQuads() == 1
+
+
 def available() -> bool:
     """Whether the kernel is built and registered with XLA for the CPU (built now if needed). False, with the
     reason logged once, when it cannot be: products then stay XLA's."""
@@ -94,9 +106,9 @@ def available() -> bool:
 
 
 def _layout(w: jax.Array | Panels, transposed: bool) -> tuple[jax.Array, np.int32]:
-    """The weight's array and its layout as the kernel's `layout` attribute: 0 [K, N], 1 [N, K], 2 panels."""
+    """The weight's array and its layout as the kernel's `layout` attribute: 0 [K, N], 1 [N, K], 2 panels, 3 quads."""
     if isinstance(w, Panels):
-        return w.data, np.int32(2)
+        return w.data, np.int32(3 if w.quads else 2)
     return w, np.int32(1 if transposed else 0)
 
 
@@ -108,7 +120,7 @@ def matmul(x: jax.Array, w: jax.Array | Panels, scale: jax.Array | None, transpo
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     if scale is None:
         return jax.ffi.ffi_call(TARGETS["float32"][1], out)(x, w, layout=layout)
-    return jax.ffi.ffi_call(TARGETS["int8"][1], out)(x, w, scale.reshape(n), layout=layout)
+    return jax.ffi.ffi_call(TARGETS[w.dtype.name][1], out)(x, w, scale.reshape(n), layout=layout)
 
 
 def matmul_argmax(x: jax.Array, w: jax.Array | Panels, scale: jax.Array | None, transposed: bool = False) -> jax.Array:
@@ -122,6 +134,6 @@ def matmul_argmax(x: jax.Array, w: jax.Array | Panels, scale: jax.Array | None, 
     if scale is None:
         best, where = jax.ffi.ffi_call(ARGMAX_TARGETS["float32"][1], out)(x, w, layout=layout)
     else:
-        best, where = jax.ffi.ffi_call(ARGMAX_TARGETS["int8"][1], out)(x, w, scale.reshape(n), layout=layout)
+        best, where = jax.ffi.ffi_call(ARGMAX_TARGETS[w.dtype.name][1], out)(x, w, scale.reshape(n), layout=layout)
     panel = jnp.argmax(best, axis=-1)
     return jnp.take_along_axis(where, panel[:, None], axis=-1)[:, 0]
