@@ -195,8 +195,9 @@ class GenerationEngine:
             self._weights_cache = None  # let the old copies go before making new ones
             if self.backbone.compute_dtype != str(params["token_embedding"].dtype) and "token_embedding_scale" not in params:
                 params = jax.tree.map(lambda w: w.astype(self.backbone.compute_dtype), params)
-            per_layer = steps.decode_weights(params, self.config, kernel=kernel_products(self.backbone))
-            self._weights_cache = steps.Weights(params, per_layer)
+            kernel = kernel_products(self.backbone)
+            per_layer = steps.decode_weights(params, self.config, kernel=kernel)
+            self._weights_cache = steps.Weights(steps.prefill_weights(params, self.config, kernel=kernel), per_layer)
             self._weights_source = source
         return self._weights_cache
 

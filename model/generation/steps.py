@@ -20,7 +20,7 @@ from model.generation import grammar, logprobs, paged_cache, sampling
 from model.generation import penalties as penalty_kernel
 from model.generation.paged_cache import PagedKVCache
 from model.generation.penalties import Penalties
-from model.kernels import panels
+from model.kernels import cpu_matmul, panels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,23 @@ class Weights:
 
     stacked: transformer.Params
     per_layer: transformer.Params
+
+
+def prefill_weights(params: transformer.Params, config: LlamaConfig, kernel: bool) -> transformer.Params:
+    """`Weights.stacked` from the backbone's stacked weights: as they are, except that where the CPU kernel
+    multiplies int8 weights in quads (`cpu_matmul.quads`: AVX512-VNNI), every layer's int8 products go into quads
+    too, stacked [L, ...], so that prefill's and scoring's products take `vpdpbusd` as decode's do (the widened
+    int8 product runs at float32's speed). They are a copy beside the backbone's own (the demo model: ~106 MB)."""
+    if not (kernel and cpu_matmul.quads()):
+        return params
+    layers = dict(params["layers"])
+    for name in panels.LAYER_PRODUCTS:
+        w = layers[name]
+        per_layer = w.size // w.shape[0]
+        inputs = per_layer // config.hidden_dim if name in ("attention_output", "down") else config.hidden_dim
+        if name + "_scale" in layers and w.dtype == jnp.int8 and inputs % panels.QUAD == 0 and (per_layer // inputs) % panels.WIDTH == 0:
+            layers[name] = panels.Panels(jnp.stack([panels.to_quads(w[i], inputs).data for i in range(w.shape[0])]))
+    return jax.block_until_ready({**params, "layers": layers})
 
 
 def decode_weights(params: transformer.Params, config: LlamaConfig, kernel: bool) -> transformer.Params:
