@@ -44,6 +44,7 @@
 #include <cstring>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_parallel.h"
@@ -478,22 +479,14 @@ ffi::Error MatmulArgmax(ffi::ThreadPool& threads, const float* x, const std::arr
   return ffi::Error::Success();
 }
 
-ffi::Error Int8Matmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                      ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int32_t layout) {
+// x [M, K] times an int8 weight with one scale per column: W = S8 ([K, N], [N, K] or panels), or U8 (quads).
+template <ffi::DataType W, typename T>
+ffi::Error ScaledMatmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<W> w,
+                        ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int32_t layout) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
-  return Matmul<int8_t>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(),
-                        scale.typed_data(), scale.element_count(), y->typed_data(), y->element_count(),
-                        AsLayout(layout));
-}
-
-ffi::Error QuadsMatmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                       ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int32_t layout) {
-  const auto dims = x.dimensions();
-  if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
-  return Matmul<uint8_t>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(),
-                         scale.typed_data(), scale.element_count(), y->typed_data(), y->element_count(),
-                         AsLayout(layout));
+  return Matmul<T>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(),
+                   scale.typed_data(), scale.element_count(), y->typed_data(), y->element_count(), AsLayout(layout));
 }
 
 ffi::Error F32Matmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -505,24 +498,15 @@ ffi::Error F32Matmul(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buff
                        y->typed_data(), y->element_count(), AsLayout(layout));
 }
 
-ffi::Error Int8MatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                            ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> best,
-                            ffi::ResultBuffer<ffi::S32> where, int32_t layout) {
+template <ffi::DataType W, typename T>
+ffi::Error ScaledMatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<W> w,
+                              ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> best,
+                              ffi::ResultBuffer<ffi::S32> where, int32_t layout) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
-  return MatmulArgmax<int8_t>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(),
-                              scale.typed_data(), scale.element_count(), best->typed_data(), where->typed_data(),
-                              best->element_count(), AsLayout(layout));
-}
-
-ffi::Error QuadsMatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                             ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> best,
-                             ffi::ResultBuffer<ffi::S32> where, int32_t layout) {
-  const auto dims = x.dimensions();
-  if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
-  return MatmulArgmax<uint8_t>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(),
-                               scale.typed_data(), scale.element_count(), best->typed_data(), where->typed_data(),
-                               best->element_count(), AsLayout(layout));
+  return MatmulArgmax<T>(threads, x.typed_data(), {dims[0], dims[1]}, w.typed_data(), w.element_count(),
+                         scale.typed_data(), scale.element_count(), best->typed_data(), where->typed_data(),
+                         best->element_count(), AsLayout(layout));
 }
 
 ffi::Error F32MatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -535,6 +519,27 @@ ffi::Error F32MatmulArgmax(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi
                              AsLayout(layout));
 }
 
+constexpr auto Int8Matmul = ScaledMatmul<ffi::S8, int8_t>;
+constexpr auto QuadsMatmul = ScaledMatmul<ffi::U8, uint8_t>;
+constexpr auto Int8MatmulArgmax = ScaledMatmulArgmax<ffi::S8, int8_t>;
+constexpr auto QuadsMatmulArgmax = ScaledMatmulArgmax<ffi::U8, uint8_t>;
+
+// The bindings of the scaled handlers: x, w (of type W), scale -> y, or (`argmax`) -> (best, where).
+template <ffi::DataType W, bool argmax = false>
+auto ScaledBinding() {
+  auto bound = ffi::Ffi::Bind()
+                   .Ctx<ffi::ThreadPool>()
+                   .Arg<ffi::Buffer<ffi::F32>>()
+                   .Arg<ffi::Buffer<W>>()
+                   .template Arg<ffi::Buffer<ffi::F32>>()
+                   .template Ret<ffi::Buffer<ffi::F32>>();
+  if constexpr (argmax) {
+    return std::move(bound).template Ret<ffi::Buffer<ffi::S32>>().template Attr<int32_t>("layout");
+  } else {
+    return std::move(bound).template Attr<int32_t>("layout");
+  }
+}
+
 }  // namespace
 
 // Floats per vector register of this build (16 with AVX-512, 8 with AVX2): the Python side picks XLA's product
@@ -545,34 +550,11 @@ extern "C" int32_t BatchgenMatmulLanes() { return kLanes; }
 // that way (`model.kernels.panels`).
 extern "C" int32_t BatchgenMatmulQuads() { return kQuads ? 1 : 0; }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenQuadsMatmul, QuadsMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("layout"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenQuadsMatmul, QuadsMatmul, ScaledBinding<ffi::U8>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenQuadsMatmulArgmax, QuadsMatmulArgmax,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int32_t>("layout"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenQuadsMatmulArgmax, QuadsMatmulArgmax, (ScaledBinding<ffi::U8, true>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenInt8MatmulArgmax, Int8MatmulArgmax,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int32_t>("layout"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenInt8MatmulArgmax, Int8MatmulArgmax, (ScaledBinding<ffi::S8, true>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenF32MatmulArgmax, F32MatmulArgmax,
                               ffi::Ffi::Bind()
@@ -583,14 +565,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenF32MatmulArgmax, F32MatmulArgmax,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int32_t>("layout"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenInt8Matmul, Int8Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("layout"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenInt8Matmul, Int8Matmul, ScaledBinding<ffi::S8>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenF32Matmul, F32Matmul,
                               ffi::Ffi::Bind()
