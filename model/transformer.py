@@ -53,10 +53,11 @@ def project(
     One 2-D product, accumulated in float32, the result in `out_dtype` (default x's dtype). An int8 kernel (one
     scale per output channel) is converted to x's dtype inside the product and its scale applied to the result,
     a pass over [.., Out] instead of over the weight. Activations stay in float: quantizing them per row to
-    multiply in int8 (int32 accumulation) was no faster on this CPU and kept 2% of float32's greedy outputs
-    against 27% (see the README's benchmark notes). With `kernel`, the product may run as the CPU kernel
-    (`model.kernels.cpu_matmul`: float32 or int8 weights; an int8 scale applied to the weight before the sum); the
-    caller passes kernel=False for weights split across devices, which XLA cannot split a custom call over.
+    multiply in int8 (int32 accumulation) kept 2% of float32's greedy outputs against 27% (see the README's
+    benchmark notes). With `kernel`, the product may run as the CPU kernel (`model.kernels.cpu_matmul`: float32
+    or int8 weights; an int8 scale applied to the weight before the sum; int8 weights in quads against
+    activations rounded per row to 16 bits, which leaves the weight-only logits as they were); the caller passes
+    kernel=False for weights split across devices, which XLA cannot split a custom call over.
     """
     w = weights[name]
     scale = weights.get(name + "_scale")

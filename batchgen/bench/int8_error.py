@@ -19,14 +19,10 @@ from __future__ import annotations
 import argparse
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="smollm2_135m_instruct")
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--batch", type=int, default=8, help="sequences per forward call")
-    args = parser.parse_args()
-
+def measure(preset: str = "smollm2_135m_instruct", prompts: int = 64, new_tokens: int = 48, batch: int = 8) -> dict:
+    """{"positions": generated positions compared, "variants": {name: {"mean", "max", "top1", "kl"}}}: each
+    variant's mean and largest absolute logit error against float32 (XLA's products), the share of positions
+    whose top token is float32's, and the mean KL divergence from float32's next-token distribution."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -37,13 +33,13 @@ def main() -> None:
     from model.generation.requests import Request
     from model.kernels import cpu_matmul, panels
 
-    lm = LlamaCausalLM.from_preset(args.preset, dtype="float32")
+    lm = LlamaCausalLM.from_preset(preset, dtype="float32")
     config = lm.backbone.config
     stops = tuple(lm.stop_token_ids)
-    workload = short_workload(lm.preprocessor.tokenizer, prompts=args.prompts, max_new_tokens=args.new_tokens,
+    workload = short_workload(lm.preprocessor.tokenizer, prompts=prompts, max_new_tokens=new_tokens,
                               stop_token_ids=stops)
     engine = GenerationEngine(lm.backbone, max_slots=64, max_length=160, steps_per_call=8)
-    requests = [Request(i, list(r.prompt_ids), args.new_tokens, stop_token_ids=stops)
+    requests = [Request(i, list(r.prompt_ids), new_tokens, stop_token_ids=stops)
                 for i, r in enumerate(workload.requests)]
     generated = {c.request_id: c.token_ids for c in engine.generate(requests)}
     sequences = [(list(r.prompt_ids), list(generated[i])) for i, r in enumerate(workload.requests)]
@@ -51,7 +47,7 @@ def main() -> None:
     def stacked(per_layer: dict) -> dict:  # per-layer weights back to stacked [L, ...] (panels too) for `forward`
         return {**per_layer, "layers": jax.tree.map(lambda *ws: jnp.stack(ws), *per_layer["layers"])}
 
-    lm8 = LlamaCausalLM.from_preset(args.preset, dtype="float32")
+    lm8 = LlamaCausalLM.from_preset(preset, dtype="float32")
     lm8.quantize("int8")
     float_params, int8_params = lm.backbone.params(), lm8.backbone.params()
     variants = {"float32, XLA": (float_params, False)}
@@ -66,26 +62,27 @@ def main() -> None:
             quads = stacked(panels.for_kernel(unstacked, config.hidden_dim, quads=True))
             variants["int8 weights, CPU kernel, quads (16-bit activations)"] = (quads, True)
 
-    def logits_at_generated(params: dict, kernel: bool, batch: list) -> list[np.ndarray]:
-        width = max(len(p) + len(g) for p, g in batch)
-        ids = np.zeros((len(batch), width), np.int32)
-        mask = np.zeros((len(batch), width), bool)
-        for row, (prompt, gen) in enumerate(batch):
+    forward = jax.jit(lambda p, ids, pos, mask, kernel: transformer.forward(p, config, ids, pos, mask, kernel=kernel)[0],
+                      static_argnames="kernel")
+    head = jax.jit(transformer.logits, static_argnames="kernel")
+
+    def logits_at_generated(params: dict, kernel: bool, part: list) -> list[np.ndarray]:
+        width = max(len(p) + len(g) for p, g in part)
+        ids = np.zeros((len(part), width), np.int32)
+        mask = np.zeros((len(part), width), bool)
+        for row, (prompt, gen) in enumerate(part):
             ids[row, : len(prompt) + len(gen)] = prompt + gen
             mask[row, : len(prompt) + len(gen)] = True
         positions = np.broadcast_to(np.arange(width, dtype=np.int32), ids.shape)
         hidden = forward(params, ids, positions, mask, kernel)
         out = []
-        for row, (prompt, gen) in enumerate(batch):  # the positions that predict each generated token
+        for row, (prompt, gen) in enumerate(part):  # the positions that predict each generated token
             at = np.arange(len(prompt) - 1, len(prompt) + len(gen) - 1)
             out.append(np.asarray(head(params, hidden[row, at], kernel)))
         return out
 
-    forward = jax.jit(lambda p, ids, pos, mask, kernel: transformer.forward(p, config, ids, pos, mask, kernel=kernel)[0],
-                      static_argnames="kernel")
-    head = jax.jit(transformer.logits, static_argnames="kernel")
-    batches = [sequences[i : i + args.batch] for i in range(0, len(sequences), args.batch)]
-    results = {name: [x for b in batches for x in logits_at_generated(p, k, b)] for name, (p, k) in variants.items()}
+    parts = [sequences[i : i + batch] for i in range(0, len(sequences), batch)]
+    results = {name: [x for part in parts for x in logits_at_generated(p, k, part)] for name, (p, k) in variants.items()}
     reference = results["float32, XLA"]
 
     def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -93,18 +90,38 @@ def main() -> None:
         x = x - x.max(axis=-1, keepdims=True)
         return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
-    positions = sum(len(r) for r in reference)
-    print(f"{len(sequences)} short-workload prompts, {positions} generated positions (float32 greedy, teacher forced)")
-    print("| variant | mean abs logit error | max abs logit error | top-1 = float32's | mean KL(float32 ‖ variant) |")
-    print("|---|---|---|---|---|")
+    rows = {}
     for name, got in results.items():
-        errors = [np.abs(g - r) for g, r in zip(got, reference)]
-        top1 = np.mean(np.concatenate([np.argmax(g, -1) == np.argmax(r, -1) for g, r in zip(got, reference)]))
+        errors = np.concatenate([np.abs(g - r).ravel() for g, r in zip(got, reference)])
+        top1 = np.concatenate([np.argmax(g, -1) == np.argmax(r, -1) for g, r in zip(got, reference)])
         kl = np.concatenate([
             (np.exp(log_softmax(r)) * (log_softmax(r) - log_softmax(g))).sum(-1) for g, r in zip(got, reference)
         ])
-        print(f"| {name} | {np.mean([e.mean() for e in errors]):.3g} | {max(e.max() for e in errors):.3g} | "
-              f"{top1:.1%} | {kl.mean():.3g} |")
+        rows[name] = {"mean": float(errors.mean()), "max": float(errors.max()), "top1": float(top1.mean()),
+                      "kl": float(kl.mean())}
+    return {"prompts": len(sequences), "positions": sum(len(r) for r in reference), "variants": rows}
+
+
+def render(result: dict) -> str:
+    lines = [
+        f"{result['prompts']} short-workload prompts, {result['positions']} generated positions "
+        "(float32 greedy, teacher forced)",
+        "| variant | mean abs logit error | max abs logit error | top-1 = float32's | mean KL(float32 ‖ variant) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in result["variants"].items():
+        lines.append(f"| {name} | {row['mean']:.3g} | {row['max']:.3g} | {row['top1']:.1%} | {row['kl']:.3g} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="smollm2_135m_instruct")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per forward call")
+    args = parser.parse_args()
+    print(render(measure(args.preset, args.prompts, args.new_tokens, args.batch)))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ to 512 rows (float32, measured interleaved in one process). On a 2-core AVX2 EPY
 1.2x XLA at 64 rows and behind it above 128 (`AVX2_MAX_ROWS`). And the engine's int8 is weight-only
 (activations stay float32, so its quality is that of the quantized weights alone): XLA converts such a weight
 to float inside each product, over the whole weight for every few columns, which made int8 slower than float32
-at 64 rows. The kernel converts each weight block once, into the same panel. `model.transformer.project`'s XLA
+at 64 rows. The kernel converts each weight block once, into the same panel. On AVX512-VNNI CPUs (`quads`) it
+multiplies int8 weights in quads instead (`panels.to_quads`) against activations rounded per row to 16 bits, two
+`vpdpbusd` for what takes eight float32 FMAs: about half float32's time, at the weight-only int8 logits (the
+README's int8 notes). `model.transformer.project`'s XLA
 product stays the reference and runs wherever this cannot: other platforms (`jax.lax.platform_dependent`),
 weights split across devices, activations that are not float32, or a machine without a C++ compiler.
 `matmul_argmax` is the same product as a greedy step's LM head: it returns each row's first largest column, not
