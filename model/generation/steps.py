@@ -61,10 +61,12 @@ def decode_weights(params: transformer.Params, config: LlamaConfig, kernel: bool
         return transformer.unstack_layers(params)
     # A layer at a time: its slices are let go once its panels exist, so that the weights are never held three
     # times over (stacked, sliced and in panels) while the engine starts.
-    def packed(layer: transformer.Params) -> transformer.Params:
-        return jax.block_until_ready(panels.layer_for_kernel(layer, config.hidden_dim))
+    quads = cpu_matmul.quads()  # int8 weights in quads where the kernel multiplies those (AVX512-VNNI)
 
-    return panels.head_for_kernel(transformer.unstack_layers(params, each=packed), config.hidden_dim)
+    def packed(layer: transformer.Params) -> transformer.Params:
+        return jax.block_until_ready(panels.layer_for_kernel(layer, config.hidden_dim, quads))
+
+    return panels.head_for_kernel(transformer.unstack_layers(params, each=packed), config.hidden_dim, quads)
 
 
 def row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:

@@ -97,15 +97,15 @@ def rows(panels: Panels, ids: jax.Array) -> jax.Array:
     return panels.data[ids // WIDTH, :, ids % WIDTH]
 
 
-def for_kernel(params: dict, hidden_dim: int, quads: bool | None = None) -> dict:
+def for_kernel(params: dict, hidden_dim: int, quads: bool = False) -> dict:
     """Per-layer weights (`transformer.unstack_layers`) with every product weight the kernel takes (float32, or
     int8 with a scale, whole panels of columns) in panels: each layer's (`layer_for_kernel`) and the LM head
-    (`head_for_kernel`). `quads`: int8 weights in quads, by default where the kernel multiplies those."""
+    (`head_for_kernel`). `quads`: int8 weights in quads (where the kernel multiplies those: `cpu_matmul.quads`)."""
     layers = [layer_for_kernel(layer, hidden_dim, quads) for layer in params["layers"]]
     return head_for_kernel({**params, "layers": layers}, hidden_dim, quads)
 
 
-def layer_for_kernel(layer: dict, hidden_dim: int, quads: bool | None = None) -> dict:
+def layer_for_kernel(layer: dict, hidden_dim: int, quads: bool = False) -> dict:
     """One layer's weights with its products in panels (see `for_kernel`)."""
     layer = dict(layer)
     for name in LAYER_PRODUCTS:  # the two that write the residual stream have M outputs, the rest M inputs
@@ -114,7 +114,7 @@ def layer_for_kernel(layer: dict, hidden_dim: int, quads: bool | None = None) ->
     return layer
 
 
-def head_for_kernel(params: dict, hidden_dim: int, quads: bool | None = None) -> dict:
+def head_for_kernel(params: dict, hidden_dim: int, quads: bool = False) -> dict:
     """The weights with the LM head in panels (see `for_kernel`). A tied embedding goes into panels too: the head
     reads it as panels and decode's token lookup reads rows of them (`rows`), one copy for both."""
     out = dict(params)
@@ -125,17 +125,12 @@ def head_for_kernel(params: dict, hidden_dim: int, quads: bool | None = None) ->
     return jax.block_until_ready(out)
 
 
-def _convert(weights: dict, name: str, inputs: int, transposed: bool = False, quads: bool | None = None) -> None:
-    """weights[name] into panels, in the dict, where the kernel takes it (an int8 one in quads with `quads`, by
-    default where the kernel multiplies those)."""
-    from model.kernels import cpu_matmul  # it imports this module
-
+def _convert(weights: dict, name: str, inputs: int, transposed: bool = False, quads: bool = False) -> None:
+    """weights[name] into panels, in the dict, where the kernel takes it (an int8 one in quads with `quads`)."""
     w = weights.get(name)
     if w is None or (w.size // inputs) % WIDTH:
         return
     scaled = name + "_scale" in weights
-    if quads is None:
-        quads = cpu_matmul.quads()
     if w.dtype == jnp.int8 and scaled and inputs % QUAD == 0 and quads:
         weights[name] = to_quads(w, inputs, transposed)
     elif w.dtype == jnp.float32 and not scaled or w.dtype == jnp.int8 and scaled:
