@@ -46,11 +46,12 @@ def prefill_weights(params: transformer.Params, config: LlamaConfig, kernel: boo
         return params
     layers = dict(params["layers"])
     for name in panels.LAYER_PRODUCTS:
-        w = layers[name]
+        w = layers[name]  # [L, ...]
         per_layer = w.size // w.shape[0]
         inputs = per_layer // config.hidden_dim if name in ("attention_output", "down") else config.hidden_dim
-        if name + "_scale" in layers and w.dtype == jnp.int8 and inputs % panels.QUAD == 0 and (per_layer // inputs) % panels.WIDTH == 0:
-            layers[name] = panels.Panels(jnp.stack([panels.to_quads(w[i], inputs).data for i in range(w.shape[0])]))
+        first = {n: layers[n][0] for n in (name, name + "_scale") if n in layers}  # layer 0 stands for all
+        if panels.fits_quads(first, name, inputs):
+            layers[name] = panels.Panels(jnp.stack([panels.to_quads(w[i], inputs).data for i in range(len(w))]))
     return jax.block_until_ready({**params, "layers": layers})
 
 

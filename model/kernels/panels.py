@@ -125,13 +125,21 @@ def head_for_kernel(params: dict, hidden_dim: int, quads: bool = False) -> dict:
     return jax.block_until_ready(out)
 
 
+def fits_quads(weights: dict, name: str, inputs: int) -> bool:
+    """Whether weights[name], viewed as [inputs, N], can go into quads: int8 with a scale, whole quads of inputs
+    and whole panels of columns."""
+    w = weights.get(name)
+    return (w is not None and w.dtype == jnp.int8 and name + "_scale" in weights and inputs % QUAD == 0
+            and (w.size // inputs) % WIDTH == 0)
+
+
 def _convert(weights: dict, name: str, inputs: int, transposed: bool = False, quads: bool = False) -> None:
     """weights[name] into panels, in the dict, where the kernel takes it (an int8 one in quads with `quads`)."""
     w = weights.get(name)
     if w is None or (w.size // inputs) % WIDTH:
         return
     scaled = name + "_scale" in weights
-    if w.dtype == jnp.int8 and scaled and inputs % QUAD == 0 and quads:
+    if quads and fits_quads(weights, name, inputs):
         weights[name] = to_quads(w, inputs, transposed)
     elif w.dtype == jnp.float32 and not scaled or w.dtype == jnp.int8 and scaled:
         weights[name] = to_panels(w, inputs, transposed)
