@@ -9,9 +9,8 @@ divergence that compounds once one token differs.
 Variants: float32 through the CPU product kernel (float32 rounding only: a floor for the others); int8 weights
 (one scale per output channel) in XLA's product, the weight-only reference; the same weights through the CPU
 kernel widened to float32 in its panels (the engine's int8 without AVX512-VNNI); and, on AVX512-VNNI builds, in
-quads against activations rounded per row to 16 bits (the engine's int8 decode there). Each variant runs the
-whole sequence through its own products, as prefill does (the engine's prefill keeps the widened product: only
-its decode steps take quads).
+quads against activations rounded per row to 16 bits (the engine's int8 there, prefill and decode). Each variant
+runs the whole sequence through its own products, as prefill does.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ Then the weight products at `--slots` rows: float32 in XLA and through the CPU k
 (`model.kernels.cpu_matmul`, what the engine runs on CPU); int8 weights converted inside each XLA product, and
 through the kernel, widened to float32 in its panels and (AVX512-VNNI builds, the engine's int8 there) in quads
 against activations rounded per row to 16 bits; and int8 x int8 -> int32 with each row's activations quantized
-to 8 bits on the fly (not used by the engine: see the README's notes on int8). Last, the engine's decode step of the int8 model and of the bfloat16
-model (bfloat16 activations and weights, XLA's products with float32 accumulation: the CPU kernels take float32).
+to 8 bits on the fly (not used by the engine: see the README's notes on int8). Last, the engine's decode step of
+the int8 model and of the bfloat16 model (bfloat16 activations and weights, XLA's products with float32
+accumulation: the CPU kernels take float32).
 """
 
 from __future__ import annotations

@@ -196,8 +196,8 @@ class GenerationEngine:
             if self.backbone.compute_dtype != str(params["token_embedding"].dtype) and "token_embedding_scale" not in params:
                 params = jax.tree.map(lambda w: w.astype(self.backbone.compute_dtype), params)
             kernel = kernel_products(self.backbone)
-            per_layer = steps.decode_weights(params, self.config, kernel=kernel)
-            self._weights_cache = steps.Weights(steps.prefill_weights(params, self.config, kernel=kernel), per_layer)
+            stacked = steps.prefill_weights(params, self.config, kernel=kernel)
+            self._weights_cache = steps.Weights(stacked, steps.decode_weights(stacked, self.config, kernel=kernel))
             self._weights_source = source
         return self._weights_cache
 

@@ -41,23 +41,23 @@ def prefill_weights(params: transformer.Params, config: LlamaConfig, kernel: boo
     """`Weights.stacked` from the backbone's stacked weights: as they are, except that where the CPU kernel
     multiplies int8 weights in quads (`cpu_matmul.quads`: AVX512-VNNI), every layer's int8 products go into quads
     too, stacked [L, ...], so that prefill's and scoring's products take `vpdpbusd` as decode's do (the widened
-    int8 product runs at float32's speed). They are a copy beside the backbone's own (the demo model: ~106 MB)."""
+    int8 product runs at float32's speed). They are a copy beside the backbone's own (the demo model: ~106 MB);
+    `decode_weights` slices its per-layer quads from them."""
     if not (kernel and cpu_matmul.quads()):
         return params
     layers = dict(params["layers"])
     for name in panels.LAYER_PRODUCTS:
         w = layers[name]  # [L, ...]
-        per_layer = w.size // w.shape[0]
-        inputs = per_layer // config.hidden_dim if name in ("attention_output", "down") else config.hidden_dim
-        first = {n: layers[n][0] for n in (name, name + "_scale") if n in layers}  # layer 0 stands for all
-        if panels.fits_quads(first, name, inputs):
-            layers[name] = panels.Panels(jnp.stack([panels.to_quads(w[i], inputs).data for i in range(len(w))]))
+        per_layer = w.size // len(w)
+        inputs = panels.product_inputs(name, per_layer, config.hidden_dim)
+        if panels.fits_quads(w.dtype, inputs, per_layer // inputs, name + "_scale" in layers):
+            layers[name] = panels.Panels(jax.vmap(lambda layer: panels.to_quads(layer, inputs).data)(w))
     return jax.block_until_ready({**params, "layers": layers})
 
 
 def decode_weights(params: transformer.Params, config: LlamaConfig, kernel: bool) -> transformer.Params:
-    """`Weights.per_layer` from the stacked weights: one copy per layer, its products in the CPU kernel's panels
-    when `kernel` (the kernel then reads float32 weights in place, `model.kernels.panels`)."""
+    """`Weights.per_layer` from the stacked weights (`prefill_weights`): one copy per layer, its products in the
+    CPU kernel's panels when `kernel` (the kernel then reads float32 weights in place, `model.kernels.panels`)."""
     if not kernel:
         return transformer.unstack_layers(params)
     # A layer at a time: its slices are let go once its panels exist, so that the weights are never held three

@@ -108,10 +108,16 @@ def for_kernel(params: dict, hidden_dim: int, quads: bool = False) -> dict:
 def layer_for_kernel(layer: dict, hidden_dim: int, quads: bool = False) -> dict:
     """One layer's weights with its products in panels (see `for_kernel`)."""
     layer = dict(layer)
-    for name in LAYER_PRODUCTS:  # the two that write the residual stream have M outputs, the rest M inputs
-        inputs = layer[name].size // hidden_dim if name in ("attention_output", "down") else hidden_dim
-        _convert(layer, name, inputs, quads=quads)
+    for name in LAYER_PRODUCTS:
+        if not isinstance(layer[name], Panels):  # quads sliced from prefill's stacked ones are in place already
+            _convert(layer, name, product_inputs(name, layer[name].size, hidden_dim), quads=quads)
     return layer
+
+
+def product_inputs(name: str, size: int, hidden_dim: int) -> int:
+    """K of the layer product `name` whose weight has `size` entries: the two that write the residual stream
+    (attention_output, down) have M outputs, the rest M inputs."""
+    return size // hidden_dim if name in ("attention_output", "down") else hidden_dim
 
 
 def head_for_kernel(params: dict, hidden_dim: int, quads: bool = False) -> dict:
@@ -125,12 +131,10 @@ def head_for_kernel(params: dict, hidden_dim: int, quads: bool = False) -> dict:
     return jax.block_until_ready(out)
 
 
-def fits_quads(weights: dict, name: str, inputs: int) -> bool:
-    """Whether weights[name], viewed as [inputs, N], can go into quads: int8 with a scale, whole quads of inputs
-    and whole panels of columns."""
-    w = weights.get(name)
-    return (w is not None and w.dtype == jnp.int8 and name + "_scale" in weights and inputs % QUAD == 0
-            and (w.size // inputs) % WIDTH == 0)
+def fits_quads(dtype: Any, inputs: int, outputs: int, scaled: bool) -> bool:
+    """Whether a weight [inputs, outputs] can go into quads: int8 with a scale, whole quads of inputs and whole
+    panels of outputs."""
+    return dtype == jnp.int8 and scaled and inputs % QUAD == 0 and outputs % WIDTH == 0
 
 
 def _convert(weights: dict, name: str, inputs: int, transposed: bool = False, quads: bool = False) -> None:
@@ -139,7 +143,7 @@ def _convert(weights: dict, name: str, inputs: int, transposed: bool = False, qu
     if w is None or (w.size // inputs) % WIDTH:
         return
     scaled = name + "_scale" in weights
-    if quads and fits_quads(weights, name, inputs):
+    if quads and fits_quads(w.dtype, inputs, w.size // inputs, scaled):
         weights[name] = to_quads(w, inputs, transposed)
     elif w.dtype == jnp.float32 and not scaled or w.dtype == jnp.int8 and scaled:
         weights[name] = to_panels(w, inputs, transposed)
