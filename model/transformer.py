@@ -99,13 +99,15 @@ def _attention(
     cache_lengths: jnp.ndarray | None,
     new_visible: jnp.ndarray,
     segment_length: int | None = None,
+    context_visible: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
     """Grouped-query attention of new tokens over (cached tokens, new tokens).
 
     q [B, T, H, D]; new_k/new_v [B, T, K, D]; cache_k/cache_v [B, K, S, D] or None; cache_lengths [B]:
     cached keys j < cache_lengths[b] are visible; new_visible [B, T(query), T(key)]: which new tokens each new
-    token sees (see `visibility`); segment_length: without a cache, a bound on each packed segment's tokens (see
-    `_self_attention`).
+    token sees (see `visibility`); segment_length: a bound on each packed segment's new tokens (see
+    `_self_attention`). context_visible [B, T, S], instead of cache_lengths: which cached keys each new token
+    sees, for rows of packed prompts that each continue their own cached pages (`_self_attention`'s context).
     K/V are never repeated to H heads: queries are grouped as [B, T, K, G, D] instead.
     Scores over the cache and over the new block are computed apart and joined after, so the (large)
     cache is only read, never copied.
@@ -114,8 +116,9 @@ def _attention(
     k_heads = new_k.shape[2]
     g = h // k_heads
     qg = q.reshape(b, t, k_heads, g, d) * jnp.asarray(d**-0.5, q.dtype)
-    if cache_k is None:
-        return _self_attention(qg, new_k, new_v, new_visible, segment_length).reshape(b, t, h, d)
+    if cache_k is None or context_visible is not None:
+        context = None if cache_k is None else (cache_k, cache_v, context_visible)
+        return _self_attention(qg, new_k, new_v, new_visible, segment_length, context).reshape(b, t, h, d)
     new_scores = jnp.einsum("btkgd,bskd->bkgts", qg, new_k, preferred_element_type=jnp.float32)
     new_scores = jnp.where(new_visible[:, None, None], new_scores, _MASKED)
     s = cache_k.shape[2]
@@ -159,10 +162,18 @@ Attend = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, Any], tuple[jnp.ndarra
 
 
 def _self_attention(
-    qg: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, visible: jnp.ndarray, segment_length: int | None = None
+    qg: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    visible: jnp.ndarray,
+    segment_length: int | None = None,
+    context: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray] | None = None,
 ) -> jnp.ndarray:
     """Attention of T tokens among themselves: qg [B, T, K, G, D] (scaled), k/v [B, T, K, D] -> [B, T, K, G, D].
     `segment_length`: a bound on the tokens of each packed segment (see `_banded_self_attention`), or None.
+    `context`: (keys [B, K, S, D], values [B, K, S, D], visible [B, T, S]) cached keys before the row that each
+    token may see too: the cached first pages of packed prompts (the engine's prefill with prompt sharing).
+    Their scores join each query block's before one softmax.
 
     All G query heads of a KV head are the rows of one product, [G*T, D] x [D, T]: one large matmul per KV
     head instead of G thin ones (2x faster for a 512-token packed prefill row on CPU). A long row is cut into
@@ -171,7 +182,7 @@ def _self_attention(
     """
     b, t, k_heads, g, d = qg.shape
     if segment_length is not None and 2 * segment_length <= t and t % segment_length == 0:
-        return _banded_self_attention(qg, k, v, visible, segment_length)
+        return _banded_self_attention(qg, k, v, visible, segment_length, context)
     rows = qg.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
     blocks = 4 if t >= 256 and t % 4 == 0 else 1
@@ -183,13 +194,37 @@ def _self_attention(
         scores = jnp.einsum("bkqd,bksd->bkqs", block_rows, keys[:, :, :end], preferred_element_type=jnp.float32)
         scores = scores.reshape(b, k_heads, g, size, end)
         scores = jnp.where(visible[:, None, None, begin:end, :end], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, k_heads, g * size, end)
-        outs.append(jnp.einsum("bkqs,bksd->bkqd", probs, values[:, :, :end]).reshape(b, k_heads, g, size, d))
+        if context is not None:
+            scores = _with_context_scores(scores, block_rows, context[0], context[2][:, begin:end])
+        s = scores.shape[-1] - end  # context keys first
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, k_heads, g * size, s + end)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs[..., s:], values[:, :, :end])
+        if context is not None:
+            out = out + jnp.einsum("bkqs,bksd->bkqd", probs[..., :s], context[1].astype(v.dtype))
+        outs.append(out.reshape(b, k_heads, g, size, d))
     return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4)
 
 
+def _with_context_scores(
+    scores: jnp.ndarray, rows: jnp.ndarray, context_k: jnp.ndarray, context_visible: jnp.ndarray
+) -> jnp.ndarray:
+    """A query block's scores [B, K, (n,) G, Q, S'] with the scores of the same queries, rows [B, K, (n,) G*Q, D],
+    over context keys [B, K, S, D] before them (masked where context_visible [B, (n,) Q, S] is False)."""
+    s = context_k.shape[2]
+    spec = "bkiqd,bksd->bkiqs" if rows.ndim == 5 else "bkqd,bksd->bkqs"
+    extra = jnp.einsum(spec, rows, context_k.astype(rows.dtype), preferred_element_type=jnp.float32)
+    extra = extra.reshape(scores.shape[:-1] + (s,))
+    visible = context_visible[:, None, :, None] if rows.ndim == 5 else context_visible[:, None, None]
+    return jnp.concatenate([jnp.where(visible, extra, _MASKED), scores], axis=-1)
+
+
 def _banded_self_attention(
-    qg: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, visible: jnp.ndarray, width: int
+    qg: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    visible: jnp.ndarray,
+    width: int,
+    context: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray] | None = None,
 ) -> jnp.ndarray:
     """`_self_attention` of a row of packed segments of at most `width` tokens each (T a multiple of it).
 
@@ -213,8 +248,15 @@ def _banded_self_attention(
     scores = jnp.einsum("bkiqd,biskd->bkiqs", rows, keys, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, k_heads, n, g, width, 2 * width)
     scores = jnp.where(band[:, None, :, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, k_heads, n, g * width, 2 * width)
-    out = jnp.einsum("bkiqs,biskd->bkiqd", probs, values).reshape(b, k_heads, n, g, width, d)
+    if context is not None:  # [B, T, S] -> [B, n, W, S]: what block i's queries see of the context
+        blocked = context[2].reshape(b, n, width, context[2].shape[-1])
+        scores = _with_context_scores(scores, rows, context[0], blocked)
+    s = scores.shape[-1] - 2 * width
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, k_heads, n, g * width, s + 2 * width)
+    out = jnp.einsum("bkiqs,biskd->bkiqd", probs[..., s:], values)
+    if context is not None:
+        out = out + jnp.einsum("bkiqs,bksd->bkiqd", probs[..., :s], context[1].astype(v.dtype))
+    out = out.reshape(b, k_heads, n, g, width, d)
     return out.transpose(0, 2, 4, 1, 3, 5).reshape(b, t, k_heads, g, d)
 
 
@@ -294,6 +336,7 @@ def forward(
     segment_ids: jnp.ndarray | None = None,
     segment_length: int | None = None,
     kernel: bool = False,
+    context_visible: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Runs the decoder over new tokens, optionally after cached ones.
 
@@ -301,7 +344,9 @@ def forward(
     [L, B, K, S, D] read-only, with cache_lengths [B] valid entries per row; segment_ids [B, T]: several
     sequences packed in a row, each attending only to itself (see `visibility`); segment_length (static): a
     bound on every segment's tokens, which lets attention skip keys further back (`_banded_self_attention`);
-    kernel: products may run as the CPU kernel (see `project`).
+    kernel: products may run as the CPU kernel (see `project`); context_visible [B, T, S], instead of
+    cache_lengths: which cached keys each new token sees (packed prompts that each continue their own cached
+    pages; the cache then holds those pages, `_self_attention`'s context).
     Returns the final-normed hidden states [B, T, M] and the new tokens' keys and values [L, B, T, K, D], which
     the caller writes into its cache (see `model.generation.kv_cache`).
     """
@@ -312,7 +357,9 @@ def forward(
 
     def attend(q, k, v, layer_cache):
         layer_cache_k, layer_cache_v = layer_cache if layer_cache is not None else (None, None)
-        attended = _attention(q, k, v, layer_cache_k, layer_cache_v, cache_lengths, new_visible, segment_length)
+        attended = _attention(
+            q, k, v, layer_cache_k, layer_cache_v, cache_lengths, new_visible, segment_length, context_visible
+        )
         return attended, (k, v)
 
     cache = None if cache_k is None else (cache_k, cache_v)

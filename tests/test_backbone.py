@@ -154,3 +154,34 @@ def test_banded_attention_of_short_packed_segments_equals_the_plain_masked_softm
     # A segment longer than the bound would lose keys: the bound must cover the longest.
     too_narrow = np.asarray(transformer._self_attention(*args, segment_length=width // 2))
     assert max(lengths) <= width // 2 or not np.allclose(too_narrow[0, real], expected[0, real], atol=1e-3)
+
+
+@pytest.mark.parametrize("t, width", [(64, None), (512, None), (512, 64)])
+def test_packed_prompts_after_their_own_cached_pages_attend_as_one_masked_softmax(t, width):
+    # The engine's prefill with prompt sharing: each segment of a packed row also sees some of the context keys
+    # (its own cached pages); the causal blocks and the band must give the plain computation over both.
+    rng = np.random.default_rng(t + (width or 0))
+    k_heads, g, d, s = 3, 3, 8, 96
+    lengths = []
+    while sum(lengths) < t - 10:
+        lengths.append(int(min(rng.integers(1, (width or 100) + 1), t - 10 - sum(lengths))))
+    segments = np.concatenate([np.full(n, j) for j, n in enumerate(lengths)] + [np.full(t - sum(lengths), -1)])[None]
+    sees = rng.random((len(lengths), s)) < 0.4  # which context keys each segment sees
+    context_visible = np.where(segments[0, :, None] >= 0, sees[np.maximum(segments[0], 0)], False)[None]
+    qg = rng.normal(size=(1, t, k_heads, g, d)).astype(np.float32)
+    k, v = (rng.normal(size=(1, t, k_heads, d)).astype(np.float32) for _ in range(2))
+    ck, cv = (rng.normal(size=(1, k_heads, s, d)).astype(np.float32) for _ in range(2))
+    visible = np.asarray(transformer.visibility(jnp.asarray(segments >= 0), jnp.asarray(segments)))
+    scores = np.concatenate(
+        [np.einsum("btkgd,bksd->bkgts", qg, ck), np.einsum("btkgd,bskd->bkgts", qg, k)], axis=-1
+    )
+    scores = np.where(np.concatenate([context_visible, visible], -1)[:, None, None], scores, -1e30)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = np.einsum("bkgts,bksd->btkgd", probs[..., :s], cv) + np.einsum("bkgts,bskd->btkgd", probs[..., s:], v)
+    context = (jnp.asarray(ck), jnp.asarray(cv), jnp.asarray(context_visible))
+    got = np.asarray(transformer._self_attention(
+        jnp.asarray(qg), jnp.asarray(k), jnp.asarray(v), jnp.asarray(visible), width, context
+    ))
+    real = segments[0] >= 0
+    np.testing.assert_allclose(got[0, real], expected[0, real], atol=1e-5, rtol=1e-5)

@@ -55,11 +55,11 @@ def test_every_prompt_gets_the_same_tokens_alone_and_in_a_mixed_batch(tiny_backb
     engine = GenerationEngine(tiny_backbone, max_slots=32, max_length=128)
     together = engine.generate(requests)
     # A full packed row (512 tokens of prompts under 64) ran banded attention; a prompt alone runs the plain one.
-    assert 64 in {shape[-1] for shape in engine.stats.shapes if shape[0] == "prefill"}
+    assert 64 in {shape[4] for shape in engine.stats.shapes if shape[0] == "prefill"}
     alone_engine = GenerationEngine(tiny_backbone, max_slots=1, max_length=128)
     for request, completion in zip(requests, together):
         assert alone_engine.generate([request])[0].token_ids == completion.token_ids
-    assert {shape[-1] for shape in alone_engine.stats.shapes if shape[0] == "prefill"} == {None}
+    assert {shape[4] for shape in alone_engine.stats.shapes if shape[0] == "prefill"} == {None}
 
 
 def test_stop_token_ends_a_sequence_and_is_not_returned(tiny_backbone):
@@ -150,6 +150,28 @@ def test_packs_hold_every_prompt_once_within_their_rows():
             row = bucket(total, 32)
             assert total <= max(PACK_TOKENS, row) and len(pack) <= segments_for(row, max_slots)
             assert len(pack) == 1 or total <= PACK_TOKENS or max(lengths[i] for i in pack) > PACK_TOKENS
+
+
+def test_packs_take_at_most_their_share_of_distinct_cached_pages():
+    from model.generation.scheduler import CONTEXT_PAGES, plan_packs
+
+    rng = np.random.default_rng(6)
+    for _ in range(200):
+        lengths = list(rng.integers(1, 200, rng.integers(1, 60)))
+        # Prompts behind one of a few system prompts (shared pages), behind pages of their own, or none.
+        systems = [tuple(range(100 * s, 100 * s + int(rng.integers(1, 12)))) for s in range(4)]
+        contexts = [
+            systems[int(rng.integers(4))] if r < 0.5 else tuple(range(1000 + 50 * i, 1000 + 50 * i + int(rng.integers(1, 40))))
+            if r < 0.7 else ()
+            for i, r in enumerate(rng.random(len(lengths)))
+        ]
+        packs = plan_packs(lengths, 64, contexts)
+        assert sorted(i for pack in packs for i in pack) == list(range(len(lengths)))
+        for pack in packs:
+            distinct = {page for i in pack for page in contexts[i]}
+            assert len(distinct) <= CONTEXT_PAGES or len(pack) == 1
+    # Prompts behind one system prompt share its pages: they fill rows as prompts without context do.
+    assert len(plan_packs([40] * 12, 64, [(1, 2)] * 12)) == 1
 
 
 def test_only_full_rows_of_short_prompts_attend_in_bands():

@@ -129,13 +129,42 @@ def test_prompts_that_start_alike_prefill_only_what_follows_their_cached_pages(t
     assert stats.prompt_tokens_received == sum(2 * len(p) for p in prompts)
     # The first round prefills whole; later prompts copy the system prompt's two full pages (64 tokens).
     assert stats.prompt_tokens < sum(len(p) for p in prompts) - 64 * 2
-    assert any(shape[0] == "prefill_with_context" for shape in shapes(tiny_backbone, requests))
+    assert any(with_context(shape) for shape in shapes(tiny_backbone, requests))
 
 
-def shapes(backbone, requests):
-    engine = GenerationEngine(backbone, max_slots=4, max_length=96)
+def with_context(shape) -> bool:
+    """Whether an engine call's shape is a prefill whose prompts continue cached pages."""
+    return shape[0] == "prefill" and shape[-1] > 0
+
+
+def shapes(backbone, requests, max_slots=4):
+    engine = GenerationEngine(backbone, max_slots=max_slots, max_length=96)
     engine.generate(requests)
     return engine.stats.shapes
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams("greedy"), SamplingParams("top_k", temperature=1.0, top_k=10)])
+def test_a_prefill_call_mixing_cached_contexts_equals_the_unshared_run(tiny_backbone, sampling):
+    # Round one (8 slots) prefills system prompts A (one full page) and B (two) and six other prompts, all done at
+    # their first token; round two packs prompts behind A, behind B and behind nothing into one call, whose
+    # context is A's page and B's two, each once, every prompt attending to its own only.
+    rng = np.random.default_rng(17)
+    a, b = list(rng.integers(1, 90, 35)), list(rng.integers(1, 90, 70))
+    first = [a + [1], b + [2]] + [list(rng.integers(1, 90, 9)) for _ in range(6)]
+    second = [a + [7, 8, 9], b + [4], list(rng.integers(1, 90, 12)), a + list(rng.integers(1, 90, 20)), b + [6, 6]]
+    requests = [Request(f"first{i}", p, 1, sampling, seed=i) for i, p in enumerate(first)]
+    requests += [Request(f"second{i}", p, 6, sampling, seed=50 + i) for i, p in enumerate(second)]
+    results = {}
+    for on in (True, False):
+        engine = GenerationEngine(tiny_backbone, max_slots=8, max_length=96, prefix_caching=on)
+        engine.stats.calls = []
+        results[on] = [c.token_ids for c in engine.generate(requests)]
+        prefills = [c for c in engine.stats.calls if c.kind == "prefill"]
+        assert len(prefills) == 2  # one call per round
+        if on:
+            assert [shape[-1] for shape in engine.stats.shapes if shape[0] == "prefill"].count(4) == 1
+            assert engine.stats.prompt_tokens_shared == 2 * 32 + 2 * 64
+    assert results[True] == results[False]
 
 
 def test_on_the_demo_model_a_shared_system_prompt_changes_no_greedy_token_and_log_probs_by_under_1e_4(demo_lm):

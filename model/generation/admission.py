@@ -7,8 +7,8 @@ each admitted prompt takes one of four ways:
   prefilled whole     no page of it is cached (or, in a small cache, keeping its cached pages leaves no room);
   shared              all its pages are cached, or an earlier request of this round prefills the same prompt:
                       they are copied, and the first decode call recomputes its last token;
-  with context        its first pages are cached: they are copied and only the rest is prefilled
-                      (`context_prefill.py`);
+  with context        its first pages are cached: they are copied and only the rest is prefilled, packed with
+                      the prompts prefilled whole, attending to the cached pages (`steps.prefill`'s context);
   shared later        the same prompt as a with-context one of this round: copied once that one is prefilled.
 Constrained requests (a response_format) are always prefilled whole: their first token needs its mask.
 """
@@ -19,10 +19,23 @@ import collections
 import dataclasses
 from typing import Any
 
-from model.generation.context_prefill import ContextPrompt
 from model.generation.prefix_cache import PrefixCache, page_keys
 from model.generation.requests import Request
 from model.generation.scheduler import SlotTable
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextPrompt:
+    """A request whose prompt starts with cached pages: those are copied into its slot's first pages, and the
+    rest of the prompt is prefilled attending to them."""
+
+    slot: int
+    request: Request
+    cached: tuple[int, ...]  # the pages found in the cache, the prompt's first len(cached) pages
+
+    @property
+    def context_pages(self) -> int:
+        return len(self.cached)
 
 
 @dataclasses.dataclass
@@ -73,7 +86,7 @@ def admit(
             elif later:
                 round.shared_later.append((slot, request, keys))
             elif found:
-                round.with_context.append(ContextPrompt(slot, request, len(found)))
+                round.with_context.append(ContextPrompt(slot, request, tuple(found)))
                 completing.add(keys[-1])
             else:
                 round.admitted.append((slot, request))

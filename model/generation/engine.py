@@ -10,7 +10,8 @@ take the free slots, and how each prompt gets into the cache (prefilled, or copi
 shared), is `admission.py`; a slot's new tokens become its Completion in `completions.py`.
 
 Shapes are static and bucketed, so a long job compiles a handful of programs once:
-  prefill: one per packed row length (powers of two, 32 .. PACK_TOKENS, longer only for longer prompts);
+  prefill: one per packed row length (powers of two, 32 .. PACK_TOKENS, longer only for longer prompts) and
+           number of cached pages its prompts continue (none, or a power of two from 4);
   decode:  one per rows bucket, number of cache chunks read and sampler variant.
 
 Example:
@@ -35,8 +36,8 @@ from model.backbone import LlamaBackbone
 from model.generation import (
     admission, compile_counter, completions, grammar, paged_cache, penalties, sampling, scoring, steps,
 )
+from model.generation.admission import ContextPrompt
 from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
-from model.generation.context_prefill import MAX_ROWS, ContextPrompt, build_call
 from model.generation.prefix_cache import PrefixCache, page_keys
 from model.generation.requests import Completion, Request
 from model.generation.scheduler import (
@@ -64,7 +65,7 @@ class EngineStats:
     calls: list[DeviceCall] | None = None
 
     def add_call(self, kind: str, start: float, rows: int, tokens: int) -> None:
-        """Counts a call of `kind` ("prefill", "prefill_with_context", "copy" or "decode") that began at
+        """Counts a call of `kind` ("prefill", "copy" or "decode") that began at
         `start` (perf_counter) and ended now: its seconds go to prefill or decode, and to `calls` if kept."""
         seconds = time.perf_counter() - start
         if kind == "decode":
@@ -247,15 +248,14 @@ class GenerationEngine:
             plan = admission.admit(waiting, free, table, prefix, PAGE_SIZE, self.max_length, self._problem)
             for request, reason in plan.rejected:
                 yield self._error(request, reason)
-            if plan.admitted:
-                yield from self._prefill_admitted(weights.stacked, plan.admitted, table)
-            if plan.shared or plan.with_context:
-                self._copy_cached(plan.shared, plan.with_context, table)
+            if plan.with_context:  # their cached first pages into their slots (before a slot may finish)
+                self._copy_cached([], plan.with_context, table)
+            if plan.admitted or plan.with_context:
+                yield from self._prefill_admitted(weights.stacked, plan.admitted, plan.with_context, table)
+            if plan.shared:  # after the prefill: some copy a prompt this round's prefill wrote
+                self._copy_cached(plan.shared, [], table)
                 for slot, request, _ in plan.shared:
                     self._start_shared(slot, request, table)
-                for start in range(0, len(plan.with_context), MAX_ROWS):
-                    prompts = plan.with_context[start : start + MAX_ROWS]
-                    yield from self._prefill_with_context(weights.stacked, prompts, table)
             if plan.shared_later:  # their prompts are whole in the cache now
                 self._copy_cached(plan.shared_later, [], table)
                 for slot, request, _ in plan.shared_later:
@@ -271,56 +271,82 @@ class GenerationEngine:
     def _error(self, request: Request, reason: str) -> Completion:
         return completions.error(request, reason, self.tokenizer)
 
-    def _prefill_admitted(self, params, admitted: list[tuple[int, Request]], table: "SlotTable"):
-        lengths = [len(request.prompt_ids) for _, request in admitted]
-        for pack in plan_packs(lengths, self.max_slots):
-            yield from self._prefill_pack(params, [admitted[i] for i in pack], table)
+    def _prefill_admitted(
+        self, params, admitted: list[tuple[int, Request]], with_context: list[ContextPrompt], table: "SlotTable"
+    ):
+        """Prefills the admitted prompts, whole or past their cached first pages, packed into few calls."""
+        prompts = [ContextPrompt(slot, request, ()) for slot, request in admitted] + with_context
+        rest = [len(p.request.prompt_ids) - p.context_pages * PAGE_SIZE for p in prompts]
+        for pack in plan_packs(rest, self.max_slots, [p.cached for p in prompts]):
+            yield from self._prefill_pack(params, [prompts[i] for i in pack], table)
 
-    def _prefill_pack(self, params, pack: list[tuple[int, Request]], table: "SlotTable"):
-        """One prefill call: the prompts of `pack` side by side in one row, each into its slot's pages."""
-        t = bucket(sum(len(request.prompt_ids) for _, request in pack), MIN_PACK_BUCKET)
+    def _prefill_pack(self, params, pack: list[ContextPrompt], table: "SlotTable"):
+        """One prefill call: the prompts of `pack` side by side in one row, each into its slot's pages; a prompt
+        with cached first pages (copied into its slot already) from there on, attending to those pages."""
+        firsts = [p.context_pages * PAGE_SIZE for p in pack]  # each prompt's first position computed here
+        t = bucket(sum(len(p.request.prompt_ids) - f for p, f in zip(pack, firsts)), MIN_PACK_BUCKET)
         capacity = segments_for(t, self.max_slots)
         ids, positions = np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
         segments = np.full((1, t), -1, np.int32)
         pages, offsets = np.full(t, self.cache_pages, np.int32), np.zeros(t, np.int32)
         last, seeds = np.zeros(capacity, np.int32), np.zeros(capacity, np.uint32)
         cursor = 0
-        for j, (slot, request) in enumerate(pack):
-            n = len(request.prompt_ids)
+        for j, (prompt, first) in enumerate(zip(pack, firsts)):
+            prompt_ids = prompt.request.prompt_ids
+            n = len(prompt_ids) - first
             span = slice(cursor, cursor + n)
-            ids[0, span], positions[0, span], segments[0, span] = request.prompt_ids, np.arange(n), j
-            pages[span], offsets[span] = table.pages.token_locations(slot, n)
-            last[j], seeds[j] = cursor + n - 1, request.seed & 0xFFFFFFFF
+            ids[0, span], positions[0, span], segments[0, span] = prompt_ids[first:], np.arange(first, first + n), j
+            slot_pages, slot_offsets = table.pages.token_locations(prompt.slot, len(prompt_ids))
+            pages[span], offsets[span] = slot_pages[first:], slot_offsets[first:]
+            last[j], seeds[j] = cursor + n - 1, prompt.request.seed & 0xFFFFFFFF
             cursor += n
-        row_sampling = [request.sampling for _, request in pack]
+        context = self._context(pack, capacity)
+        row_sampling = [p.request.sampling for p in pack]
         rows, variant = sampling.row_sampling_params(row_sampling + [row_sampling[0]] * (capacity - len(pack)))
-        segment_length = segment_bound([len(request.prompt_ids) for _, request in pack], t)
+        segment_length = segment_bound([len(p.request.prompt_ids) - f for p, f in zip(pack, firsts)], t)
         start = time.perf_counter()
-        self.stats.shapes.add(("prefill", t, capacity, variant, segment_length))
-        k = completions.logprobs_width(request for _, request in pack)
-        padded = [request for _, request in pack] + [pack[0][1]] * (capacity - len(pack))
+        context_width = 0 if context is None else len(context.pages)
+        self.stats.shapes.add(("prefill", t, capacity, variant, segment_length, context_width))
+        k = completions.logprobs_width(p.request for p in pack)
+        padded = [p.request for p in pack] + [pack[0].request] * (capacity - len(pack))
         row_penalties = penalties.build(
             [r.sampling for r in padded], [r.prompt_ids for r in padded], [()] * capacity, self.config.vocabulary_size
         )
-        for slot, request in pack:  # each constrained request's matcher starts here, so its first token is masked too
-            if request.response_format is not None:
-                table.entries[slot].grammar = self.grammars.matcher(request.response_format)
-        token_mask = self.grammars.token_mask([table.entries[slot] for slot, _ in pack], capacity)
+        for prompt in pack:  # each constrained request's matcher starts here, so its first token is masked too
+            if prompt.request.response_format is not None:
+                table.entries[prompt.slot].grammar = self.grammars.matcher(prompt.request.response_format)
+        token_mask = self.grammars.token_mask([table.entries[p.slot] for p in pack], capacity)
         self._cache, first, first_logprobs = steps.prefill(
             params, self._cache, ids, positions, segments, pages, offsets, last, rows, seeds, row_penalties,
-            token_mask, config=self.config, variant=variant, logprobs_k=k, segment_length=segment_length,
+            token_mask, context, config=self.config, variant=variant, logprobs_k=k, segment_length=segment_length,
         )
         first = np.asarray(first)
         first_logprobs = None if first_logprobs is None else [np.asarray(a)[:, None] for a in first_logprobs]
         self.stats.add_call("prefill", start, len(pack), t)
-        for j, (slot, request) in enumerate(pack):
-            n = len(request.prompt_ids)
-            self.stats.prompt_tokens += n
+        for j, (prompt, cached) in enumerate(zip(pack, firsts)):
+            n = len(prompt.request.prompt_ids)
+            self.stats.prompt_tokens += n - cached
+            self.stats.prompt_tokens_shared += cached
             self.stats.prompt_tokens_received += n
-            entries = completions.token_entries(first_logprobs, j, 1, request)
-            done = self._first_token(slot, request, int(first[j]), seeds[j], entries, table)
+            entries = completions.token_entries(first_logprobs, j, 1, prompt.request)
+            done = self._first_token(prompt.slot, prompt.request, int(first[j]), seeds[j], entries, table)
             if done is not None:
                 yield done
+
+    @staticmethod
+    def _context(pack: list[ContextPrompt], capacity: int) -> "steps.Context | None":
+        """The cached pages the prompts of a prefill call continue, each page once (the prompts behind one system
+        prompt share its pages), to a power of two of pages from 4 so that few programs are compiled; None when
+        no prompt has any."""
+        distinct = list(dict.fromkeys(page for prompt in pack for page in prompt.cached))
+        if not distinct:
+            return None
+        width = bucket(len(distinct), 4)
+        index = {page: i for i, page in enumerate(distinct)}
+        sees = np.zeros((capacity, width), bool)
+        for j, prompt in enumerate(pack):
+            sees[j, [index[page] for page in prompt.cached]] = True
+        return steps.Context(np.array(distinct + [distinct[0]] * (width - len(distinct)), np.int32), sees)
 
     def _first_token(self, slot: int, request: Request, token: int, seed, logprobs, table: "SlotTable"):
         """Starts `slot`, its prompt prefilled and its first token sampled; the Completion if that ended it."""
@@ -345,8 +371,7 @@ class GenerationEngine:
             source.extend(found)
             target.extend(pages.table[slot, : len(found)])
         for prompt in with_context:  # its first pages
-            found = pages.prefix.lookup(page_keys(prompt.request.prompt_ids, PAGE_SIZE)[: prompt.context_pages])
-            source.extend(found)
+            source.extend(prompt.cached)
             target.extend(pages.table[prompt.slot, : prompt.context_pages])
         m = bucket(len(source), 8)  # few programs: one per power of two of pages copied
         padded = lambda pages_, fill: np.array(list(pages_) + [fill] * (m - len(pages_)), np.int32)  # noqa: E731
@@ -362,35 +387,6 @@ class GenerationEngine:
         self.stats.prompt_tokens_shared += n - 1
         self.stats.prompt_tokens_received += n
         table.occupy_at_last_prompt_token(slot, request.seed & 0xFFFFFFFF)
-
-    def _prefill_with_context(self, params, prompts: list[ContextPrompt], table: "SlotTable"):
-        """Prefills the rest of prompts whose first pages were copied from the cache (one call)."""
-        call = build_call(prompts, table.pages)
-        b, t = call.token_ids.shape
-        rows, variant = sampling.row_sampling_params([r.sampling for r in call.padded])
-        k = completions.logprobs_width(call.padded)
-        row_penalties = penalties.build(
-            [r.sampling for r in call.padded], [r.prompt_ids for r in call.padded], [()] * b, self.config.vocabulary_size
-        )
-        self.stats.shapes.add(("prefill_with_context", b, t, call.context_pages.shape[1], variant))
-        start = time.perf_counter()
-        self._cache, first, first_logprobs = steps.prefill_with_context(
-            params, self._cache, call.token_ids, call.positions, call.token_mask, call.context_pages,
-            call.context_lengths, call.pages, call.offsets, call.last, rows, call.seeds, row_penalties,
-            config=self.config, variant=variant, logprobs_k=k,
-        )
-        first = np.asarray(first)
-        first_logprobs = None if first_logprobs is None else [np.asarray(a)[:, None] for a in first_logprobs]
-        self.stats.add_call("prefill_with_context", start, b, b * t)
-        for j, prompt in enumerate(prompts):
-            n, context = len(prompt.request.prompt_ids), prompt.context_pages * PAGE_SIZE
-            self.stats.prompt_tokens += n - context
-            self.stats.prompt_tokens_shared += context
-            self.stats.prompt_tokens_received += n
-            entries = completions.token_entries(first_logprobs, j, 1, prompt.request)
-            done = self._first_token(prompt.slot, prompt.request, int(first[j]), call.seeds[j], entries, table)
-            if done is not None:
-                yield done
 
     def _decode_once(self, params, table: "SlotTable"):
         table.compact()

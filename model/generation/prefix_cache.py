@@ -11,7 +11,8 @@ pages' keys in order:
   recomputes that one token against the copied pages and samples the first generated token with the request's
   own seed, sampler and penalties;
 - its first full pages found (a shared system prompt, different questions): those pages are copied and only
-  the rest of the prompt is prefilled, attending to them (`steps.prefill_with_context`).
+  the rest of the prompt is prefilled, attending to them (`steps.prefill`'s context: packed with other prompts,
+  and each cached page read once per call however many prompts continue it).
 Each slot owns its own copy (so no page is ever written by two sequences, and decode attention reads a page
 for its one owner, `model.paged_attention`): what is shared is the compute, and a copy costs a memory copy,
 ~1/1000 of prefilling it here.

@@ -21,6 +21,9 @@ from model.generation.requests import Request, SamplingParams
 # matmul rate, and packing wastes only the tail of the last row instead of padding every prompt to a bucket.
 PACK_TOKENS = 512
 MIN_PACK_BUCKET = 32
+# Distinct cached pages a prefill call's prompts may continue, in all (`plan_packs`): each of the call's tokens
+# scores them all, masked but for its own prompt's. Prompts behind one system prompt share its page or two.
+CONTEXT_PAGES = 32
 # A full row of prompts no longer than this (chat prompts: a system line and a question) attends in bands.
 BAND_TOKENS = 64
 STOP_ID_BUCKET = 4  # stop-id table width grows in steps of this, so a few stop ids never force a recompile
@@ -62,26 +65,39 @@ def segment_bound(lengths: Sequence[int], row_tokens: int) -> int | None:
     return BAND_TOKENS if row_tokens >= PACK_TOKENS and max(lengths) <= BAND_TOKENS else None
 
 
-def plan_packs(lengths: Sequence[int], max_slots: int) -> list[list[int]]:
+def plan_packs(
+    lengths: Sequence[int], max_slots: int, contexts: Sequence[Collection[int]] | None = None
+) -> list[list[int]]:
     """Groups prompts (by index) into prefill calls: first-fit decreasing into rows of PACK_TOKENS tokens.
 
     A prompt longer than PACK_TOKENS opens a row of its own power-of-two length, which shorter prompts may
     share. A call's row is then padded to the power of two above what it holds, so the padding is at most the
     tail of each call, not the gap between every prompt and its length bucket.
+    `contexts`: the cached pages each prompt continues (prompt sharing; `lengths` are then the tokens after
+    them). Every token of a call scores every distinct page of its call's context, so a call takes at most
+    CONTEXT_PAGES of them (a prompt whose own context is longer gets a call of its own).
     """
+    contexts = contexts or [()] * len(lengths)
     packs: list[tuple[int, list[int]]] = []  # (capacity, members)
     used: list[int] = []
+    pages: list[set[int]] = []  # each call's distinct context pages
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         n = lengths[i]
         for j, (capacity, members) in enumerate(packs):
             grown = used[j] + n
-            if grown <= capacity and len(members) < segments_for(bucket(grown, MIN_PACK_BUCKET), max_slots):
+            if (
+                grown <= capacity
+                and len(members) < segments_for(bucket(grown, MIN_PACK_BUCKET), max_slots)
+                and len(pages[j].union(contexts[i])) <= CONTEXT_PAGES
+            ):
                 members.append(i)
                 used[j] = grown
+                pages[j].update(contexts[i])
                 break
         else:
             packs.append((max(PACK_TOKENS, bucket(n, MIN_PACK_BUCKET)), [i]))
             used.append(n)
+            pages.append(set(contexts[i]))
     return [members for _, members in packs]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +80,15 @@ def _logprobs(logits: jax.Array, chosen: jax.Array, k: int | None):
     return None if k is None else logprobs.token_logprobs(logits, chosen, k)
 
 
+class Context(NamedTuple):
+    """The cached pages that a prefill call's prompts continue (prompt sharing, `prefix_cache.py`): the pool's
+    pages `pages` [U], each once however many prompts share it (padded with any page), and `sees` [R, U] bool,
+    which of them each prompt of the call attends to, its first positions."""
+
+    pages: jax.Array
+    sees: jax.Array
+
+
 def prefill(
     params: transformer.Params,
     cache: PagedKVCache,
@@ -93,6 +102,7 @@ def prefill(
     seeds: jax.Array,
     penalties: Penalties | None = None,
     token_mask: jax.Array | None = None,
+    context: Context | None = None,
     *,
     config: LlamaConfig,
     variant: sampling.SamplingVariant,
@@ -101,12 +111,15 @@ def prefill(
 ) -> tuple[PagedKVCache, jax.Array, Any]:
     """Prefills packed prompts into their pages; returns the cache, each prompt's first token [R] and, with
     `logprobs_k` (None: none), the log-probabilities of those tokens (see `model.generation.logprobs`).
+    With `context`, some prompts start after cached pages (their tokens' positions start there): each of those
+    attends to its pages too, read from the pool.
 
     Two programs: the forward pass and sampling (`prefill_tokens`), then the pool writes, one small program per
     layer (`paged_cache.write`). Writing every layer's chunks inside the forward's program made its compile grow
     with layers x chunks (~10 s per prefill shape for the demo model)."""
     first_tokens, first_logprobs, new_k, new_v = prefill_tokens(
         params, token_ids, positions, segment_ids, last, rows, seeds, penalties, token_mask,
+        None if context is None else (cache.k, cache.v), context,
         config=config, variant=variant, logprobs_k=logprobs_k, segment_length=segment_length,
         kernel=cache.sharding is None,  # a model split across devices keeps XLA's products
     )
@@ -124,6 +137,8 @@ def prefill_tokens(
     seeds: jax.Array,  # [R] uint32
     penalties: Penalties | None = None,  # rows [R]; None when no prompt of the call has any
     token_mask: jax.Array | None = None,  # [R, ceil(V / 32)] int32 allowed-token bits; None: no row has a grammar
+    pool: tuple[Any, Any] | None = None,  # the cache's (k, v) chunks per layer, read where `context` says
+    context: Context | None = None,
     *,
     config: LlamaConfig,
     variant: sampling.SamplingVariant,
@@ -133,9 +148,17 @@ def prefill_tokens(
 ) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
     """`prefill`'s forward pass: each prompt's first token [R], its log-probabilities, and every token's keys and
     values [L, T, K, D], which `prefill` writes into the pool."""
+    context_k = context_v = context_visible = None
+    if context is not None:
+        dtype = transformer._compute_dtype(params, None)  # a bfloat16 cache of a float32 model: read in float32
+        context_k = jnp.stack([_dense_pages(chunks, context.pages, True) for chunks in pool[0]]).astype(dtype)
+        context_v = jnp.stack([_dense_pages(chunks, context.pages, False) for chunks in pool[1]]).astype(dtype)
+        segments = segment_ids[0]
+        sees = context.sees[jnp.maximum(segments, 0)] & (segments >= 0)[:, None]  # [T, U]: padding sees none
+        context_visible = jnp.repeat(sees, context_k.shape[3] // sees.shape[1], axis=1)[None]  # [1, T, U * P]
     hidden, new_k, new_v = transformer.forward(
-        params, config, token_ids, positions, segment_ids >= 0, segment_ids=segment_ids,
-        segment_length=segment_length, kernel=kernel,
+        params, config, token_ids, positions, segment_ids >= 0, context_k, context_v, segment_ids=segment_ids,
+        segment_length=segment_length, kernel=kernel, context_visible=context_visible,
     )
     logits = transformer.logits(params, hidden[0, last], kernel)  # only where a prompt's next token is predicted
     shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
@@ -145,63 +168,11 @@ def prefill_tokens(
     return first_tokens, _logprobs(logits, first_tokens, logprobs_k), new_k[:, 0], new_v[:, 0]
 
 
-def prefill_with_context(
-    params: transformer.Params,
-    cache: PagedKVCache,
-    token_ids: jax.Array,  # [B, T] each row the rest of one prompt after its cached pages, then padding
-    positions: jax.Array,  # [B, T] those tokens' positions in their prompts (after the context)
-    token_mask: jax.Array,  # [B, T] bool: real tokens
-    context_pages: jax.Array,  # [B, C] the pages holding each row's context (its first positions), any page past it
-    context_lengths: jax.Array,  # [B] positions of context per row (whole pages)
-    pages: jax.Array,  # [B * T] the page each token's keys/values go to; N (dropped) for padding
-    offsets: jax.Array,  # [B * T]
-    last: jax.Array,  # [B] index in its row of each prompt's last token
-    rows: sampling.RowSamplingParams,
-    seeds: jax.Array,  # [B] uint32
-    penalties: Penalties | None = None,
-    *,
-    config: LlamaConfig,
-    variant: sampling.SamplingVariant,
-    logprobs_k: int | None = None,
-) -> tuple[PagedKVCache, jax.Array, Any]:
-    """Prefills the rest of prompts whose first pages are in the cache already (see `prefix_cache.py`): each row
-    attends to its context pages, gathered from the pool into a dense per-layer cache, and to itself. Returns
-    the cache with the new tokens written, each prompt's first token [B] and its log-probabilities, as `prefill`
-    (and, as there, the pool writes run as a program per layer)."""
-    first_tokens, first_logprobs, new_k, new_v = _context_tokens(
-        params, cache, token_ids, positions, token_mask, context_pages, context_lengths, last, rows, seeds, penalties,
-        config=config, variant=variant, logprobs_k=logprobs_k,
-    )
-    return paged_cache.write(cache, new_k, new_v, pages, offsets), first_tokens, first_logprobs
-
-
-@functools.partial(jax.jit, static_argnames=("config", "variant", "logprobs_k"))
-def _context_tokens(
-    params, cache, token_ids, positions, token_mask, context_pages, context_lengths, last, rows, seeds, penalties,
-    *, config, variant, logprobs_k,
-):
-    """`prefill_with_context`'s forward pass (the pool only read): first tokens, log-probabilities, and the new
-    tokens' keys and values [L, B * T, K, D]."""
-    b, c = context_pages.shape
-
-    def dense(chunks, keys: bool):  # one layer's context as [B, K, C * P, D]
-        taken = paged_cache.gather_pages(chunks, context_pages)  # keys [B, C, K, D, P]; values [B, C, K, P, D]
-        taken = taken.transpose(0, 2, 1, 4, 3) if keys else taken.transpose(0, 2, 1, 3, 4)  # [B, K, C, P, D]
-        return taken.reshape(b, taken.shape[1], c * taken.shape[3], taken.shape[4])
-
-    dtype = transformer._compute_dtype(params, None)  # a bfloat16 cache of a float32 model: read in float32
-    context_k = jnp.stack([dense(chunks, True) for chunks in cache.k]).astype(dtype)  # [L, B, K, C * P, D]
-    context_v = jnp.stack([dense(chunks, False) for chunks in cache.v]).astype(dtype)
-    kernel = cache.sharding is None  # a model split across devices keeps XLA's products
-    hidden, new_k, new_v = transformer.forward(
-        params, config, token_ids, positions, token_mask, context_k, context_v, context_lengths, kernel=kernel
-    )
-    logits = transformer.logits(params, hidden[jnp.arange(b), last], kernel)
-    shaped = logits if penalties is None else penalty_kernel.apply(logits, penalties)
-    first_tokens = sampling.sample_next(shaped, rows, row_keys(seeds, jnp.zeros_like(seeds)), variant=variant)
-    layers, _, t, heads, d = new_k.shape
-    new_k, new_v = new_k.reshape(layers, b * t, heads, d), new_v.reshape(layers, b * t, heads, d)
-    return first_tokens, _logprobs(logits, first_tokens, logprobs_k), new_k, new_v
+def _dense_pages(chunks, pages: jax.Array, keys: bool) -> jax.Array:
+    """One layer's pool pages `pages` [U] as one dense sequence [1, K, U * P, D], in the order given."""
+    taken = paged_cache.gather_pages(chunks, pages)  # keys [U, K, D, P]; values [U, K, P, D]
+    taken = taken.transpose(1, 0, 3, 2) if keys else taken.transpose(1, 0, 2, 3)  # [K, U, P, D]
+    return taken.reshape(1, taken.shape[0], -1, taken.shape[3])
 
 
 @functools.partial(
