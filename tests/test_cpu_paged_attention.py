@@ -144,3 +144,31 @@ def test_greedy_generation_is_the_same_with_the_kernel_and_without(monkeypatch, 
     traced.clear()
     assert generate() == with_kernel
     assert not traced
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_decode_call_passes_the_whole_pool_to_the_kernel_and_the_chunks_in_use_to_xla(monkeypatch, kernel):
+    # The kernel reads each slot's own pages wherever they lie: one decode program per rows bucket however far
+    # the pages in use spread. XLA's attention reads every page of the chunks it is given: only those in use.
+    import keras
+
+    from model.backbone import LlamaBackbone
+    from model.generation.paged_cache import CHUNK_PAGES
+
+    if kernel and not cpu_paged_attention.available():
+        pytest.skip("no kernel on this machine")
+    monkeypatch.setattr(cpu_paged_attention, "available", lambda: kernel)
+    keras.utils.set_random_seed(4)
+    config = LlamaConfig(vocabulary_size=96, num_layers=2, num_query_heads=6, num_key_value_heads=2, hidden_dim=384,
+                         intermediate_dim=64, max_sequence_length=256)  # head size 64: the kernel's
+    backbone = LlamaBackbone(config)
+    rng = np.random.default_rng(5)
+    requests = [Request(i, list(rng.integers(1, 90, rng.integers(1, 60))), 6) for i in range(6)]
+    engine = GenerationEngine(backbone, max_slots=4, max_length=96, cache_tokens=PAGE_SIZE * CHUNK_PAGES * 3)
+    completions = engine.generate(requests)
+    whole = len(chunk_sizes(engine.cache_pages))
+    assert whole == 3
+    assert {shape[2] for shape in engine.stats.shapes if shape[0] == "decode"} == ({whole} if kernel else {1})
+    assert engine._chunks_to_read(CHUNK_PAGES + 1) == (whole if kernel else 2)
+    one_chunk = GenerationEngine(backbone, max_slots=4, max_length=96)  # the same tokens either way
+    assert [c.token_ids for c in completions] == [c.token_ids for c in one_chunk.generate(requests)]

@@ -26,8 +26,9 @@ from model.generation.scheduler import SlotTable
 
 @dataclasses.dataclass(frozen=True)
 class ContextPrompt:
-    """A request whose prompt starts with cached pages: those are copied into its slot's first pages, and the
-    rest of the prompt is prefilled attending to them."""
+    """A request to prefill into its slot after the cached pages its prompt starts with (none: prefilled whole).
+    Those pages are copied into the slot's first pages, and the rest of the prompt is prefilled attending to
+    them (`steps.prefill`'s context)."""
 
     slot: int
     request: Request

@@ -12,7 +12,8 @@ shared), is `admission.py`; a slot's new tokens become its Completion in `comple
 Shapes are static and bucketed, so a long job compiles a handful of programs once:
   prefill: one per packed row length (powers of two, 32 .. PACK_TOKENS, longer only for longer prompts) and
            number of cached pages its prompts continue (none, or a power of two from 4);
-  decode:  one per rows bucket, number of cache chunks read and sampler variant.
+  decode:  one per rows bucket and sampler variant (and, where XLA's attention runs, number of cache chunks
+           read).
 
 Example:
     >>> engine = GenerationEngine(lm.backbone, lm.preprocessor.tokenizer, max_slots=8, max_length=256)
@@ -43,7 +44,7 @@ from model.generation.requests import Completion, Request
 from model.generation.scheduler import (
     MIN_PACK_BUCKET, Slot, SlotTable, auto_slots, bucket, plan_packs, rows_bucket, segment_bound, segments_for,
 )
-from model.kernels import cpu_matmul
+from model.kernels import cpu_matmul, cpu_paged_attention
 
 
 @dataclasses.dataclass
@@ -167,6 +168,7 @@ class GenerationEngine:
         self.cache_dtype = jnp.dtype(cache_dtype or compute_dtype)
         self.stats = EngineStats()
         self._cache: PagedKVCache | None = None
+        self._kernel_attention: bool | None = None  # whether decode attention runs as the CPU kernel (`_chunks_to_read`)
         self._weights_source: list[jax.Array] | None = None
         self._weights_cache: steps.Weights | None = None
         self.score_stats = scoring.ScoreStats()
@@ -394,7 +396,7 @@ class GenerationEngine:
         pages = table.pages
         for slot in np.flatnonzero(table.active):  # pages for every position these steps may write
             pages.grow(int(slot), int(table.lengths[slot]) + self.steps_per_call)
-        chunks = paged_cache.chunks_to_read(pages.extent(), self.cache_pages)
+        chunks = self._chunks_to_read(pages.extent())
         width = pages.width(b)  # page-table columns: the most pages a slot of the call holds
         window = sum(paged_cache.chunk_sizes(self.cache_pages)[:chunks])  # the pages of those chunks
         rows, variant = sampling.row_sampling_params(table.sampling_rows()[:b])
@@ -430,6 +432,24 @@ class GenerationEngine:
             if done is not None:
                 table.release(i)
                 yield done
+
+    def _chunks_to_read(self, extent: int) -> int:
+        """The cache chunks a decode call passes to attention when every page in use is below `extent`: those
+        below it where XLA's attention runs (it reads every page of the chunks it is given), all of them where the
+        CPU kernel runs (it reads each slot's own pages, wherever they lie): there a rows bucket is one program
+        however far the pages in use spread (the variable workload compiled three 64-row decode programs, ~1.5 s
+        each, as its slots' pages spread over the pool)."""
+        if self._kernel_attention is None:
+            config = self.config
+            q = jax.ShapeDtypeStruct((1, 1, config.num_query_heads, config.head_dim), self._cache.k[0][0].dtype)
+            self._kernel_attention = (
+                jax.default_backend() == "cpu" and self._cache.sharding is None
+                and cpu_paged_attention.supports(q, self._cache.k[0], self._cache.v[0])
+                and cpu_paged_attention.available()
+            )
+        if self._kernel_attention:
+            return len(paged_cache.chunk_sizes(self.cache_pages))
+        return paged_cache.chunks_to_read(extent, self.cache_pages)
 
     def _take(self, state: Slot, new: list[int], logprobs: list | None = None) -> Completion | None:
         """Adds a slot's new tokens (`completions.take`) and counts them; its Completion if one ended it."""
