@@ -115,18 +115,23 @@ def test_shapes_the_kernel_is_not_built_for_keep_xlas_attention():
     assert not cpu_paged_attention.supports(q, *mixed)
 
 
-@pytest.mark.parametrize("cache_dtype", [None, "bfloat16"])
-def test_greedy_generation_is_the_same_with_the_kernel_and_without(monkeypatch, cache_dtype):
+def kernel_sized_backbone(seed: int):
+    """A random two-layer model of head size 64 (the kernel's), small otherwise."""
     import keras
 
     from model.backbone import LlamaBackbone
 
+    keras.utils.set_random_seed(seed)
+    config = LlamaConfig(vocabulary_size=96, num_layers=2, num_query_heads=6, num_key_value_heads=2, hidden_dim=384,
+                         intermediate_dim=64, max_sequence_length=256)
+    return LlamaBackbone(config)
+
+
+@pytest.mark.parametrize("cache_dtype", [None, "bfloat16"])
+def test_greedy_generation_is_the_same_with_the_kernel_and_without(monkeypatch, cache_dtype):
     if not cpu_paged_attention.available():
         pytest.skip("no kernel on this machine")
-    keras.utils.set_random_seed(3)
-    config = LlamaConfig(vocabulary_size=96, num_layers=2, num_query_heads=6, num_key_value_heads=2, hidden_dim=384,
-                         intermediate_dim=64, max_sequence_length=256)  # head size 64: the kernel's
-    backbone = LlamaBackbone(config)
+    backbone = kernel_sized_backbone(3)
     rng = np.random.default_rng(2)
     requests = [Request(i, list(rng.integers(1, 90, rng.integers(1, 80))), 20) for i in range(10)]
 
@@ -150,18 +155,12 @@ def test_greedy_generation_is_the_same_with_the_kernel_and_without(monkeypatch, 
 def test_a_decode_call_passes_the_whole_pool_to_the_kernel_and_the_chunks_in_use_to_xla(monkeypatch, kernel):
     # The kernel reads each slot's own pages wherever they lie: one decode program per rows bucket however far
     # the pages in use spread. XLA's attention reads every page of the chunks it is given: only those in use.
-    import keras
-
-    from model.backbone import LlamaBackbone
     from model.generation.paged_cache import CHUNK_PAGES
 
     if kernel and not cpu_paged_attention.available():
         pytest.skip("no kernel on this machine")
     monkeypatch.setattr(cpu_paged_attention, "available", lambda: kernel)
-    keras.utils.set_random_seed(4)
-    config = LlamaConfig(vocabulary_size=96, num_layers=2, num_query_heads=6, num_key_value_heads=2, hidden_dim=384,
-                         intermediate_dim=64, max_sequence_length=256)  # head size 64: the kernel's
-    backbone = LlamaBackbone(config)
+    backbone = kernel_sized_backbone(4)
     rng = np.random.default_rng(5)
     requests = [Request(i, list(rng.integers(1, 90, rng.integers(1, 60))), 6) for i in range(6)]
     engine = GenerationEngine(backbone, max_slots=4, max_length=96, cache_tokens=PAGE_SIZE * CHUNK_PAGES * 3)
