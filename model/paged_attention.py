@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,12 @@ class PageView:
     write_pages: jax.Array | None = None
 
 
+def takes_kernel(q: Any, chunks_k: Sequence[jax.Array], chunks_v: Sequence[jax.Array], kernel: bool) -> bool:
+    """Whether `step_attention` runs the CPU kernel on CPU for q [B, 1, H, D] (an array or its shape) over these
+    chunks: asked to (`kernel`), shapes the kernel is built for, and the kernel built here."""
+    return kernel and cpu_paged_attention.supports(q, chunks_k, chunks_v) and cpu_paged_attention.available()
+
+
 def step_attention(
     q: jax.Array,
     new_k: jax.Array,
@@ -74,7 +80,7 @@ def step_attention(
         written_k, written_v = write(chunks_k, chunks_v, new_k, new_v)
         return decode_attention(q, written_k, written_v, view), tuple(written_k), tuple(written_v)
 
-    if kernel and cpu_paged_attention.supports(q, chunks_k, chunks_v) and cpu_paged_attention.available():
+    if takes_kernel(q, chunks_k, chunks_v, kernel):
         return jax.lax.platform_dependent(
             cpu=lambda: cpu_paged_attention.write_and_attend(q, new_k, new_v, chunks_k, chunks_v, view),
             default=reference,

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import parallel, transformer
+from model import paged_attention, parallel, transformer
 from model.backbone import LlamaBackbone
 from model.generation import (
     admission, compile_counter, completions, grammar, paged_cache, penalties, sampling, scoring, steps,
@@ -44,7 +44,7 @@ from model.generation.requests import Completion, Request
 from model.generation.scheduler import (
     MIN_PACK_BUCKET, Slot, SlotTable, auto_slots, bucket, plan_packs, rows_bucket, segment_bound, segments_for,
 )
-from model.kernels import cpu_matmul, cpu_paged_attention
+from model.kernels import cpu_matmul
 
 
 @dataclasses.dataclass
@@ -168,7 +168,7 @@ class GenerationEngine:
         self.cache_dtype = jnp.dtype(cache_dtype or compute_dtype)
         self.stats = EngineStats()
         self._cache: PagedKVCache | None = None
-        self._kernel_attention: bool | None = None  # whether decode attention runs as the CPU kernel (`_chunks_to_read`)
+        self._kernel_attention = False  # whether decode attention runs as the CPU kernel (set with the cache)
         self._weights_source: list[jax.Array] | None = None
         self._weights_cache: steps.Weights | None = None
         self.score_stats = scoring.ScoreStats()
@@ -230,6 +230,11 @@ class GenerationEngine:
             # A tensor-parallel backbone gets a cache split along KV heads like its key / value weights.
             self._cache = PagedKVCache.allocate(
                 self.config, self.cache_pages, PAGE_SIZE, self.cache_dtype, parallel.cache_sharding(self.backbone)
+            )
+            config = self.config
+            q = jax.ShapeDtypeStruct((1, 1, config.num_query_heads, config.head_dim), self.cache_dtype)
+            self._kernel_attention = jax.default_backend() == "cpu" and paged_attention.takes_kernel(
+                q, self._cache.k[0], self._cache.v[0], kernel=self._cache.sharding is None
             )
         # Prompts are shared within one call (a worker's shard, a generate() batch): a later call's first pass
         # must not find the cache warm.
@@ -439,14 +444,6 @@ class GenerationEngine:
         CPU kernel runs (it reads each slot's own pages, wherever they lie): there a rows bucket is one program
         however far the pages in use spread (the variable workload compiled three 64-row decode programs, ~1.5 s
         each, as its slots' pages spread over the pool)."""
-        if self._kernel_attention is None:
-            config = self.config
-            q = jax.ShapeDtypeStruct((1, 1, config.num_query_heads, config.head_dim), self._cache.k[0][0].dtype)
-            self._kernel_attention = (
-                jax.default_backend() == "cpu" and self._cache.sharding is None
-                and cpu_paged_attention.supports(q, self._cache.k[0], self._cache.v[0])
-                and cpu_paged_attention.available()
-            )
         if self._kernel_attention:
             return len(paged_cache.chunk_sizes(self.cache_pages))
         return paged_cache.chunks_to_read(extent, self.cache_pages)
