@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from model.kernels import cpu_paged_attention
+from model.kernels import cpu_paged_attention, platform
 
 _MASKED = -1e30  # as in model.transformer: a masked score's exponential is exactly 0
 
@@ -81,9 +81,8 @@ def step_attention(
         return decode_attention(q, written_k, written_v, view), tuple(written_k), tuple(written_v)
 
     if takes_kernel(q, chunks_k, chunks_v, kernel):
-        return jax.lax.platform_dependent(
-            cpu=lambda: cpu_paged_attention.write_and_attend(q, new_k, new_v, chunks_k, chunks_v, view),
-            default=reference,
+        return platform.on_cpu(
+            lambda: cpu_paged_attention.write_and_attend(q, new_k, new_v, chunks_k, chunks_v, view), reference
         )
     return reference()
 

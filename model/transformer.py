@@ -24,7 +24,7 @@ import numpy as np
 
 from model import paged_attention, rope
 from model.config import LlamaConfig
-from model.kernels import cpu_matmul, panels
+from model.kernels import cpu_matmul, panels, platform
 from model.kernels.panels import Panels
 
 Params = dict[str, Any]
@@ -74,9 +74,7 @@ def project(
         return out if scale is None else out * scale.reshape(1, -1)
 
     if kernel and cpu_matmul.supports(x2, w2, scale) and cpu_matmul.available():
-        out = jax.lax.platform_dependent(
-            cpu=lambda: cpu_matmul.matmul(x2, w2, scale, transposed), default=xla_product
-        )
+        out = platform.on_cpu(lambda: cpu_matmul.matmul(x2, w2, scale, transposed), xla_product)
     else:
         out = xla_product()
     return out.astype(out_dtype or x.dtype).reshape(*lead, -1)
@@ -456,7 +454,7 @@ def greedy_tokens(params: Params, hidden: jnp.ndarray, kernel: bool = False) -> 
     reference = lambda: first_argmax(logits(params, hidden, kernel))  # noqa: E731
     if kernel and cpu_matmul.supports(x, w2, scale) and cpu_matmul.available():
         fused = lambda: cpu_matmul.matmul_argmax(x, w2, scale, transposed).reshape(hidden.shape[:-1])  # noqa: E731
-        return jax.lax.platform_dependent(cpu=fused, default=reference)
+        return platform.on_cpu(fused, reference)
     return reference()
 
 

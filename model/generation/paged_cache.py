@@ -35,7 +35,7 @@ import numpy as np
 from model.config import LlamaConfig
 from model.generation.kv_cache import keep_layout
 from model.generation.prefix_cache import PrefixCache
-from model.kernels import cpu_paged_cache
+from model.kernels import cpu_paged_cache, platform
 
 PAGE_SIZE = 32  # positions per page: a slot wastes P / 2 on average; smaller pages mean more, slower pages
 
@@ -153,7 +153,7 @@ def _write_one_layer(chunks_k, chunks_v, new_k, new_v, layer, pages, offsets, sh
     # and back (see model/kernels/cpu_paged_cache.py). A pool split across devices keeps XLA's writes.
     if sharding is None and cpu_paged_cache.supports_write(chunks_k, chunks_v) and cpu_paged_cache.available():
         kernel = lambda: cpu_paged_cache.write(chunks_k, chunks_v, new_k[layer], new_v[layer], pages, offsets)  # noqa: E731
-        return jax.lax.platform_dependent(cpu=kernel, default=xla)
+        return platform.on_cpu(kernel, xla)
     return xla()
 
 
@@ -206,7 +206,7 @@ def _copy_in_layer(chunks: tuple[jax.Array, ...], source: jax.Array, target: jax
     XLA's bfloat16 scatter converts the whole pool)."""
     xla = lambda: copy_layer(chunks, source, target, sharding)  # noqa: E731
     if sharding is None and cpu_paged_cache.available():
-        return jax.lax.platform_dependent(cpu=lambda: cpu_paged_cache.copy(chunks, source, target), default=xla)
+        return platform.on_cpu(lambda: cpu_paged_cache.copy(chunks, source, target), xla)
     return xla()
 
 

@@ -11,7 +11,7 @@ at 64 rows. The kernel converts each weight block once, into the same panel. On 
 multiplies int8 weights in quads instead (`panels.to_quads`) against activations rounded per row to 16 bits, two
 `vpdpbusd` for what takes eight float32 FMAs: about half float32's time, at the weight-only int8 logits (the
 README's int8 notes). `model.transformer.project`'s XLA
-product stays the reference and runs wherever this cannot: other platforms (`jax.lax.platform_dependent`),
+product stays the reference and runs wherever this cannot: other platforms (`platform.on_cpu`),
 weights split across devices, activations that are not float32, or a machine without a C++ compiler.
 `matmul_argmax` is the same product as a greedy step's LM head: it returns each row's first largest column, not
 the [rows, vocabulary] logits (`model.transformer.greedy_tokens`). Both take a weight as [K, N], as [N, K]

@@ -6,7 +6,7 @@ rows in a mostly empty pool still reads it all. The kernel walks each slot's own
 over XLA's intra-op threads (see the .cc file). It also writes the step's new keys and values into the pool,
 which XLA does as an element-by-element scatter (~10% of the step). `model.paged_attention.step_attention`'s
 XLA path (`write`, then `decode_attention`) stays the reference and runs wherever this cannot: other platforms
-(`jax.lax.platform_dependent` picks per platform at compile time), pools that are neither float32 nor
+(`model.kernels.platform.on_cpu`), pools that are neither float32 nor
 bfloat16, a pool split across devices, or a machine without a C++ compiler.
 
 The kernel is built on first use (see `model.kernels.build`).

@@ -3,7 +3,7 @@ in place, built on first use and called through `jax.ffi`.
 
 Why a kernel: XLA's CPU backend has no bfloat16 scatter; it converts the whole pool to float32 and back around
 every write, so over a bfloat16 cache prefill ran at half its float32 speed. `model.generation.paged_cache`'s
-XLA writes stay the reference and run wherever this cannot: other platforms (`jax.lax.platform_dependent`),
+XLA writes stay the reference and run wherever this cannot: other platforms (`platform.on_cpu`),
 pools split across devices, pools neither float32 nor bfloat16 (copies take any type), or a machine without a
 C++ compiler.
 """
