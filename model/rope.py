@@ -7,6 +7,7 @@ q/k rows in llama.cpp's interleaved order instead; the GGUF loader undoes that, 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,11 +39,25 @@ def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled)
 
 
-def rotate(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:
-    """Rotates queries or keys x [B, T, heads, D] by their absolute positions [B, T]."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+class Rotation(NamedTuple):
+    """cos and sin of positions' angles, [..., T, 1, D] float32 for positions [..., T]: computed once and shared by
+    every layer's queries and keys. Per layer, XLA fused a copy of the sin/cos into each layer's products (60 of
+    each in a decode step of the demo model)."""
+
+    cos: jnp.ndarray
+    sin: jnp.ndarray
+
+
+def rotation(positions: jnp.ndarray, inv_freq: np.ndarray) -> Rotation:
+    """The rotation for absolute positions [..., T]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [..., T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]  # [..., T, 1, D]
+    return Rotation(jnp.cos(angles), jnp.sin(angles))
+
+
+def rotate(x: jnp.ndarray, by: Rotation) -> jnp.ndarray:
+    """Rotates queries or keys x [B, T, heads, D] by their positions' rotation, [B, T, 1, D] (`rotation`)."""
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated_half = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated_half * jnp.sin(angles)).astype(x.dtype)
+    return (x32 * by.cos + rotated_half * by.sin).astype(x.dtype)

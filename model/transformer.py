@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from model import paged_attention, rope
 from model.config import LlamaConfig
@@ -260,10 +259,9 @@ def _banded_self_attention(
 
 def _decoder_layer(
     config: LlamaConfig,
-    inv_freq: np.ndarray,
     x: jnp.ndarray,
     layer: Params,
-    positions: jnp.ndarray,
+    rotation: rope.Rotation,
     attend: Attend,
     layer_cache: Any,
     kernel: bool = False,
@@ -276,8 +274,8 @@ def _decoder_layer(
     q = project(h, layer, "query", m, kernel=kernel).reshape(b, t, heads, -1)
     k = project(h, layer, "key", m, kernel=kernel).reshape(b, t, kv_heads, -1)
     v = project(h, layer, "value", m, kernel=kernel).reshape(b, t, kv_heads, -1)
-    q = rope.rotate(q, positions, inv_freq)
-    k = rope.rotate(k, positions, inv_freq)
+    q = rope.rotate(q, rotation)
+    k = rope.rotate(k, rotation)
     attended, out = attend(q, k, v, layer_cache)
     # Every product as one [B*T, In] x [In, Out] matrix product: contracting (h, d) as two axes made XLA copy the
     # attention output weight on every call.
@@ -304,12 +302,12 @@ def _run_layers(
     b, t = token_ids.shape
     assert positions.shape == (b, t), (positions.shape, token_ids.shape)
     dtype = _compute_dtype(params, dtype)
-    inv_freq = rope.inverse_frequencies(config)
+    rotation = rope.rotation(positions, rope.inverse_frequencies(config))
     x = embed(params, token_ids, dtype)
 
     def body(x, xs):
         layer, layer_cache = xs
-        return _decoder_layer(config, inv_freq, x, layer, positions, attend, layer_cache, kernel)
+        return _decoder_layer(config, x, layer, rotation, attend, layer_cache, kernel)
 
     x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], cache))
     x = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
@@ -385,6 +383,7 @@ def decode_paged(
     pages_k: tuple[jnp.ndarray, ...],
     pages_v: tuple[jnp.ndarray, ...],
     view: paged_attention.PageView,
+    rotation: rope.Rotation,
     write: Callable[[Any, Any, jnp.ndarray, jnp.ndarray], tuple[Any, Any]],
     chunks: int,
     dtype: Any = None,
@@ -392,7 +391,8 @@ def decode_paged(
 ) -> tuple[jnp.ndarray, tuple, tuple]:
     """One decode step, one new token per slot, over a paged cache (see `model.paged_attention`).
 
-    params: with per-layer `layers` (`unstack_layers`); token_ids [B, 1] sit at position view.lengths; pages_k[l]
+    params: with per-layer `layers` (`unstack_layers`); token_ids [B, 1] sit at position view.lengths, whose
+    rotation [B, 1, 1, D] the caller computes (`rope.rotation`: a decode call does it once for all its steps); pages_k[l]
     and pages_v[l] are layer l's pool in chunks of pages (see `model.generation.paged_cache`).
     The new token's key and value go into a layer's first `chunks` chunks at view.write_pages, then attention
     reads those, the new token's own entry among them (`paged_attention.step_attention`; `write(chunks_k,
@@ -401,9 +401,7 @@ def decode_paged(
     attention and products may run as the CPU kernels (`paged_attention.step_attention`, `project`).
     Returns the final-normed hidden states [B, 1, M] and the updated pools.
     """
-    positions = view.lengths[:, None]
     dtype = _compute_dtype(params, dtype)
-    inv_freq = rope.inverse_frequencies(config)
     x = embed(params, token_ids, dtype)
     new_k, new_v = [], []
     for layer, chunks_k, chunks_v in zip(params["layers"], pages_k, pages_v):
@@ -414,7 +412,7 @@ def decode_paged(
 
         # Only the first `chunks` chunks of each pool are read and written; the rest pass through untouched.
         x, (read_k, read_v) = _decoder_layer(
-            config, inv_freq, x, layer, positions, attend, (chunks_k[:chunks], chunks_v[:chunks]), kernel
+            config, x, layer, rotation, attend, (chunks_k[:chunks], chunks_v[:chunks]), kernel
         )
         new_k.append(tuple(read_k) + tuple(chunks_k[chunks:]))
         new_v.append(tuple(read_v) + tuple(chunks_v[chunks:]))

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from model import paged_attention, transformer
+from model import paged_attention, rope, transformer
 from model.config import LlamaConfig
 from model.generation import grammar, logprobs, paged_cache, sampling
 from model.generation import penalties as penalty_kernel
@@ -221,7 +221,11 @@ def decode(
     # A grammar's mask holds for one token: the host computes the next one from the token sampled.
     assert token_mask is None or steps == 1, steps
 
-    def step(carry, _):
+    # Every step's rotary sin/cos at once, outside the steps' loop: a slot active at step s is at position
+    # lengths + s (an idle slot's rotation is never used). Inside, XLA recomputed them in every layer's products.
+    rotations = rope.rotation(lengths[None, :, None] + jnp.arange(steps)[:, None, None], rope.inverse_frequencies(config))
+
+    def step(carry, rotation):
         cache, tokens, lengths, counts, active, penalties = carry
         target = jnp.where(active, page_table[slots, lengths // page_size], cache.pages)  # idle slots: dropped
         # Reads only the first `chunks` chunks of each pool: every page in use lies below them.
@@ -234,7 +238,7 @@ def decode(
         # The CPU kernels read whole operands: a model split across devices (its pool too) keeps XLA's ops.
         kernel = cache.sharding is None
         hidden, pages_k, pages_v = transformer.decode_paged(
-            params, config, tokens[:, None], cache.k, cache.v, view, write, chunks, kernel=kernel
+            params, config, tokens[:, None], cache.k, cache.v, view, rotation, write, chunks, kernel=kernel
         )
         cache = PagedKVCache(pages_k, pages_v, cache.sharding)
         if variant.all_greedy and penalties is None and token_mask is None and logprobs_k is None:
@@ -258,7 +262,7 @@ def decode(
         return (cache, tokens, lengths, counts, active, penalties), (emitted, _logprobs(logits, sampled, logprobs_k))
 
     (cache, tokens, lengths, counts, active, _), (emitted, token_logprobs) = jax.lax.scan(
-        step, (cache, tokens, lengths, counts, active, penalties), None, length=steps
+        step, (cache, tokens, lengths, counts, active, penalties), rotations, length=steps
     )
     token_logprobs = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), token_logprobs)  # [steps, B, ...] -> [B, steps, ...]
     return cache, tokens, lengths, counts, active, emitted.T, token_logprobs
