@@ -392,7 +392,7 @@ def decode_paged(
     """One decode step, one new token per slot, over a paged cache (see `model.paged_attention`).
 
     params: with per-layer `layers` (`unstack_layers`); token_ids [B, 1] sit at position view.lengths, whose
-    rotation [B, 1, 1, D] the caller computes (`rope.rotation`: a decode call does it once for all its steps); pages_k[l]
+    rotation [B, 1, 1, D] the caller computes (`rope.rotation`: a decode call, once for all its steps); pages_k[l]
     and pages_v[l] are layer l's pool in chunks of pages (see `model.generation.paged_cache`).
     The new token's key and value go into a layer's first `chunks` chunks at view.write_pages, then attention
     reads those, the new token's own entry among them (`paged_attention.step_attention`; `write(chunks_k,

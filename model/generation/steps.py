@@ -223,7 +223,8 @@ def decode(
 
     # Every step's rotary sin/cos at once, outside the steps' loop: a slot active at step s is at position
     # lengths + s (an idle slot's rotation is never used). Inside, XLA recomputed them in every layer's products.
-    rotations = rope.rotation(lengths[None, :, None] + jnp.arange(steps)[:, None, None], rope.inverse_frequencies(config))
+    positions = lengths[None, :, None] + jnp.arange(steps)[:, None, None]  # [steps, B, 1]
+    rotations = rope.rotation(positions, rope.inverse_frequencies(config))
 
     def step(carry, rotation):
         cache, tokens, lengths, counts, active, penalties = carry
