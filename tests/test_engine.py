@@ -109,6 +109,19 @@ def test_second_call_of_the_same_shapes_does_not_recompile(tiny_backbone):
     assert after == before
 
 
+def test_prepare_builds_the_weights_and_the_cache_that_generation_then_uses(tiny_backbone):
+    engine = GenerationEngine(tiny_backbone, max_slots=4, max_length=64)
+    engine.prepare()
+    weights, cache = engine._weights_cache, engine._cache
+    assert weights is not None and cache is not None
+    engine.prepare()  # a second call builds nothing
+    assert engine._weights_cache is weights and engine._cache is cache
+    requests = [Request(i, p, 5) for i, p in enumerate(prompts(3, seed=11, high=20))]
+    for request, completion in zip(requests, engine.generate(requests)):
+        assert list(completion.token_ids) == reference_greedy(tiny_backbone, request.prompt_ids, 5)
+    assert engine._weights_cache is weights  # generation took the prepared weights, not a rebuilt copy
+
+
 def test_a_long_run_of_random_lengths_compiles_a_handful_of_programs(tiny_backbone):
     engine = GenerationEngine(tiny_backbone, max_slots=16, max_length=256, steps_per_call=8)
     rng = np.random.default_rng(11)

@@ -67,7 +67,8 @@ class EngineRow:
 
     @property
     def compile_wall_seconds(self) -> float:
-        """Warm-up wall time minus steady wall time: what compiling (and first touches) cost end to end."""
+        """Warm-up wall time minus steady wall time: what compiling (and first touches) cost end to end. The
+        weights' decode layout and the KV cache are built before it, while loading (`GenerationEngine.prepare`)."""
         return self.warmup.wall_seconds - self.steady.wall_seconds
 
     def to_dict(self) -> dict[str, Any]:
