@@ -193,9 +193,9 @@ class GenerationEngine:
     def prepare(self) -> None:
         """Builds what the first call would otherwise build: the weights in the steps' layout (for the demo
         model ~2-4 s: the decode weights go into the CPU kernel's panels) and the KV cache (~0.2-1.7 s to
-        allocate). Optional; a benchmark or a worker calls it while loading, so that its first pass times work."""
+        allocate). Optional: the benchmark calls it while loading, so that its warm-up pass times compiling alone."""
         self._weights()
-        self._allocated_cache()
+        self._allocate_cache()
 
     def _weights(self) -> "steps.Weights":
         """The backbone's current weights as the steps take them, rebuilt only when the backbone's arrays change."""
@@ -232,8 +232,8 @@ class GenerationEngine:
 
     # ---- the loop ---------------------------------------------------------------------------------------
 
-    def _allocated_cache(self) -> PagedKVCache:
-        """The KV cache, allocated on first use and kept for every call after."""
+    def _allocate_cache(self) -> None:
+        """Allocates the KV cache on first use; every call after keeps it."""
         if self._cache is None:
             # A tensor-parallel backbone gets a cache split along KV heads like its key / value weights.
             self._cache = jax.block_until_ready(PagedKVCache.allocate(
@@ -244,10 +244,9 @@ class GenerationEngine:
             self._kernel_attention = jax.default_backend() == "cpu" and paged_attention.takes_kernel(
                 q, self._cache.k[0], self._cache.v[0], kernel=self._cache.sharding is None
             )
-        return self._cache
 
     def _run(self, weights: steps.Weights, requests: Iterator[Request]) -> Iterator[Completion]:
-        self._allocated_cache()
+        self._allocate_cache()
         # Prompts are shared within one call (a worker's shard, a generate() batch): a later call's first pass
         # must not find the cache warm.
         prefix = PrefixCache() if self.prefix_caching else None
