@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from model import paged_attention, rope
 from model.config import LlamaConfig
-from model.kernels import cpu_matmul, panels, platform
+from model.kernels import cpu_matmul, cpu_packed_attention, panels, platform
 from model.kernels.panels import Panels
 
 Params = dict[str, Any]
@@ -97,6 +97,7 @@ def _attention(
     new_visible: jnp.ndarray,
     segment_length: int | None = None,
     context_visible: jnp.ndarray | None = None,
+    segment_starts: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
     """Grouped-query attention of new tokens over (cached tokens, new tokens).
 
@@ -105,6 +106,8 @@ def _attention(
     token sees (see `visibility`); segment_length: a bound on each packed segment's new tokens (see
     `_self_attention`). context_visible [B, T, S], instead of cache_lengths: which cached keys each new token
     sees, for rows of packed prompts that each continue their own cached pages (`_self_attention`'s context).
+    segment_starts [B * T]: where each token's own prompt starts (`cpu_packed_attention.segment_starts`), given
+    where the CPU kernel may compute attention without a cache or context (the same visibility, fewer scores).
     K/V are never repeated to H heads: queries are grouped as [B, T, K, G, D] instead.
     Scores over the cache and over the new block are computed apart and joined after, so the (large)
     cache is only read, never copied.
@@ -115,7 +118,16 @@ def _attention(
     qg = q.reshape(b, t, k_heads, g, d) * jnp.asarray(d**-0.5, q.dtype)
     if cache_k is None or context_visible is not None:
         context = None if cache_k is None else (cache_k, cache_v, context_visible)
-        return _self_attention(qg, new_k, new_v, new_visible, segment_length, context).reshape(b, t, h, d)
+
+        def xla_attention():
+            return _self_attention(qg, new_k, new_v, new_visible, segment_length, context)
+
+        if (context is None and segment_starts is not None and cpu_packed_attention.supports(qg)
+                and cpu_packed_attention.available()):
+            out = platform.on_cpu(lambda: cpu_packed_attention.attend(qg, new_k, new_v, segment_starts), xla_attention)
+        else:
+            out = xla_attention()
+        return out.reshape(b, t, h, d)
     new_scores = jnp.einsum("btkgd,bskd->bkgts", qg, new_k, preferred_element_type=jnp.float32)
     new_scores = jnp.where(new_visible[:, None, None], new_scores, _MASKED)
     s = cache_k.shape[2]
@@ -340,7 +352,8 @@ def forward(
     [L, B, K, S, D] read-only, with cache_lengths [B] valid entries per row; segment_ids [B, T]: several
     sequences packed in a row, each attending only to itself (see `visibility`); segment_length (static): a
     bound on every segment's tokens, which lets attention skip keys further back (`_banded_self_attention`);
-    kernel: products may run as the CPU kernel (see `project`); context_visible [B, T, S], instead of
+    kernel: products, and attention among packed segments without a cache, may run as the CPU kernels (see
+    `project`, `model.kernels.cpu_packed_attention`); context_visible [B, T, S], instead of
     cache_lengths: which cached keys each new token sees (packed prompts that each continue their own cached
     pages; the cache then holds those pages, `_self_attention`'s context).
     Returns the final-normed hidden states [B, T, M] and the new tokens' keys and values [L, B, T, K, D], which
@@ -350,11 +363,16 @@ def forward(
     if token_mask is None:
         token_mask = jnp.ones((b, t), bool)
     new_visible = visibility(token_mask, segment_ids)
+    # Packed prompts (the engine's prefill, scoring) lie whole one after another, so a token sees exactly the keys
+    # from its prompt's start to itself: what the CPU kernel walks.
+    starts = None if segment_ids is None or cache_k is not None or not kernel else (
+        cpu_packed_attention.segment_starts(jnp.where(token_mask, segment_ids, -1)))
 
     def attend(q, k, v, layer_cache):
         layer_cache_k, layer_cache_v = layer_cache if layer_cache is not None else (None, None)
         attended = _attention(
-            q, k, v, layer_cache_k, layer_cache_v, cache_lengths, new_visible, segment_length, context_visible
+            q, k, v, layer_cache_k, layer_cache_v, cache_lengths, new_visible, segment_length, context_visible,
+            starts,
         )
         return attended, (k, v)
 
