@@ -16,6 +16,7 @@ A quantized kernel `name` is int8 with a float scale `name + "_scale"` broadcast
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -27,6 +28,21 @@ from model.kernels import cpu_matmul, cpu_packed_attention, panels, platform
 from model.kernels.panels import Panels
 
 Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOf:
+    """Layer `index` (the loop's traced index) of a weight stacked [L, ...] (an array or Panels), as `_run_layers`
+    hands the products' weights to a layer when the CPU kernel may run them: the kernel reads that layer of the
+    stacked array where it lies (`cpu_matmul.layer_matmul`); a slice handed to a custom call is copied first,
+    every layer of every call (~8% of prefill's op time on the benchmark's main workload)."""
+
+    stacked: Any
+    index: jnp.ndarray
+
+    def value(self) -> Any:
+        """The layer's slice, for XLA's product (which fuses the slice into its reads)."""
+        return jax.tree.map(lambda a: a[self.index], self.stacked)
 
 # Large negative instead of -inf so a fully masked row (padding) gives a uniform softmax, not NaN.
 _MASKED = -1e30
@@ -60,6 +76,9 @@ def project(
     """
     w = weights[name]
     scale = weights.get(name + "_scale")
+    stacked, stacked_scale = w, scale  # LayerOf both, or neither
+    if isinstance(w, LayerOf):
+        w, scale = w.value(), None if scale is None else scale.value()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, inputs)
     w2 = _matrix(w, inputs, transposed)
@@ -73,7 +92,15 @@ def project(
         return out if scale is None else out * scale.reshape(1, -1)
 
     if kernel and cpu_matmul.supports(x2, w2, scale) and cpu_matmul.available():
-        out = platform.on_cpu(lambda: cpu_matmul.matmul(x2, w2, scale, transposed), xla_product)
+        if isinstance(stacked, LayerOf):
+            scales = None if stacked_scale is None else stacked_scale.stacked
+
+            def kernel_product():
+                return cpu_matmul.layer_matmul(x2, stacked.stacked, scales, stacked.index)
+        else:
+            def kernel_product():
+                return cpu_matmul.matmul(x2, w2, scale, transposed)
+        out = platform.on_cpu(kernel_product, xla_product)
     else:
         out = xla_product()
     return out.astype(out_dtype or x.dtype).reshape(*lead, -1)
@@ -317,11 +344,19 @@ def _run_layers(
     rotation = rope.rotation(positions, rope.inverse_frequencies(config))
     x = embed(params, token_ids, dtype)
 
+    layers = params["layers"]
+    # With the CPU kernel the products' weights stay stacked, closed over, each handed to its layer as LayerOf;
+    # the loop slices the rest (norms).
+    stacked_names = [n for n in layers if kernel and n.removesuffix("_scale") in panels.LAYER_PRODUCTS]
+    sliced = {n: w for n, w in layers.items() if n not in stacked_names}
+    indices = jnp.arange(len(jax.tree.leaves(layers)[0]), dtype=jnp.int32)
+
     def body(x, xs):
-        layer, layer_cache = xs
+        layer, index, layer_cache = xs
+        layer = {**layer, **{n: LayerOf(layers[n], index) for n in stacked_names}}
         return _decoder_layer(config, x, layer, rotation, attend, layer_cache, kernel)
 
-    x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], cache))
+    x, (new_k, new_v) = jax.lax.scan(body, x, (sliced, indices, cache))
     x = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
     return x, new_k, new_v
 

@@ -73,6 +73,40 @@ def test_the_kernel_equals_the_product(m, k, n, transposed, dtype):
     np.testing.assert_allclose(np.asarray(project(x, False)), expected, atol=tolerance, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["array", "panels", "quads"])
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_a_layer_of_stacked_weights_equals_the_product_with_that_layers_slice(layout, dtype):
+    if not cpu_matmul.available():
+        pytest.skip("no kernel on this machine")
+    if layout == "quads" and (dtype == "float32" or not cpu_matmul.quads()):
+        pytest.skip("quads hold int8 weights, on AVX512-VNNI builds")
+    layers, m, k, n = 3, 24, 64, 80
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((m, k), np.float32))
+    if dtype == "int8":
+        w = jnp.asarray(rng.integers(-127, 128, (layers, k, n)).astype(np.int8))
+        scale = jnp.asarray((rng.random((layers, 1, n)) * 0.01 + 1e-3).astype(np.float32))
+    else:
+        w, scale = jnp.asarray(rng.standard_normal((layers, k, n), np.float32)), None
+    if layout != "array":
+        to = panels.to_quads if layout == "quads" else panels.to_panels
+        w = panels.Panels(jax.vmap(lambda layer: to(layer, k).data)(w))
+    call = jax.jit(cpu_matmul.layer_matmul)
+    for layer in range(layers):
+        one = jax.tree.map(lambda a: a[layer], w)
+        expected = np.asarray(cpu_matmul.matmul(x, one, None if scale is None else scale[layer]))
+        np.testing.assert_array_equal(np.asarray(call(x, w, scale, jnp.int32(layer))), expected)
+    # `project` reads a LayerOf in place with the kernel, and as the slice it stands for in XLA's product.
+    weights = {"w": transformer.LayerOf(w, jnp.int32(1))}
+    if scale is not None:
+        weights["w_scale"] = transformer.LayerOf(scale, jnp.int32(1))
+    sliced = {"w": jax.tree.map(lambda a: a[1], w)} | ({} if scale is None else {"w_scale": scale[1]})
+    kernel = transformer.project(x, weights, "w", k, kernel=True)
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(transformer.project(x, sliced, "w", k, kernel=True)))
+    np.testing.assert_allclose(np.asarray(transformer.project(x, weights, "w", k)),
+                               np.asarray(transformer.project(x, sliced, "w", k)), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("m, k, n", [(4, 40, 32), (64, 576, 192), (13, 600, 80), (130, 577, 1536)])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
@@ -295,13 +329,15 @@ def tiny_tied_model(seed: int, quantization: str | None = None):
 def with_and_without_kernel(monkeypatch, run, layouts=(0, 1, 2)):
     """run() with the kernel, asserting that it was traced for these weight layouts (0, 1: prefill's layer products
     and tied LM head, [K, N] and [N, K]; 2: decode's panels, 3: decode's int8 quads), then with XLA's products
-    only (programs traced again); both results."""
+    only (programs traced again); both results. Prefill's layer products read their layer of the stacked weights
+    (`layer_matmul`)."""
     if not cpu_matmul.available():
         pytest.skip("no kernel on this machine")
     traced = []
-    kernel = cpu_matmul.matmul
+    kernel, layer_kernel = cpu_matmul.matmul, cpu_matmul.layer_matmul
     layout = lambda w, transposed=False: int(cpu_matmul._layout(w, transposed)[1])  # noqa: E731
     monkeypatch.setattr(cpu_matmul, "matmul", lambda *args: traced.append(layout(*args[1::2])) or kernel(*args))
+    monkeypatch.setattr(cpu_matmul, "layer_matmul", lambda *args: traced.append(layout(args[1])) or layer_kernel(*args))
     jax.clear_caches()
     with_kernel = run()
     assert set(traced) == set(layouts)

@@ -38,6 +38,11 @@ TARGETS = {  # weight dtype -> (the handler's symbol in the library, its XLA tar
     "int8": ("BatchgenInt8Matmul", "batchgen_int8_matmul"),
     "uint8": ("BatchgenQuadsMatmul", "batchgen_quads_matmul"),  # int8 weights in quads (AVX512-VNNI builds)
 }
+LAYER_TARGETS = {  # the same products with one layer of weights stacked [L, ...] (prefill's and scoring's loop)
+    "float32": ("BatchgenF32LayerMatmul", "batchgen_f32_layer_matmul"),
+    "int8": ("BatchgenInt8LayerMatmul", "batchgen_int8_layer_matmul"),
+    "uint8": ("BatchgenQuadsLayerMatmul", "batchgen_quads_layer_matmul"),
+}
 ARGMAX_TARGETS = {  # the same products, returning each row's best column instead (a greedy step's LM head)
     "float32": ("BatchgenF32MatmulArgmax", "batchgen_f32_matmul_argmax"),
     "int8": ("BatchgenInt8MatmulArgmax", "batchgen_int8_matmul_argmax"),
@@ -104,7 +109,7 @@ def quads() -> bool:
 def available() -> bool:
     """Whether the kernel is built and registered with XLA for the CPU (built now if needed). False, with the
     reason logged once, when it cannot be: products then stay XLA's."""
-    targets = (*TARGETS.values(), *ARGMAX_TARGETS.values())
+    targets = (*TARGETS.values(), *LAYER_TARGETS.values(), *ARGMAX_TARGETS.values())
     return all(build.register(NAME, symbol, target) for symbol, target in targets)
 
 
@@ -124,6 +129,21 @@ def matmul(x: jax.Array, w: jax.Array | Panels, scale: jax.Array | None, transpo
     if scale is None:
         return jax.ffi.ffi_call(TARGETS["float32"][1], out)(x, w, layout=layout)
     return jax.ffi.ffi_call(TARGETS[w.dtype.name][1], out)(x, w, scale.reshape(n), layout=layout)
+
+
+def layer_matmul(x: jax.Array, w: jax.Array | Panels, scale: jax.Array | None, layer: jax.Array) -> jax.Array:
+    """`matmul(x, w[layer], scale[layer])` for weights stacked [L, ...] (Panels of stacked data too) and their
+    scales [L, ...], `layer` an int32 scalar (traced: the loop's index): the kernel reads the layer where it lies,
+    where a slice of the stacked array would be copied first for a custom call to read it."""
+    w, layout = _layout(w, False)
+    layers = w.shape[0]
+    n = w.size // layers // x.shape[1]
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    index = jnp.asarray(layer, jnp.int32).reshape(())
+    attributes = {"layout": layout, "layers": np.int32(layers)}
+    if scale is None:
+        return jax.ffi.ffi_call(LAYER_TARGETS["float32"][1], out)(x, w, index, **attributes)
+    return jax.ffi.ffi_call(LAYER_TARGETS[w.dtype.name][1], out)(x, w, scale.reshape(layers, n), index, **attributes)
 
 
 def matmul_argmax(x: jax.Array, w: jax.Array | Panels, scale: jax.Array | None, transposed: bool = False) -> jax.Array:
