@@ -44,6 +44,7 @@ class LayerOf:
         """The layer's slice, for XLA's product (which fuses the slice into its reads)."""
         return jax.tree.map(lambda a: a[self.index], self.stacked)
 
+
 # Large negative instead of -inf so a fully masked row (padding) gives a uniform softmax, not NaN.
 _MASKED = -1e30
 
@@ -76,8 +77,9 @@ def project(
     """
     w = weights[name]
     scale = weights.get(name + "_scale")
-    stacked, stacked_scale = w, scale  # LayerOf both, or neither
-    if isinstance(w, LayerOf):
+    layer_of = isinstance(w, LayerOf)  # then its scale is one too
+    if layer_of:
+        stacked, stacked_scale = w.stacked, None if scale is None else scale.stacked
         w, scale = w.value(), None if scale is None else scale.value()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, inputs)
@@ -92,14 +94,11 @@ def project(
         return out if scale is None else out * scale.reshape(1, -1)
 
     if kernel and cpu_matmul.supports(x2, w2, scale) and cpu_matmul.available():
-        if isinstance(stacked, LayerOf):
-            scales = None if stacked_scale is None else stacked_scale.stacked
+        def kernel_product():
+            if layer_of:
+                return cpu_matmul.layer_matmul(x2, stacked, stacked_scale, weights[name].index)
+            return cpu_matmul.matmul(x2, w2, scale, transposed)
 
-            def kernel_product():
-                return cpu_matmul.layer_matmul(x2, stacked.stacked, scales, stacked.index)
-        else:
-            def kernel_product():
-                return cpu_matmul.matmul(x2, w2, scale, transposed)
         out = platform.on_cpu(kernel_product, xla_product)
     else:
         out = xla_product()
@@ -347,7 +346,7 @@ def _run_layers(
     layers = params["layers"]
     # With the CPU kernel the products' weights stay stacked, closed over, each handed to its layer as LayerOf;
     # the loop slices the rest (norms).
-    stacked_names = [n for n in layers if kernel and n.removesuffix("_scale") in panels.LAYER_PRODUCTS]
+    stacked_names = [n for n in layers if n.removesuffix("_scale") in panels.LAYER_PRODUCTS] if kernel else []
     sliced = {n: w for n, w in layers.items() if n not in stacked_names}
     indices = jnp.arange(len(jax.tree.leaves(layers)[0]), dtype=jnp.int32)
 

@@ -160,8 +160,6 @@ ffi::Error PackedAttention(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> q, ffi
 
 }  // namespace
 
-extern "C" int32_t BatchgenPackedAttentionLanes() { return kLanes; }
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenPackedAttention, PackedAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
