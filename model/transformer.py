@@ -133,7 +133,8 @@ def _attention(
     `_self_attention`). context_visible [B, T, S], instead of cache_lengths: which cached keys each new token
     sees, for rows of packed prompts that each continue their own cached pages (`_self_attention`'s context).
     segment_starts [B * T]: where each token's own prompt starts (`cpu_packed_attention.segment_starts`), given
-    where the CPU kernel may compute attention without a cache or context (the same visibility, fewer scores).
+    where the CPU kernel may compute attention of packed prompts, with or without a context (the same
+    visibility, fewer scores), instead of `_self_attention`.
     K/V are never repeated to H heads: queries are grouped as [B, T, K, G, D] instead.
     Scores over the cache and over the new block are computed apart and joined after, so the (large)
     cache is only read, never copied.
@@ -148,9 +149,11 @@ def _attention(
         def xla_attention():
             return _self_attention(qg, new_k, new_v, new_visible, segment_length, context)
 
-        if (context is None and segment_starts is not None and cpu_packed_attention.supports(qg)
+        if (segment_starts is not None and cpu_packed_attention.supports(qg) and (context is None or b == 1)
                 and cpu_packed_attention.available()):
-            out = platform.on_cpu(lambda: cpu_packed_attention.attend(qg, new_k, new_v, segment_starts), xla_attention)
+            out = platform.on_cpu(
+                lambda: cpu_packed_attention.attend(qg, new_k, new_v, segment_starts, context), xla_attention
+            )
         else:
             out = xla_attention()
         return out.reshape(b, t, h, d)
@@ -386,7 +389,7 @@ def forward(
     [L, B, K, S, D] read-only, with cache_lengths [B] valid entries per row; segment_ids [B, T]: several
     sequences packed in a row, each attending only to itself (see `visibility`); segment_length (static): a
     bound on every segment's tokens, which lets attention skip keys further back (`_banded_self_attention`);
-    kernel: products, and attention among packed segments without a cache, may run as the CPU kernels (see
+    kernel: products, and attention among packed segments (alone or after a context), may run as CPU kernels (see
     `project`, `model.kernels.cpu_packed_attention`); context_visible [B, T, S], instead of
     cache_lengths: which cached keys each new token sees (packed prompts that each continue their own cached
     pages; the cache then holds those pages, `_self_attention`'s context).
@@ -398,9 +401,9 @@ def forward(
         token_mask = jnp.ones((b, t), bool)
     new_visible = visibility(token_mask, segment_ids)
     # Packed prompts (the engine's prefill, scoring) lie whole one after another, so a token sees exactly the keys
-    # from its prompt's start to itself: what the CPU kernel walks.
-    starts = None if segment_ids is None or cache_k is not None or not kernel else (
-        cpu_packed_attention.segment_starts(jnp.where(token_mask, segment_ids, -1)))
+    # from its prompt's start to itself, after the context keys it continues, if any: what the CPU kernel walks.
+    packed = segment_ids is not None and (cache_k is None or context_visible is not None)
+    starts = cpu_packed_attention.segment_starts(jnp.where(token_mask, segment_ids, -1)) if packed and kernel else None
 
     def attend(q, k, v, layer_cache):
         layer_cache_k, layer_cache_v = layer_cache if layer_cache is not None else (None, None)

@@ -1,5 +1,5 @@
 // Prefill's (and scoring's) causal attention of packed prompts on CPU: each token against the keys of its own
-// prompt up to itself, and nothing else.
+// prompt up to itself, and the cached context keys it continues (prompt sharing), and nothing else.
 //
 // XLA's formulation (model/transformer.py `_self_attention`) scores a packed row as dense blocks of queries x keys
 // and masks what a token may not see: a 512-token row of two 256-token prompts computes 10 of its 16 causal blocks
@@ -10,11 +10,17 @@
 // flash-style: per block of kLanes keys, scores in registers, then each row's running (maximum, sum, weighted
 // values). Numerics: float32 throughout, the same softmax up to the order of the sums (~1e-6 relative).
 //
+// Prompt sharing (model/generation/prefix_cache.py): a prompt may continue cached pages, whose keys come first in
+// its softmax. The call's context keys are laid out like its own keys, and a mask says which of them each token
+// sees (its own pages, and of the page where it parts from the cached prompt only the common first positions).
+// Key blocks no row of a work item sees are skipped, so a token pays for its own context only.
+//
 // Arguments: q [N, K, G, D] (scaled by D^-0.5; N = rows x tokens, the rows of a call one after another), keys
 // [K, D, N + 16] (transposed: a block of keys' d-th entries lie together; 16 columns of padding so a block's
 // load never runs past the end), values [K, N, D], starts [N] int32: the first key token n sees (its prompt's
-// first token); it sees keys starts[n] .. n, none when starts[n] > n (padding). Result: [N, K, G, D]; a token
-// that sees no key gets zeros.
+// first token); it sees keys starts[n] .. n, none when starts[n] > n (padding). Then the context (S keys, S = 0
+// without one): context_keys [K, D, S + 16], context_values [K, S, D], context_visible [N, S] uint8 (nonzero:
+// token n sees context key s). Result: [N, K, G, D]; a token that sees no key gets zeros.
 
 #include <algorithm>
 #include <cmath>
@@ -37,9 +43,51 @@ constexpr float kMasked = -1e30f;
 struct Packed {
   const float *q, *keys, *values;
   const int32_t* starts;
+  const float *context_keys, *context_values;
+  const uint8_t* context_visible;
   float* out;
   int64_t tokens, heads, groups, dim, stride;  // stride: a row of `keys`, tokens + padding
+  int64_t context, context_stride;             // S, and a row of `context_keys`: S + padding
 };
+
+// Folds one block of a row's scores w [kLanes] into its running (maximum, sum, weighted values): keys j of the
+// block in [begin, end) for which sees(j) holds count; `values` is the block's first key's value [D].
+template <int D, typename Sees>
+inline void Fold(float* w, int64_t begin, int64_t end, Sees sees, const float* values, float* top, float* total,
+                 float* acc) {
+  constexpr int DV = D / kLanes;
+  float block_top = kMasked;
+  for (int j = 0; j < kLanes; ++j) block_top = std::max(block_top, j >= begin && j < end && sees(j) ? w[j] : kMasked);
+  const float new_top = std::max(*top, block_top);
+  const float rescale = std::exp(*top - new_top);  // 0 for the row's first block (top was kMasked)
+  float sum = 0.0f;
+  for (int j = 0; j < kLanes; ++j) sum += (w[j] = j >= begin && j < end && sees(j) ? std::exp(w[j] - new_top) : 0.0f);
+  *total = *total * rescale + sum;
+  *top = new_top;
+  Vec row_acc[DV];
+  const Vec r_scale = batchgen::Broadcast(rescale);
+  for (int i = 0; i < DV; ++i) row_acc[i] = batchgen::Mul(batchgen::Load(acc + i * kLanes), r_scale);
+  for (int64_t j = begin; j < end; ++j) {
+    if (!sees(j)) continue;  // a masked key adds nothing (and its value is never read)
+    const Vec p = batchgen::Broadcast(w[j]);
+    const float* value = values + j * D;
+    for (int i = 0; i < DV; ++i) row_acc[i] = batchgen::Fma(p, batchgen::Load(value + i * kLanes), row_acc[i]);
+  }
+  for (int i = 0; i < DV; ++i) batchgen::Store(acc + i * kLanes, row_acc[i]);
+}
+
+// Scores of R query rows against keys kb .. kb + kLanes - 1 of transposed keys [D, stride], into weights.
+template <int R, int D>
+inline void Scores(const float* const* q_row, const float* keys, int64_t stride, int64_t kb,
+                   float (*weights)[kLanes]) {
+  Vec scores[R];
+  for (int r = 0; r < R; ++r) scores[r] = batchgen::Zero();
+  for (int d = 0; d < D; ++d) {
+    const Vec key = batchgen::Load(keys + d * stride + kb);
+    for (int r = 0; r < R; ++r) scores[r] = batchgen::Fma(batchgen::Broadcast(q_row[r][d]), key, scores[r]);
+  }
+  for (int r = 0; r < R; ++r) batchgen::Store(weights[r], scores[r]);
+}
 
 // Query tokens per work item for G query heads per KV head: its G x QB score rows stay in vector registers
 // while a key block's D entries stream past them (24 of AVX-512's 32 registers, 12 of AVX2's 16).
@@ -52,7 +100,7 @@ constexpr int QueriesPerItem() {
 // Attention of tokens [t0, t0 + QB) (fewer at the end) for KV head `head` and its G query heads.
 template <int G, int D>
 void AttendBlock(const Packed& a, int64_t head, int64_t t0) {
-  constexpr int QB = QueriesPerItem<G>(), R = G * QB, DV = D / kLanes;
+  constexpr int QB = QueriesPerItem<G>(), R = G * QB;
   static_assert(D % kLanes == 0, "heads in whole vectors");
   const int64_t count = std::min<int64_t>(QB, a.tokens - t0);
   const float* q_row[R];
@@ -69,38 +117,35 @@ void AttendBlock(const Packed& a, int64_t head, int64_t t0) {
   alignas(64) float weights[R][kLanes];
   float top[R], total[R] = {};
   for (int r = 0; r < R; ++r) top[r] = kMasked;
+  // The context first: each row's mask, none for a repeated row.
+  const uint8_t* sees_row[R];
+  for (int r = 0; r < R; ++r) sees_row[r] = last[r] >= 0 ? a.context_visible + last[r] * a.context : nullptr;
+  const float* context_keys = a.context_keys + head * D * a.context_stride;
+  const float* context_values = a.context_values + head * a.context * D;
+  for (int64_t kb = 0; kb < a.context; kb += kLanes) {
+    const int64_t end = std::min<int64_t>(kLanes, a.context - kb);
+    bool any = false;  // whether a row of the item sees a key of this block (most see their own pages only)
+    for (int r = 0; r < R && !any; ++r)
+      for (int64_t j = 0; j < end && sees_row[r] != nullptr && !any; ++j) any = sees_row[r][kb + j] != 0;
+    if (!any) continue;
+    Scores<R, D>(q_row, context_keys, a.context_stride, kb, weights);
+    for (int r = 0; r < R; ++r) {
+      if (sees_row[r] == nullptr) continue;
+      const uint8_t* sees = sees_row[r] + kb;
+      Fold<D>(weights[r], 0, end, [sees](int64_t j) { return sees[j] != 0; }, context_values + kb * D, &top[r],
+              &total[r], acc[r]);
+    }
+  }
+  // Then the row's own prompt: keys first[r] .. last[r].
   const float* keys = a.keys + head * D * a.stride;
   const float* values = a.values + head * a.tokens * D;
   for (int64_t kb = lo; kb <= hi; kb += kLanes) {
     // Scores of every row against keys kb .. kb + kLanes - 1 (past `hi`: padding or other prompts, masked below).
-    Vec scores[R];
-    for (int r = 0; r < R; ++r) scores[r] = batchgen::Zero();
-    for (int d = 0; d < D; ++d) {
-      const Vec key = batchgen::Load(keys + d * a.stride + kb);
-      for (int r = 0; r < R; ++r) scores[r] = batchgen::Fma(batchgen::Broadcast(q_row[r][d]), key, scores[r]);
-    }
-    for (int r = 0; r < R; ++r) batchgen::Store(weights[r], scores[r]);
+    Scores<R, D>(q_row, keys, a.stride, kb, weights);
     for (int r = 0; r < R; ++r) {
       const int64_t begin = std::max<int64_t>(first[r] - kb, 0), end = std::min<int64_t>(last[r] - kb + 1, kLanes);
       if (begin >= end) continue;  // none of this block's keys is visible to the row
-      float* w = weights[r];
-      float block_top = kMasked;
-      for (int j = 0; j < kLanes; ++j) block_top = std::max(block_top, j >= begin && j < end ? w[j] : kMasked);
-      const float new_top = std::max(top[r], block_top);
-      const float rescale = std::exp(top[r] - new_top);  // 0 for the row's first block (top was kMasked)
-      float sum = 0.0f;
-      for (int j = 0; j < kLanes; ++j) sum += (w[j] = j >= begin && j < end ? std::exp(w[j] - new_top) : 0.0f);
-      total[r] = total[r] * rescale + sum;
-      top[r] = new_top;
-      Vec row_acc[DV];
-      const Vec r_scale = batchgen::Broadcast(rescale);
-      for (int i = 0; i < DV; ++i) row_acc[i] = batchgen::Mul(batchgen::Load(acc[r] + i * kLanes), r_scale);
-      for (int64_t j = begin; j < end; ++j) {
-        const Vec p = batchgen::Broadcast(w[j]);
-        const float* value = values + (kb + j) * D;
-        for (int i = 0; i < DV; ++i) row_acc[i] = batchgen::Fma(p, batchgen::Load(value + i * kLanes), row_acc[i]);
-      }
-      for (int i = 0; i < DV; ++i) batchgen::Store(acc[r] + i * kLanes, row_acc[i]);
+      Fold<D>(weights[r], begin, end, [](int64_t) { return true; }, values + kb * D, &top[r], &total[r], acc[r]);
     }
   }
   for (int r = 0; r < R && r / G < count; ++r) {
@@ -137,15 +182,23 @@ std::pair<AttendFn, int> Select(int64_t groups, int64_t dim) {
 
 ffi::Error PackedAttention(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
                            ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> starts,
-                           ffi::ResultBuffer<ffi::F32> out) {
+                           ffi::Buffer<ffi::F32> context_keys, ffi::Buffer<ffi::F32> context_values,
+                           ffi::Buffer<ffi::U8> context_visible, ffi::ResultBuffer<ffi::F32> out) {
   const auto dims = q.dimensions();  // [N, K, G, D]
   if (dims.size() != 4) return ffi::Error::InvalidArgument("q must be [N, K, G, D]");
-  const Packed a{q.typed_data(), keys.typed_data(), values.typed_data(), starts.typed_data(), out->typed_data(),
-                 dims[0], dims[1], dims[2], dims[3], keys.dimensions().back()};
+  const Packed a{q.typed_data(), keys.typed_data(), values.typed_data(), starts.typed_data(),
+                 context_keys.typed_data(), context_values.typed_data(), context_visible.typed_data(),
+                 out->typed_data(), dims[0], dims[1], dims[2], dims[3], keys.dimensions().back(),
+                 context_values.dimensions().size() == 3 ? context_values.dimensions()[1] : -1,
+                 context_keys.dimensions().back()};
   if (a.stride < a.tokens + kLanes || keys.element_count() != a.heads * a.dim * a.stride)
     return ffi::Error::InvalidArgument("keys must be [K, D, N + 16]");
   if (values.element_count() != a.tokens * a.heads * a.dim || starts.element_count() != a.tokens)
     return ffi::Error::InvalidArgument("values must be [K, N, D] and starts [N]");
+  if (a.context < 0 || context_values.element_count() != a.heads * a.context * a.dim ||
+      a.context_stride < a.context + kLanes || context_keys.element_count() != a.heads * a.dim * a.context_stride ||
+      context_visible.element_count() != a.tokens * a.context)
+    return ffi::Error::InvalidArgument("the context must be keys [K, D, S + 16], values [K, S, D], visible [N, S]");
   const auto [attend, per_item] = Select(a.groups, a.dim);
   if (attend == nullptr) return ffi::Error::InvalidArgument("no kernel built for this head size and grouping");
   const int64_t blocks = (a.tokens + per_item - 1) / per_item;
@@ -167,4 +220,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchgenPackedAttention, PackedAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

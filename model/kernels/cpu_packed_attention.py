@@ -51,14 +51,32 @@ def segment_starts(segment_ids: jax.Array) -> jax.Array:
     return jnp.where(segment_ids.reshape(-1) >= 0, starts, b * t)
 
 
-def attend(qg: jax.Array, k: jax.Array, v: jax.Array, starts: jax.Array) -> jax.Array:
+def attend(
+    qg: jax.Array, k: jax.Array, v: jax.Array, starts: jax.Array,
+    context: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> jax.Array:
     """Each token's attention over its own prompt up to itself: qg [B, T, K, G, D] (scaled by D^-0.5), k and v
-    [B, T, K, D], starts [B * T] (`segment_starts`) -> [B, T, K, G, D] float32 (zeros for padding)."""
+    [B, T, K, D], starts [B * T] (`segment_starts`) -> [B, T, K, G, D] float32 (zeros for padding).
+    `context`: (keys [B, K, S, D], values [B, K, S, D], visible [B, T, S]) cached keys that come before the
+    row's, and which of them each token sees (prompt sharing, `transformer._self_attention`'s context); one row
+    (B = 1), as prefill calls are, since a context's keys belong to their row."""
     b, t, k_heads, groups, dim = qg.shape
     n = b * t
     keys = jnp.pad(k.astype(jnp.float32).reshape(n, k_heads, dim).transpose(1, 2, 0), ((0, 0), (0, 0), (0, PADDING)))
     values = v.astype(jnp.float32).reshape(n, k_heads, dim).transpose(1, 0, 2)
+    if context is None:
+        context_keys = jnp.zeros((k_heads, dim, PADDING), jnp.float32)
+        context_values = jnp.zeros((k_heads, 0, dim), jnp.float32)
+        visible = jnp.zeros((n, 0), jnp.uint8)
+    else:
+        if b != 1:
+            raise ValueError(f"a context belongs to one row; got {b} rows")
+        cache_k, cache_v, cache_visible = context
+        context_keys = jnp.pad(cache_k[0].astype(jnp.float32).transpose(0, 2, 1), ((0, 0), (0, 0), (0, PADDING)))
+        context_values = cache_v[0].astype(jnp.float32)
+        visible = cache_visible.reshape(n, -1).astype(jnp.uint8)
     out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, k_heads, groups, dim), jnp.float32))(
-        qg.reshape(n, k_heads, groups, dim), keys, values, starts.astype(jnp.int32)
+        qg.reshape(n, k_heads, groups, dim), keys, values, starts.astype(jnp.int32), context_keys, context_values,
+        visible,
     )
     return out.reshape(b, t, k_heads, groups, dim)
