@@ -41,7 +41,9 @@ def test_quick_run_on_a_tiny_model_measures_our_engine_and_skips_missing_peers(t
     assert len(workload.requests) == 6 and set(row.outputs) == {r.request_id for r in workload.requests}
     # The engine's token counter agrees with the outputs it returned (stop tokens included).
     assert row.steady.completion_tokens == sum(generated_counts(workload, row.outputs))
-    assert row.steady.prompt_tokens == sum(workload.prompt_lengths())
+    # Every prompt token is computed or copied from a prompt that starts alike (prompt sharing), never both.
+    assert row.steady.prompt_tokens + row.steady.prompt_tokens_shared == sum(workload.prompt_lengths())
+    assert row.steady.prompt_tokens_shared > 0  # the workload's chat prompts share their system lines
     assert row.warmup.programs_compiled > 0 and row.warmup.compile_seconds > 0
     assert row.peak_rss_bytes > 50 * 2**20  # the child's own peak (JAX alone takes more), not zero or the parent's
     assert row.identical_share == 1.0  # float32 against itself

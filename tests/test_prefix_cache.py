@@ -3,12 +3,14 @@ that prefilling it would give (the same tokens, the same seeded samples)."""
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 
 from model.generation.engine import GenerationEngine
 from model.generation.paged_cache import PageTable
-from model.generation.prefix_cache import PrefixCache, page_keys
+from model.generation.prefix_cache import MIN_SHARED_TOKENS, PrefixCache, page_keys, page_tokens
 from model.generation.requests import Request, SamplingParams
 
 
@@ -185,3 +187,94 @@ def test_on_the_demo_model_a_shared_system_prompt_changes_no_greedy_token_and_lo
     for shared, alone in zip(results[True], results[False]):
         assert shared.token_ids == alone.token_ids
         np.testing.assert_allclose(shared.token_logprobs, alone.token_logprobs, atol=1e-4)
+
+
+def test_a_prompt_shares_the_first_tokens_of_a_cached_page_it_parts_from_midway():
+    prefix = PrefixCache()
+    system = list(range(1, 21))  # 20 tokens: shorter than a page (4 here: pages of 32 would do the same)
+    cached = system + [50, 51, 52, 53, 54]
+    keys = page_keys(cached, page_size=32)
+    prefix.remember(keys, [7], slot=0, tokens=page_tokens(cached, 32))
+    found = prefix.match(system + [60, 61], page_size=32)
+    assert (found.pages, found.keys, found.tokens) == ((7,), (keys[0],), 20)
+    # Fewer than MIN_SHARED_TOKENS in common: not worth a context.
+    assert prefix.match(system[:MIN_SHARED_TOKENS - 1] + [99] * 10, 32).pages == ()
+    # A prompt that is a prefix of the cached one keeps its last token to prefill.
+    assert prefix.match(system[:12], 32).tokens == 11
+    # The whole prompt found by key is shared whole.
+    assert prefix.match(cached, 32).tokens == len(cached)
+    # Of many cached pages that start alike, the one with the most first tokens in common.
+    for slot, common in enumerate([9, 23, 14, 8], start=1):
+        other = system[:common] + [80 + slot] * (30 - common) if common < 20 else system + [60, 61, 62, 70 + slot]
+        prefix.remember(page_keys(other, 32), [10 + slot], slot, page_tokens(other, 32))
+    found = prefix.match(system + [60, 61, 62, 99, 98], page_size=32)
+    assert (found.pages, found.tokens) == ((12,), 23)
+
+
+def test_a_partly_shared_page_follows_the_full_pages_it_continues_and_goes_with_its_eviction():
+    prefix = PrefixCache()
+    table = PageTable(pages=4, page_size=4, slots=2, max_length=16, prefix=prefix)
+    first = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]  # pages [1-4] [5-8] [9-11]
+    table.admit(0, prompt_tokens=len(first), max_tokens=len(first))
+    keys = page_keys(first, 4)
+    prefix.remember(keys, table.table[0, :3], slot=0, tokens=page_tokens(first, 4))
+    # Pages of 4 hold fewer than MIN_SHARED_TOKENS: only full pages are shared.
+    assert prefix.match([1, 2, 3, 4, 5, 6, 99, 99], 4).tokens == 4
+    prefix = PrefixCache()
+    long = list(range(1, 41))  # pages of 16: [1-16] [17-32] [33-40]
+    keys = page_keys(long, 16)
+    prefix.remember(keys, [3, 4, 5], slot=0, tokens=page_tokens(long, 16))
+    other = list(range(1, 29)) + [0, 0, 0, 0, 0]  # page 0 whole, 12 tokens of page 1
+    found = prefix.match(other, 16)
+    assert found.pages == (3, 4) and found.tokens == 28
+    assert prefix.match([0] + other[1:], 16).pages == ()  # a different first page: its continuations do not count
+    prefix.pages_kept_at_release(0)
+    while prefix.evict(keep={keys[0]}) is not None:  # page 1 and 2 go, page 0 stays
+        pass
+    assert prefix.match(other, 16).tokens == 16
+
+
+def test_a_round_prefills_one_prompt_per_shared_start_first_and_the_rest_after_it(tiny_backbone):
+    from model.generation import admission
+    from model.generation.scheduler import SlotTable
+
+    rng = np.random.default_rng(19)
+    system = list(rng.integers(1, 90, 20))
+    other = list(rng.integers(1, 90, 20))
+    prompts = [system + [1, 2], system + [3], other + [4], system + [1, 2], other + [5, 6], [7] * 5]
+    requests = [Request(i, p, 4, SamplingParams("greedy")) for i, p in enumerate(prompts)]
+    prefix = PrefixCache()
+    table = SlotTable.empty(8, PageTable(16, 32, 8, 64, prefix))
+    waiting = collections.deque(requests)
+    plan = admission.admit(waiting, list(range(8)), table, prefix, 32, 64, lambda r: None)
+    assert [r.request_id for _, r in plan.admitted] == [0, 2, 5]  # one per start, and the unlike prompt
+    assert [r.request_id for _, r, _ in plan.shared] == [3]  # the same prompt as a leader: copied after it
+    assert [r.request_id for _, r in plan.after_leaders] == [1, 4]
+    # Once the leaders' pages are cached, the rest continue them past their common first tokens.
+    for slot, request in plan.admitted:
+        prefix.remember(page_keys(request.prompt_ids, 32), table.pages.table[slot, :1], slot,
+                        page_tokens(request.prompt_ids, 32))
+    whole, with_context = admission.after_leaders(plan.after_leaders, prefix, 32)
+    assert whole == [] and [(p.request.request_id, p.cached_tokens) for p in with_context] == [(1, 20), (4, 20)]
+    # A later round's prompt of one page that shares part of it is continued, not taken for the same prompt.
+    later = Request("later", system + [9, 9], 4, SamplingParams("greedy"))
+    plan = admission.admit(collections.deque([later]), [7], table, prefix, 32, 64, lambda r: None)
+    assert plan.shared == [] and [p.cached_tokens for p in plan.with_context] == [20]
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams("greedy"), SamplingParams("top_p", temperature=0.9, top_p=0.95)])
+def test_one_rounds_prompts_behind_a_short_system_prompt_compute_it_once_and_equal_the_unshared_run(
+    tiny_backbone, sampling
+):
+    # Chat prompts: two system lines shorter than a page, questions after them, all admitted in one round.
+    rng = np.random.default_rng(23)
+    systems = [list(rng.integers(1, 90, 18)), list(rng.integers(1, 90, 45))]
+    prompts = [systems[i % 2] + list(rng.integers(1, 90, 4 + i)) for i in range(8)]
+    requests = samples(prompts, n=1, sampling=sampling, max_new_tokens=6)
+    shared, stats = run(tiny_backbone, requests)
+    alone, without = run(tiny_backbone, requests, prefix_caching=False)
+    assert shared == alone and all(len(tokens) == 6 for tokens in shared)
+    # Each system prompt is computed once: by the first prompt behind it.
+    assert stats.prompt_tokens == without.prompt_tokens - 3 * 18 - 3 * 45
+    assert stats.prompt_tokens_shared == 3 * 18 + 3 * 45
+    assert any(with_context(shape) for shape in shapes(tiny_backbone, requests))

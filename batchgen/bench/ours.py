@@ -121,6 +121,7 @@ def run_pass(engine: Any, requests: list[Any], calls: list | None = None) -> tup
         wall_seconds=wall, first_result_seconds=first or 0.0, prompt_tokens=s.prompt_tokens,
         completion_tokens=s.completion_tokens, prefill_seconds=s.prefill_seconds, decode_seconds=s.decode_seconds,
         decode_calls=s.decode_calls, programs_compiled=s.programs_compiled, compile_seconds=s.compile_seconds,
+        prompt_tokens_shared=s.prompt_tokens_shared,
     )
     return figures, outputs
 

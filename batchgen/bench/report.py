@@ -22,13 +22,14 @@ class PassFigures:
 
     wall_seconds: float
     first_result_seconds: float
-    prompt_tokens: int
+    prompt_tokens: int  # computed by prefill: the workload's, less those prompt sharing copied
     completion_tokens: int
     prefill_seconds: float
     decode_seconds: float
     decode_calls: int
     programs_compiled: int
     compile_seconds: float
+    prompt_tokens_shared: int = 0  # copied from cached pages instead of computed (`prefix_cache.py`)
 
 
 @dataclasses.dataclass

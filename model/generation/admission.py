@@ -3,13 +3,17 @@ slot's pages (the scheduling half of prompt sharing; `engine.py` runs the calls)
 
 Requests are admitted in order while a free slot and room in the cache remain (`SlotTable.reserve`); a request
 that cannot be run (`problem`) is rejected alone, and the rest go on. With prompt sharing (`prefix_cache.py`)
-each admitted prompt takes one of four ways:
+each admitted prompt takes one of five ways:
   prefilled whole     no page of it is cached (or, in a small cache, keeping its cached pages leaves no room);
   shared              all its pages are cached, or an earlier request of this round prefills the same prompt:
                       they are copied, and the first decode call recomputes its last token;
-  with context        its first pages are cached: they are copied and only the rest is prefilled, packed with
-                      the prompts prefilled whole, attending to the cached pages (`steps.prefill`'s context);
-  shared later        the same prompt as a with-context one of this round: copied once that one is prefilled.
+  with context        its first tokens are cached (`PrefixCache.match`): their pages are copied and only the
+                      rest is prefilled, packed with the prompts prefilled whole, attending to the cached pages
+                      (`steps.prefill`'s context);
+  shared later        the same prompt as a with-context one of this round: copied once that one is prefilled;
+  after leaders       its first tokens (MIN_SHARED_TOKENS more than the cache holds) are those of a prompt this
+                      round prefills: it is prefilled in a second call, with context, once that one is cached.
+                      Without this a batch's first round computes its common system prompt once per prompt.
 Constrained requests (a response_format) are always prefilled whole: their first token needs its mask.
 """
 
@@ -19,7 +23,7 @@ import collections
 import dataclasses
 from typing import Any
 
-from model.generation.prefix_cache import PrefixCache, page_keys
+from model.generation.prefix_cache import MIN_SHARED_TOKENS, Match, PrefixCache, common_prefix, page_keys
 from model.generation.requests import Request
 from model.generation.scheduler import SlotTable
 
@@ -32,7 +36,12 @@ class ContextPrompt:
 
     slot: int
     request: Request
-    cached: tuple[int, ...]  # the pages found in the cache, the prompt's first len(cached) pages
+    cached: tuple[int, ...] = ()  # the pages found in the cache, the prompt's first len(cached) pages
+    cached_tokens: int = 0  # the prompt's tokens they hold (the last page may hold only its first ones)
+
+    @classmethod
+    def of(cls, slot: int, request: Request, found: Match) -> "ContextPrompt":
+        return cls(slot, request, found.pages, found.tokens)
 
     @property
     def context_pages(self) -> int:
@@ -47,6 +56,7 @@ class Admission:
     shared: list[tuple[int, Request, list[bytes]]] = dataclasses.field(default_factory=list)  # (.., its page keys)
     with_context: list[ContextPrompt] = dataclasses.field(default_factory=list)
     shared_later: list[tuple[int, Request, list[bytes]]] = dataclasses.field(default_factory=list)
+    after_leaders: list[tuple[int, Request]] = dataclasses.field(default_factory=list)  # (slot, request)
     rejected: list[tuple[Request, str]] = dataclasses.field(default_factory=list)  # (request, why), in order
 
 
@@ -65,6 +75,7 @@ def admit(
     leaders: set[bytes] = set()  # prompts (their last page's key) prefilled by this round's calls
     completing: set[bytes] = set()  # prompts whose rest this round prefills after their cached pages
     pinned: set[bytes] = set()  # cached pages this round copies: no admission may evict them
+    prefilled = _RoundPrompts()  # the prompts this round's first prefill writes, by their first tokens
     while free and waiting:
         request = waiting[0]
         error = problem(request)
@@ -72,10 +83,12 @@ def admit(
         keys = None
         if prefix is not None and not error and request.response_format is None:
             keys = page_keys(request.prompt_ids, page_size)
-        found = prefix.lookup(keys) if keys else []
-        whole = keys is not None and (len(found) == len(keys) or keys[-1] in leaders)
+        found = prefix.match(request.prompt_ids, page_size) if keys else Match()
+        whole = keys is not None and (found.tokens == len(request.prompt_ids) or keys[-1] in leaders)
         later = keys is not None and not whole and keys[-1] in completing
-        new_pins = set(keys[: len(found)]) - pinned if keys else set()
+        after = keys is not None and not whole and not later and (
+            prefilled.longest_common(request.prompt_ids) >= found.tokens + MIN_SHARED_TOKENS)
+        new_pins = set(found.keys) - pinned
         pinned |= new_pins
         if error:  # rejected alone; the rest of the batch goes on
             round.rejected.append((waiting.popleft(), error))
@@ -86,21 +99,64 @@ def admit(
                 round.shared.append((slot, request, keys))
             elif later:
                 round.shared_later.append((slot, request, keys))
-            elif found:
-                round.with_context.append(ContextPrompt(slot, request, tuple(found)))
+            elif after:  # its pins stay: harmless, and the second stage may still use those pages
+                round.after_leaders.append((slot, request))
+            elif found.pages:
+                round.with_context.append(ContextPrompt.of(slot, request, found))
                 completing.add(keys[-1])
+                prefilled.add(request.prompt_ids)
             else:
                 round.admitted.append((slot, request))
                 leaders.update(keys[-1:] if keys else ())
+                if keys:
+                    prefilled.add(request.prompt_ids)
         elif new_pins and table.reserve(free[0], request, max_length, keep=pinned - new_pins):
             # Keeping the cached pages would leave this request no room (a small cache): prefill it whole
             # instead, and let those pages be reused.
             pinned -= new_pins
             round.admitted.append((free.pop(0), waiting.popleft()))
             leaders.update(keys[-1:])
+            prefilled.add(request.prompt_ids)
         else:  # the cache is full: the next request waits (in order) for a sequence to finish
             break
     return round
+
+
+def after_leaders(
+    waiting: list[tuple[int, Request]], prefix: PrefixCache, page_size: int
+) -> tuple[list[tuple[int, Request]], list[ContextPrompt]]:
+    """The second stage of a round: its `after_leaders` requests, now that the prompts they start like are
+    prefilled and cached, as (prefilled whole, with context). Whole only where the cache no longer has their
+    first tokens (a page of a leader that finished at once was evicted): never wrong, only slower."""
+    whole, with_context = [], []
+    for slot, request in waiting:
+        found = prefix.match(request.prompt_ids, page_size)
+        if found.pages:
+            with_context.append(ContextPrompt.of(slot, request, found))
+        else:
+            whole.append((slot, request))
+    return whole, with_context
+
+
+class _RoundPrompts:
+    """The prompts a round prefills first, indexed by their first MIN_SHARED_TOKENS tokens: a later request of
+    the round with the same first tokens may wait for one of them and share what they have in common."""
+
+    def __init__(self) -> None:
+        self._by_start: dict[tuple[int, ...], list[Any]] = collections.defaultdict(list)
+
+    def add(self, prompt_ids: Any) -> None:
+        if len(prompt_ids) > MIN_SHARED_TOKENS:
+            self._by_start[tuple(int(t) for t in prompt_ids[:MIN_SHARED_TOKENS])].append(prompt_ids)
+
+    def longest_common(self, prompt_ids: Any) -> int:
+        """The most first tokens the prompt has in common with one of them, its last token left out (a prefill
+        computes at least one token)."""
+        start = tuple(int(t) for t in prompt_ids[:MIN_SHARED_TOKENS])
+        if len(start) < MIN_SHARED_TOKENS:
+            return 0
+        best = max((common_prefix(other, prompt_ids) for other in self._by_start.get(start, ())), default=0)
+        return min(best, len(prompt_ids) - 1)
 
 
 def problem(request: Request, max_length: int, vocabulary_size: int, grammars: Any) -> str | None:

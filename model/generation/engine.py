@@ -39,7 +39,7 @@ from model.generation import (
 )
 from model.generation.admission import ContextPrompt
 from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
-from model.generation.prefix_cache import PrefixCache, page_keys
+from model.generation.prefix_cache import PrefixCache, page_keys, page_tokens
 from model.generation.requests import Completion, Request
 from model.generation.scheduler import (
     MIN_PACK_BUCKET, Slot, SlotTable, auto_slots, bucket, plan_packs, rows_bucket, segment_bound, segments_for,
@@ -270,6 +270,11 @@ class GenerationEngine:
                 self._copy_cached([], plan.with_context, table)
             if plan.admitted or plan.with_context:
                 yield from self._prefill_admitted(weights.stacked, plan.admitted, plan.with_context, table)
+            if plan.after_leaders:  # their first tokens are cached now: prefill the rest against them
+                whole, with_context = admission.after_leaders(plan.after_leaders, prefix, PAGE_SIZE)
+                if with_context:
+                    self._copy_cached([], with_context, table)
+                yield from self._prefill_admitted(weights.stacked, whole, with_context, table)
             if plan.shared:  # after the prefill: some copy a prompt this round's prefill wrote
                 self._copy_cached(plan.shared, [], table)
                 for slot, request, _ in plan.shared:
@@ -294,14 +299,14 @@ class GenerationEngine:
     ):
         """Prefills the admitted prompts, whole or past their cached first pages, packed into few calls."""
         prompts = [ContextPrompt(slot, request, ()) for slot, request in admitted] + with_context
-        rest = [len(p.request.prompt_ids) - p.context_pages * PAGE_SIZE for p in prompts]
+        rest = [len(p.request.prompt_ids) - p.cached_tokens for p in prompts]
         for pack in plan_packs(rest, self.max_slots, [p.cached for p in prompts]):
             yield from self._prefill_pack(params, [prompts[i] for i in pack], table)
 
     def _prefill_pack(self, params, pack: list[ContextPrompt], table: "SlotTable"):
         """One prefill call: the prompts of `pack` side by side in one row, each into its slot's pages; a prompt
         with cached first pages (copied into its slot already) from there on, attending to those pages."""
-        firsts = [p.context_pages * PAGE_SIZE for p in pack]  # each prompt's first position computed here
+        firsts = [p.cached_tokens for p in pack]  # each prompt's first position computed here
         t = bucket(sum(len(p.request.prompt_ids) - f for p, f in zip(pack, firsts)), MIN_PACK_BUCKET)
         capacity = segments_for(t, self.max_slots)
         ids, positions = np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
@@ -354,23 +359,26 @@ class GenerationEngine:
     @staticmethod
     def _context(pack: list[ContextPrompt], capacity: int) -> "steps.Context | None":
         """The cached pages the prompts of a prefill call continue, each page once (the prompts behind one system
-        prompt share its pages), to a power of two of pages from 4 so that few programs are compiled; None when
-        no prompt has any."""
+        prompt share its pages), to a power of two of pages from 4 so that few programs are compiled, and how
+        many first positions of each page each prompt sees (its last cached page may be shared only in part);
+        None when no prompt has any."""
         distinct = list(dict.fromkeys(page for prompt in pack for page in prompt.cached))
         if not distinct:
             return None
         width = bucket(len(distinct), 4)
         index = {page: i for i, page in enumerate(distinct)}
-        sees = np.zeros((capacity, width), bool)
+        sees = np.zeros((capacity, width), np.int32)
         for j, prompt in enumerate(pack):
-            sees[j, [index[page] for page in prompt.cached]] = True
+            for i, page in enumerate(prompt.cached):  # the last one may be shared only in part
+                sees[j, index[page]] = min(PAGE_SIZE, prompt.cached_tokens - i * PAGE_SIZE)
         return steps.Context(np.array(distinct + [distinct[0]] * (width - len(distinct)), np.int32), sees)
 
     def _first_token(self, slot: int, request: Request, token: int, seed, logprobs, table: "SlotTable"):
         """Starts `slot`, its prompt prefilled and its first token sampled; the Completion if that ended it."""
         if table.pages.prefix is not None:  # before the slot may finish (then its prompt's pages stay cached)
             keys = page_keys(request.prompt_ids, PAGE_SIZE)
-            table.pages.prefix.remember(keys, table.pages.table[slot, : len(keys)], slot)
+            tokens = page_tokens(request.prompt_ids, PAGE_SIZE)
+            table.pages.prefix.remember(keys, table.pages.table[slot, : len(keys)], slot, tokens)
         state = table.occupy(slot, token, seed)
         done = self._take(state, [token], logprobs)
         if done is None and (table.counts[slot] >= table.budgets[slot] or table.lengths[slot] + 1 >= self.max_length):

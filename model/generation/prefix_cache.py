@@ -12,7 +12,14 @@ pages' keys in order:
   own seed, sampler and penalties;
 - its first full pages found (a shared system prompt, different questions): those pages are copied and only
   the rest of the prompt is prefilled, attending to them (`steps.prefill`'s context: packed with other prompts,
-  and each cached page read once per call however many prompts continue it).
+  and each cached page read once per call however many prompts continue it);
+- and past its last full page found, a cached page that continues the same prefix and starts with the same
+  MIN_SHARED_TOKENS tokens or more (`match`): its first tokens, up to where the prompts part, are shared as well.
+  Chat prompts behind a short system line share less than a page, and a long one rarely ends on a page boundary;
+  the context then covers that page's common tokens only, each later prompt seeing its own count of them.
+A round that admits several prompts with the same first tokens prefills one of them first, and the others
+after it, against its pages (`admission.py`): a batch's first prompts otherwise all compute their system
+prompt again, before any of it is cached.
 Each slot owns its own copy (so no page is ever written by two sequences, and decode attention reads a page
 for its one owner, `model.paged_attention`): what is shared is the compute, and a copy costs a memory copy,
 ~1/1000 of prefilling it here.
@@ -43,6 +50,10 @@ from typing import Collection, Sequence
 
 import numpy as np
 
+# The fewest tokens of a partly shared page worth sharing: a context page and a second prefill stage cost more
+# than prefilling a few tokens again.
+MIN_SHARED_TOKENS = 8
+
 
 def page_keys(prompt_ids: Sequence[int], page_size: int) -> list[bytes]:
     """One key per page of the prompt (the last one partly filled or not): a 128-bit hash of the tokens up to
@@ -55,10 +66,35 @@ def page_keys(prompt_ids: Sequence[int], page_size: int) -> list[bytes]:
     return keys
 
 
+def page_tokens(prompt_ids: Sequence[int], page_size: int) -> list[tuple[int, ...]]:
+    """The prompt's tokens page by page (the last page partly filled or not), as `page_keys` hashes them."""
+    ids = [int(t) for t in prompt_ids]
+    return [tuple(ids[start : start + page_size]) for start in range(0, len(ids), page_size)]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first tokens `a` and `b` have in common."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64))
+    return int(differ[0]) if differ.size else n
+
+
 @dataclasses.dataclass
 class CachedPage:
     page: int
     slot: int | None  # the live slot whose page this is; None once it finished (then the cache owns the page)
+    parent: bytes = b""  # the key of the page before it in its prompt (b"" for a first page)
+    tokens: tuple[int, ...] = ()  # its prompt's tokens in it (known when remembered with them)
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """The cached pages that hold a prompt's first `tokens` tokens, in order, and their keys: full pages, then
+    possibly one page whose first tokens only are the prompt's."""
+
+    pages: tuple[int, ...] = ()
+    keys: tuple[bytes, ...] = ()
+    tokens: int = 0
 
 
 class PrefixCache:
@@ -67,6 +103,11 @@ class PrefixCache:
     def __init__(self) -> None:
         self._pages: collections.OrderedDict[bytes, CachedPage] = collections.OrderedDict()
         self._by_slot: dict[int, list[bytes]] = collections.defaultdict(list)
+        # (parent key, first m tokens) -> the keys of the cached pages that continue that parent with those
+        # tokens, for every m from MIN_SHARED_TOKENS to the page's tokens: the longest common start of a prompt's
+        # next page and a cached one is then a binary search over m, however many pages start alike (a
+        # synthesis job caches thousands of prompts behind one short system prompt).
+        self._continuations: dict[tuple[bytes, tuple[int, ...]], set[bytes]] = collections.defaultdict(set)
 
     def __len__(self) -> int:
         return len(self._pages)
@@ -83,17 +124,53 @@ class PrefixCache:
             self._pages.move_to_end(key)
         return [self._pages[key].page for key in found]
 
-    def remember(self, keys: Sequence[bytes], pages: Sequence[int], slot: int) -> None:
+    def match(self, prompt_ids: Sequence[int], page_size: int) -> Match:
+        """The longest cached prefix of the prompt (marked most recently used): its full pages found by key, then
+        the cached page continuing them that has the most first tokens in common with the prompt's next ones (at
+        least MIN_SHARED_TOKENS). A partial match leaves the prompt's last token out: a prefill computes at least
+        one token, whose logits give the first new token. A whole prompt found ends at its last page's key."""
+        keys = page_keys(prompt_ids, page_size)
+        pages = self.lookup(keys)
+        found = Match(tuple(pages), tuple(keys[: len(pages)]), min(len(pages) * page_size, len(prompt_ids)))
+        if len(pages) == len(keys):
+            return found
+        start = found.tokens
+        rest = tuple(int(t) for t in prompt_ids[start : min(start + page_size, len(prompt_ids) - 1)])
+        parent = found.keys[-1] if found.keys else b""
+        continuing = lambda m: self._continuations.get((parent, rest[:m]))  # noqa: E731
+        if len(rest) < MIN_SHARED_TOKENS or not continuing(MIN_SHARED_TOKENS):
+            return found
+        common, beyond = MIN_SHARED_TOKENS, len(rest) + 1  # a page continues with `common` tokens, none `beyond`
+        while beyond - common > 1:
+            middle = (common + beyond) // 2
+            common, beyond = (middle, beyond) if continuing(middle) else (common, middle)
+        best = next(iter(continuing(common)))
+        self._pages.move_to_end(best)
+        for key in reversed(found.keys):
+            self._pages.move_to_end(key)
+        return Match(found.pages + (self._pages[best].page,), found.keys + (best,), start + common)
+
+    def remember(
+        self, keys: Sequence[bytes], pages: Sequence[int], slot: int, tokens: Sequence[Sequence[int]] = ()
+    ) -> None:
         """Records that live `slot` holds the prompt pages `keys` in `pages`; a key already cached keeps its page
-        (the slot's own copy of it is then an ordinary page, freed when the slot finishes)."""
+        (the slot's own copy of it is then an ordinary page, freed when the slot finishes). `tokens`, each page's
+        tokens (`page_tokens`), let later prompts share part of a page (`match`)."""
         fresh = []
-        for key, page in zip(keys, pages):
+        for i, (key, page) in enumerate(zip(keys, pages)):
             if key not in self._pages:
-                self._pages[key] = CachedPage(int(page), slot)
+                page_ids = tuple(tokens[i]) if i < len(tokens) else ()
+                self._pages[key] = CachedPage(int(page), slot, keys[i - 1] if i else b"", page_ids)
                 self._by_slot[slot].append(key)
+                for index in self._continuation_index(self._pages[key]):
+                    self._continuations[index].add(key)
                 fresh.append(key)
         for key in reversed(fresh):
             self._pages.move_to_end(key)
+
+    @staticmethod
+    def _continuation_index(entry: CachedPage) -> list[tuple[bytes, tuple[int, ...]]]:
+        return [(entry.parent, entry.tokens[:m]) for m in range(MIN_SHARED_TOKENS, len(entry.tokens) + 1)]
 
     def pages_kept_at_release(self, slot: int) -> set[int]:
         """The pages of `slot` that stay cached when it finishes; the cache owns them from now."""
@@ -118,6 +195,10 @@ class PrefixCache:
         for key, entry in self._pages.items():
             if entry.slot is None and key not in keep:
                 del self._pages[key]
+                for index in self._continuation_index(entry):
+                    self._continuations[index].discard(key)
+                    if not self._continuations[index]:
+                        del self._continuations[index]
                 return entry.page
         return None
 

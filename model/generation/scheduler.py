@@ -48,10 +48,12 @@ def bucket(n: int, minimum: int) -> int:
 def segments_for(tokens: int, max_slots: int) -> int:
     """How many prompts a prefill call of `tokens` tokens holds at most: the rows it samples a first token for.
 
-    Each costs an LM-head row whether a prompt fills it or not; one per 32 tokens fits chat prompts (a system
-    prompt alone is ~30 tokens) and keeps the head a few percent of the call.
+    Each costs an LM-head row whether a prompt fills it or not (at the demo model's size ~1/4 of a token's
+    layers). One per 16 tokens keeps the head under 2% of a full call, and holds the prompts that continue a
+    shared system prompt (`admission.py`), whose own tokens are a question of ~12: with one per 32, calls of them
+    stopped at a quarter full.
     """
-    return min(max_slots, max(8, tokens // 32))
+    return min(max_slots, max(8, tokens // 16))
 
 
 def segment_bound(lengths: Sequence[int], row_tokens: int) -> int | None:

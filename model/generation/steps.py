@@ -82,8 +82,9 @@ def _logprobs(logits: jax.Array, chosen: jax.Array, k: int | None):
 
 class Context(NamedTuple):
     """The cached pages that a prefill call's prompts continue (prompt sharing, `prefix_cache.py`): the pool's
-    pages `pages` [U], each once however many prompts share it (padded with any page), and `sees` [R, U] bool,
-    which of them each prompt of the call attends to, its first positions."""
+    pages `pages` [U], each once however many prompts share it (padded with any page), and `sees` [R, U] int32,
+    how many first positions of each page each prompt of the call attends to: a page size for a page shared
+    whole, fewer for the page where it parts from the cached prompt, 0 for pages it does not continue."""
 
     pages: jax.Array
     sees: jax.Array
@@ -155,8 +156,10 @@ def prefill_tokens(
         dtype = transformer._compute_dtype(params, None)  # a bfloat16 cache of a float32 model: read in float32
         context_k, context_v = (jnp.stack(layers).astype(dtype) for layers in context_pages)  # [L, 1, K, U * P, D]
         segments = segment_ids[0]
-        sees = context.sees[jnp.maximum(segments, 0)] & (segments >= 0)[:, None]  # [T, U]: padding sees none
-        context_visible = jnp.repeat(sees, context_k.shape[3] // sees.shape[1], axis=1)[None]  # [1, T, U * P]
+        sees = jnp.where((segments >= 0)[:, None], context.sees[jnp.maximum(segments, 0)], 0)  # [T, U]: padding 0
+        page = context_k.shape[3] // sees.shape[1]
+        visible = jnp.arange(page)[None, None, :] < sees[:, :, None]  # [T, U, P]
+        context_visible = visible.reshape(sees.shape[0], -1)[None]  # [1, T, U * P]
     hidden, new_k, new_v = transformer.forward(
         params, config, token_ids, positions, segment_ids >= 0, context_k, context_v, segment_ids=segment_ids,
         segment_length=segment_length, kernel=kernel, context_visible=context_visible,
