@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
-from model.generation.prefix_cache import MIN_SHARED_TOKENS, Match, PrefixCache, common_prefix, page_keys
+import numpy as np
+
+from model.generation.prefix_cache import MIN_SHARED_TOKENS, Match, PrefixCache, page_keys
 from model.generation.requests import Request
 from model.generation.scheduler import SlotTable
 
@@ -83,7 +85,7 @@ def admit(
         keys = None
         if prefix is not None and not error and request.response_format is None:
             keys = page_keys(request.prompt_ids, page_size)
-        found = prefix.match(request.prompt_ids, page_size) if keys else Match()
+        found = prefix.match(request.prompt_ids, page_size, keys) if keys else Match()
         whole = keys is not None and (found.tokens == len(request.prompt_ids) or keys[-1] in leaders)
         later = keys is not None and not whole and keys[-1] in completing
         after = keys is not None and not whole and not later and (
@@ -155,8 +157,15 @@ class _RoundPrompts:
         start = tuple(int(t) for t in prompt_ids[:MIN_SHARED_TOKENS])
         if len(start) < MIN_SHARED_TOKENS:
             return 0
-        best = max((common_prefix(other, prompt_ids) for other in self._by_start.get(start, ())), default=0)
+        best = max((_common_prefix(other, prompt_ids) for other in self._by_start.get(start, ())), default=0)
         return min(best, len(prompt_ids) - 1)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first tokens `a` and `b` have in common."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64))
+    return int(differ[0]) if differ.size else n
 
 
 def problem(request: Request, max_length: int, vocabulary_size: int, grammars: Any) -> str | None:

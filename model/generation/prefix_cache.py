@@ -72,13 +72,6 @@ def page_tokens(prompt_ids: Sequence[int], page_size: int) -> list[tuple[int, ..
     return [tuple(ids[start : start + page_size]) for start in range(0, len(ids), page_size)]
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many first tokens `a` and `b` have in common."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64))
-    return int(differ[0]) if differ.size else n
-
-
 @dataclasses.dataclass
 class CachedPage:
     page: int
@@ -124,12 +117,13 @@ class PrefixCache:
             self._pages.move_to_end(key)
         return [self._pages[key].page for key in found]
 
-    def match(self, prompt_ids: Sequence[int], page_size: int) -> Match:
+    def match(self, prompt_ids: Sequence[int], page_size: int, keys: Sequence[bytes] | None = None) -> Match:
         """The longest cached prefix of the prompt (marked most recently used): its full pages found by key, then
         the cached page continuing them that has the most first tokens in common with the prompt's next ones (at
         least MIN_SHARED_TOKENS). A partial match leaves the prompt's last token out: a prefill computes at least
-        one token, whose logits give the first new token. A whole prompt found ends at its last page's key."""
-        keys = page_keys(prompt_ids, page_size)
+        one token, whose logits give the first new token. A whole prompt found ends at its last page's key.
+        `keys`: the prompt's `page_keys`, where the caller has them already."""
+        keys = page_keys(prompt_ids, page_size) if keys is None else keys
         pages = self.lookup(keys)
         found = Match(tuple(pages), tuple(keys[: len(pages)]), min(len(pages) * page_size, len(prompt_ids)))
         if len(pages) == len(keys):
