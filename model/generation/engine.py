@@ -11,7 +11,7 @@ shared), is `admission.py`; a slot's new tokens become its Completion in `comple
 
 Shapes are static and bucketed, so a long job compiles a handful of programs once:
   prefill: one per packed row length (powers of two, 32 .. PACK_TOKENS, longer only for longer prompts) and
-           number of cached pages its prompts continue (none, or a power of two from 4);
+           number of cached pages its prompts continue (none, or a power of two from MIN_CONTEXT_PAGES);
   decode:  one per rows bucket and sampler variant (and, where XLA's attention runs, number of cache chunks
            read).
 
@@ -42,7 +42,8 @@ from model.generation.paged_cache import PAGE_SIZE, PageTable, PagedKVCache
 from model.generation.prefix_cache import PrefixCache, page_keys, page_tokens
 from model.generation.requests import Completion, Request
 from model.generation.scheduler import (
-    MIN_PACK_BUCKET, Slot, SlotTable, auto_slots, bucket, plan_packs, rows_bucket, segment_bound, segments_for,
+    MIN_CONTEXT_PAGES, MIN_PACK_BUCKET, Slot, SlotTable, auto_slots, bucket, plan_packs, rows_bucket, segment_bound,
+    segments_for,
 )
 from model.kernels import cpu_matmul
 
@@ -359,13 +360,13 @@ class GenerationEngine:
     @staticmethod
     def _context(pack: list[ContextPrompt], capacity: int) -> "steps.Context | None":
         """The cached pages the prompts of a prefill call continue, each page once (the prompts behind one system
-        prompt share its pages), to a power of two of pages from 4 so that few programs are compiled, and how
-        many first positions of each page each prompt sees (its last cached page may be shared only in part);
-        None when no prompt has any."""
+        prompt share its pages), to a power of two of pages from MIN_CONTEXT_PAGES so that few programs are
+        compiled, and how many first positions of each page each prompt sees (its last cached page may be shared
+        only in part); None when no prompt has any."""
         distinct = list(dict.fromkeys(page for prompt in pack for page in prompt.cached))
         if not distinct:
             return None
-        width = bucket(len(distinct), 4)
+        width = bucket(len(distinct), MIN_CONTEXT_PAGES)
         index = {page: i for i, page in enumerate(distinct)}
         sees = np.zeros((capacity, width), np.int32)
         for j, prompt in enumerate(pack):
