@@ -24,11 +24,11 @@ MIN_PACK_BUCKET = 32
 # Distinct cached pages a prefill call's prompts may continue, in all (`plan_packs`): each of the call's tokens
 # scores them all, masked but for its own prompt's. Prompts behind one system prompt share its page or two.
 CONTEXT_PAGES = 32
-# A call's context is read as a power of two of pages from this many: one or two programs per row length (a call
-# reads every page it is given, ~0.4 MB a layer for 16 pages of the demo model, and its attention skips the
-# padding). From 4 pages, the variable workload compiled three more prefill programs (~0.7 s each, with their
-# context reads) for calls of chat prompts behind system prompts of 1-2 pages.
-MIN_CONTEXT_PAGES = 16
+# A call's context is read as a power of two of pages from this many, so that a row length has few programs. From
+# 4, the variable workload compiled two more prefill programs (~0.7 s each, with their context reads) for calls of
+# chat prompts behind system prompts of 1-2 pages; from 16, the main workload's prefill took ~5% longer than from
+# 4 or 8 (every call scores every context page it is given; in one process, passes alternated, 3 rounds).
+MIN_CONTEXT_PAGES = 8
 # A full row of prompts no longer than this (chat prompts: a system line and a question) attends in bands.
 BAND_TOKENS = 64
 STOP_ID_BUCKET = 4  # stop-id table width grows in steps of this, so a few stop ids never force a recompile
