@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import paged_attention, parallel, transformer
+from model import paged_attention, parallel
 from model.backbone import LlamaBackbone
 from model.generation import (
     admission, compile_counter, completions, grammar, paged_cache, penalties, sampling, scoring, steps,
